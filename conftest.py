@@ -1,0 +1,9 @@
+"""Test setup for the whole repository: on a machine with no GPU, run Triton in its interpreter."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Must be set before any @triton.jit decorator runs, so before fp8dispatch's backends import.
+    os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -1,0 +1,33 @@
+"""fp8dispatch: FP8 quantize, dequantize and scaled matmul on the best kernel a machine has."""
+
+from fp8dispatch.api import dequantize, explain, linear, matmul, quantize
+from fp8dispatch.blocks import GRANULARITIES, RECIPES
+from fp8dispatch.errors import (
+    Fp8DispatchError,
+    Fp8TypeError,
+    Fp8ValueError,
+    NoBackend,
+    NumericalOverflowError,
+    Unsupported,
+    UnknownBackend,
+)
+from fp8dispatch.formats import FORMATS, FP8Format, fp8_format, max_value, min_normal
+from fp8dispatch.registry import Backend, refresh, register_backend, unregister_backend
+from fp8dispatch.tensor import Fp8Tensor
+
+__version__ = "0.1.0"
+
+
+def backends() -> list[str]:
+    """Registered backend names, highest default priority first."""
+    from fp8dispatch.registry import backend_names
+
+    return backend_names()
+
+
+__all__ = [
+    "Backend", "FORMATS", "FP8Format", "Fp8DispatchError", "Fp8Tensor", "Fp8TypeError", "Fp8ValueError",
+    "GRANULARITIES", "NoBackend", "NumericalOverflowError", "RECIPES", "UnknownBackend", "Unsupported",
+    "backends", "dequantize", "explain", "fp8_format", "linear", "matmul", "max_value", "min_normal",
+    "quantize", "refresh", "register_backend", "unregister_backend",
+]

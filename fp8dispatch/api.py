@@ -1,0 +1,431 @@
+"""The public ops: check the arguments once per call signature, then go straight to a backend.
+
+Each call builds a key from the arguments' static properties (dtypes, shapes, devices, strides,
+options). The first call with a key validates everything, describes the problem, asks the
+registry for a backend and stores a plan; later calls with the same key only run the plan.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from fp8dispatch import registry
+from fp8dispatch.blocks import RECIPES, Block, block_for, cdiv, expand_scale, scale_shape
+from fp8dispatch.errors import (
+    Fp8DispatchError,
+    Fp8TypeError,
+    Fp8ValueError,
+    NumericalOverflowError,
+)
+from fp8dispatch.formats import HIGH_PRECISION, finite_amax, fp8_format, is_fp8
+from fp8dispatch.problem import (
+    DequantizeProblem,
+    MatmulProblem,
+    QuantizeProblem,
+    device_capability,
+    recipe_of,
+)
+from fp8dispatch.tensor import Fp8Tensor
+
+OVERFLOW_MODES = ("saturate", "error", "rescale")
+RESCALE_ATTEMPTS = 3
+
+_plans: dict[tuple, object] = {}
+registry._refresh_hooks.append(_plans.clear)
+
+
+def _cached(key: tuple, make: Callable[[], object]):
+    try:
+        return _plans[key]
+    except KeyError:
+        plan = _plans[key] = make()
+        return plan
+    except TypeError:  # an unhashable argument: the planner names it
+        return make()
+
+
+# --- quantize -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _QuantizePlan:
+    run: Callable
+    block: Block
+    shape2d: tuple[int, int]
+    problem: QuantizeProblem | None  # None for empty tensors, which need no backend
+
+
+def quantize(
+    x: torch.Tensor,
+    granularity: str = "row",
+    *,
+    dtype: torch.dtype = torch.float8_e4m3fn,
+    block_size: int | Block = 128,
+    scale: torch.Tensor | None = None,
+    scale_ub: float | None = None,
+    pow2_scale: bool = False,
+    overflow: str = "saturate",
+    backend: str = "auto",
+) -> Fp8Tensor:
+    """Quantize `x` [..., rows, cols] to FP8 by blocks of `granularity`; returns an Fp8Tensor.
+
+    Leading dims flatten into rows. With no `scale`, each block's scale is `amax / fp8_max`
+    (`scale_ub` caps amax; `pow2_scale` rounds scales up to powers of two). A user `scale` must
+    have the block's scale shape; `overflow` decides what values beyond the range then do.
+    """
+    try:
+        key = ("q", x.dtype, x.shape, x.device, x.is_contiguous(), granularity, dtype, block_size,
+               scale is None, scale_ub is None, pow2_scale, overflow, backend)
+    except AttributeError:
+        raise Fp8TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}") from None
+    plan = _cached(key, lambda: _plan_quantize(x, granularity, dtype, block_size, scale, scale_ub,
+                                               pow2_scale, overflow, backend))
+    x2d = x.reshape(plan.shape2d)
+    if scale is not None:
+        scale = _user_scale(x2d, scale, plan.block, dtype, overflow)
+    if scale_ub is not None:
+        scale_ub = _scale_ub(scale_ub)
+    data, s = plan.run(x2d, plan.block, dtype, scale, scale_ub, pow2_scale)
+    return Fp8Tensor._trusted(data.view(x.shape), s, plan.block)
+
+
+def _plan_quantize(x, granularity, dtype, block_size, scale, scale_ub, pow2_scale, overflow, backend):
+    _check_high_precision("x", x)
+    if x.dim() < 2:
+        raise Fp8ValueError(
+            f"x: expected at least 2 dimensions [..., rows, cols], got shape {tuple(x.shape)}"
+            + (" (use x.unsqueeze(0) for a single row)" if x.dim() == 1 else "")
+        )
+    fp8_format(dtype)
+    shape2d = _shape2d(x.shape)
+    block = block_for(granularity, *shape2d, block_size)
+    if overflow not in OVERFLOW_MODES:
+        raise Fp8ValueError(f"overflow: expected one of {', '.join(OVERFLOW_MODES)}, got {overflow!r}")
+    if not isinstance(pow2_scale, bool):
+        raise Fp8TypeError(f"pow2_scale: expected a bool, got {type(pow2_scale).__name__}")
+    if scale_ub is not None:
+        _scale_ub(scale_ub)
+    _check_backend_arg(backend)
+    if x.numel() == 0:
+        return _QuantizePlan(_quantize_empty, block, shape2d, None)
+    problem = QuantizeProblem(
+        device=x.device, capability=device_capability(x.device), in_dtype=x.dtype, shape=shape2d,
+        contiguous=x.is_contiguous(), block=block, fp8_dtype=dtype, user_scale=scale is not None,
+        scale_ub=scale_ub is not None, pow2_scale=pow2_scale,
+    )
+    chosen = registry.choose(problem, backend)
+    return _QuantizePlan(chosen.quantize, block, shape2d, problem)
+
+
+def _quantize_empty(x2d, block, dtype, scale, scale_ub, pow2_scale):
+    s = scale if scale is not None else torch.ones(scale_shape(tuple(x2d.shape), block), device=x2d.device)
+    return torch.empty(x2d.shape, dtype=dtype, device=x2d.device), s
+
+
+def _user_scale(x2d: torch.Tensor, scale, block: Block, dtype: torch.dtype, overflow: str) -> torch.Tensor:
+    """Check a user scale (this reads its values, so it waits for the device) and apply `overflow`."""
+    expected = scale_shape(tuple(x2d.shape), block)
+    if not isinstance(scale, torch.Tensor):
+        raise Fp8TypeError(f"scale: expected a float32 tensor of shape {expected}, got {type(scale).__name__}")
+    if scale.dtype != torch.float32:
+        raise Fp8TypeError(f"scale: expected float32, got {scale.dtype}")
+    if scale.device != x2d.device:
+        raise Fp8ValueError(f"scale: expected device {x2d.device} (x's), got {scale.device}")
+    if scale.dim() == 0 and expected == (1, 1):
+        scale = scale.reshape(1, 1)
+    if tuple(scale.shape) != expected:
+        raise Fp8ValueError(f"scale: expected shape {expected} for x {tuple(x2d.shape)} in blocks {block}, "
+                            f"got {tuple(scale.shape)}")
+    bad = ~(torch.isfinite(scale) & (scale > 0))
+    if bool(bad.any()):
+        raise Fp8ValueError(f"scale: expected positive finite values, got {scale[bad].flatten()[0].item()!r} "
+                            f"at {tuple(bad.nonzero()[0].tolist())}")
+    if overflow == "saturate" or x2d.numel() == 0:
+        return scale
+    fp8_max = fp8_format(dtype).max_value
+    for attempt in range(RESCALE_ATTEMPTS + 1):
+        peak = finite_amax(x2d.float() / expand_scale(scale, block, tuple(x2d.shape)))
+        if peak.item() <= fp8_max:
+            return scale
+        if overflow == "error" or attempt == RESCALE_ATTEMPTS:
+            largest = finite_amax(x2d.float()).item()
+            raise NumericalOverflowError(
+                f"x: values reach {peak.item():.6g}× the scale, beyond {dtype}'s max {fp8_max:g} "
+                f"(largest |x| = {largest:.6g}, scale max = {scale.max().item():.6g}"
+                + (f", after doubling the scale {RESCALE_ATTEMPTS} times)" if overflow == "rescale" else ")")
+            )
+        scale = scale * 2
+    return scale
+
+
+def _scale_ub(scale_ub) -> float:
+    if isinstance(scale_ub, torch.Tensor) and scale_ub.numel() == 1:
+        scale_ub = scale_ub.item()
+    if isinstance(scale_ub, bool) or not isinstance(scale_ub, (int, float)):
+        raise Fp8TypeError(f"scale_ub: expected a positive float, got {type(scale_ub).__name__}")
+    if not (math.isfinite(scale_ub) and scale_ub > 0):
+        raise Fp8ValueError(f"scale_ub: expected a positive finite float, got {scale_ub!r}")
+    return float(scale_ub)
+
+
+# --- dequantize -----------------------------------------------------------------------------
+
+
+def dequantize(t: Fp8Tensor, dtype: torch.dtype = torch.bfloat16, *, backend: str = "auto") -> torch.Tensor:
+    """`t.data * t.scale` (broadcast by blocks) in fp32, cast to `dtype`; the data's shape."""
+    if not isinstance(t, Fp8Tensor):
+        raise Fp8TypeError(f"t: expected an Fp8Tensor, got {type(t).__name__}")
+    data = t.data
+    key = ("d", data.dtype, data.shape, data.device, data.is_contiguous(), t.block, dtype, backend)
+    run, shape2d = _cached(key, lambda: _plan_dequantize(t, dtype, backend))
+    return run(data.reshape(shape2d), t.scale, t.block, dtype).view(data.shape)
+
+
+def _plan_dequantize(t: Fp8Tensor, dtype, backend):
+    _check_out_dtype("dtype", dtype)
+    _check_backend_arg(backend)
+    shape2d = t.shape2d
+    if t.data.numel() == 0:
+        return (lambda d, s, b, o: torch.empty(d.shape, dtype=o, device=d.device)), shape2d
+    problem = DequantizeProblem(
+        device=t.device, capability=device_capability(t.device), fp8_dtype=t.dtype, shape=shape2d,
+        contiguous=t.data.is_contiguous(), block=t.block, out_dtype=dtype,
+    )
+    return registry.choose(problem, backend).dequantize, shape2d
+
+
+# --- matmul ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _MatmulPlan:
+    quantize_a: _QuantizePlan | None  # None when a is already an Fp8Tensor
+    quantize_b: _QuantizePlan | None
+    run: Callable | None  # None when the result is empty or K == 0
+    m: int
+    n: int
+    out_shape: tuple[int, ...]
+    problem: MatmulProblem | None
+
+
+def matmul(
+    a: torch.Tensor | Fp8Tensor,
+    b: torch.Tensor | Fp8Tensor,
+    *,
+    recipe: str | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+    bias: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """`a @ b` in FP8 for a [..., M, K] and b [K, N]; high-precision inputs are quantized first.
+
+    `recipe` ("block": a by 1×128 groups, b by 128×128 blocks; "row"; "tensor") says how
+    high-precision operands are quantized; default "block". An Fp8Tensor operand carries its own
+    blocks, the other operand is quantized to match them, and a contradicting `recipe` raises.
+    `backend` picks the GEMM's backend; quantizing the inputs follows the quantize routing.
+    """
+    key = ("m", _operand_key("a", a), _operand_key("b", b), recipe, out_dtype,
+           None if bias is None else _operand_key("bias", bias), backend)
+    plan = _cached(key, lambda: _plan_matmul(a, b, recipe, out_dtype, bias, backend))
+    if plan.run is None:
+        return _empty_product(a, plan, out_dtype, bias)
+    if plan.quantize_a is not None:
+        q = plan.quantize_a
+        data, s = q.run(a.reshape(q.shape2d), q.block, torch.float8_e4m3fn, None, None, False)
+        a = Fp8Tensor._trusted(data, s, q.block)
+    elif a.data.dim() != 2:
+        a = Fp8Tensor._trusted(a.data.reshape(plan.m, -1), a.scale, a.block)
+    if plan.quantize_b is not None:  # quantize b.t() [N, K] so K stays the fast dimension
+        q = plan.quantize_b
+        data, s = q.run(b.t(), q.block, torch.float8_e4m3fn, None, None, False)
+        b = Fp8Tensor._trusted(data.t(), s.t(), (q.block[1], q.block[0]))
+    return plan.run(a, b, out_dtype, bias).view(plan.out_shape)
+
+
+def linear(
+    x: torch.Tensor | Fp8Tensor,
+    w: torch.Tensor | Fp8Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    recipe: str | None = None,
+    out_dtype: torch.dtype | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """`x @ w.T` for a weight w [N, K] (nn.Linear layout); out_dtype defaults to x's dtype."""
+    if out_dtype is None:
+        out_dtype = x.dtype if isinstance(x, torch.Tensor) and x.dtype in HIGH_PRECISION else torch.bfloat16
+    if not isinstance(w, (torch.Tensor, Fp8Tensor)):
+        raise Fp8TypeError(f"w: expected a tensor or Fp8Tensor, got {type(w).__name__}")
+    if len(w.shape) != 2:
+        raise Fp8ValueError(f"w: expected a 2-d weight [N, K], got shape {tuple(w.shape)}")
+    return matmul(x, w.t(), recipe=recipe, out_dtype=out_dtype, bias=bias, backend=backend)
+
+
+def _operand_key(name: str, t) -> tuple:
+    if isinstance(t, torch.Tensor):
+        return (t.dtype, t.shape, t.device, t.stride())
+    if isinstance(t, Fp8Tensor):
+        return (t.data.dtype, t.data.shape, t.data.device, t.data.stride(), t.block)
+    raise Fp8TypeError(f"{name}: expected a torch.Tensor or Fp8Tensor, got {type(t).__name__}")
+
+
+def _plan_matmul(a, b, recipe, out_dtype, bias, backend) -> _MatmulPlan:
+    if recipe is not None and recipe not in RECIPES:
+        raise Fp8ValueError(f"recipe: expected one of {', '.join(RECIPES)}, got {recipe!r}")
+    _check_out_dtype("out_dtype", out_dtype)
+    _check_backend_arg(backend)
+    for name, t in (("a", a), ("b", b)):
+        if isinstance(t, torch.Tensor):
+            _check_high_precision(name, t)
+    if len(a.shape) < 2:
+        raise Fp8ValueError(f"a: expected at least 2 dimensions [..., M, K], got shape {tuple(a.shape)}")
+    if len(b.shape) != 2:
+        raise Fp8ValueError(f"b: expected a 2-d [K, N] operand, got shape {tuple(b.shape)}")
+    k, n = b.shape
+    if a.shape[-1] != k:
+        raise Fp8ValueError(f"b: expected {a.shape[-1]} rows to match a's last dim K, got shape {tuple(b.shape)}")
+    if a.device != b.device:
+        raise Fp8ValueError(f"b: expected device {a.device} (a's), got {b.device}")
+    m = math.prod(a.shape[:-1])
+    if bias is not None:
+        _check_high_precision("bias", bias)
+        if tuple(bias.shape) != (n,):
+            raise Fp8ValueError(f"bias: expected shape ({n},), got {tuple(bias.shape)}")
+        if bias.device != a.device:
+            raise Fp8ValueError(f"bias: expected device {a.device} (a's), got {bias.device}")
+    a_block, b_block, recipe = _operand_blocks(a, b, recipe, m, k, n)
+    out_shape = (*a.shape[:-1], n)
+    if m == 0 or n == 0 or k == 0:
+        return _MatmulPlan(None, None, None, m, n, out_shape, None)
+    quantize_a = quantize_b = None
+    if isinstance(a, torch.Tensor):
+        quantize_a = _plan_quantize(a.reshape(m, k), "block", torch.float8_e4m3fn, a_block,
+                                    None, None, False, "saturate", "auto")
+    if isinstance(b, torch.Tensor):
+        quantize_b = _plan_quantize(b.t(), "block", torch.float8_e4m3fn, (b_block[1], b_block[0]),
+                                    None, None, False, "saturate", "auto")
+    problem = MatmulProblem(
+        device=a.device, capability=device_capability(a.device), recipe=recipe_of(a_block, b_block, m, k, n),
+        a_dtype=a.dtype if isinstance(a, Fp8Tensor) else torch.float8_e4m3fn,
+        b_dtype=b.dtype if isinstance(b, Fp8Tensor) else torch.float8_e4m3fn,
+        m=m, n=n, k=k, a_block=a_block, b_block=b_block,
+        a_row_major=not isinstance(a, Fp8Tensor) or a.data.is_contiguous(),
+        b_col_major=not isinstance(b, Fp8Tensor) or b.data.t().is_contiguous(),
+        out_dtype=out_dtype, bias_dtype=None if bias is None else bias.dtype,
+    )
+    run = registry.choose(problem, backend).matmul
+    return _MatmulPlan(quantize_a, quantize_b, run, m, n, out_shape, problem)
+
+
+def _operand_blocks(a, b, recipe, m, k, n) -> tuple[Block, Block, str]:
+    """The blocks both operands will have: from the Fp8Tensors, else from the recipe."""
+    a_fp8, b_fp8 = isinstance(a, Fp8Tensor), isinstance(b, Fp8Tensor)
+    if a_fp8 and b_fp8:
+        a_block, b_block = a.block, b.block
+        if a_block[1] < k and b_block[0] < k and a_block[1] != b_block[0]:
+            raise Fp8ValueError(f"b: K blocks must line up with a's: a has {a_block[1]}-wide K blocks, "
+                                f"b has {b_block[0]}-tall ones")
+        named = recipe_of(a_block, b_block, m, k, n)
+        if recipe is not None and recipe != named:
+            raise Fp8ValueError(f"recipe: {recipe!r} contradicts the operands' blocks ({named})")
+        return a_block, b_block, named
+    if a_fp8 or b_fp8:
+        given = a if a_fp8 else b
+        rows, cols = (m, k) if a_fp8 else (k, n)
+        carried = _recipe_carried(given.block, rows, cols, from_a=a_fp8)
+        if recipe is not None and recipe != carried[0]:
+            raise Fp8ValueError(f"recipe: {recipe!r} contradicts the blocks {given.block} of "
+                                f"{'a' if a_fp8 else 'b'}, which say {carried[0]!r}")
+        recipe = carried[0]
+        group = carried[1]
+    else:
+        recipe, group = recipe or "block", 128
+    a_block = a.block if a_fp8 else {"block": (1, group), "row": (1, max(k, 1)), "tensor": (max(m, 1), max(k, 1))}[recipe]
+    b_block = b.block if b_fp8 else {"block": (group, group), "row": (max(k, 1), 1), "tensor": (max(k, 1), max(n, 1))}[recipe]
+    return a_block, b_block, recipe
+
+
+def _recipe_carried(block: Block, rows: int, cols: int, from_a: bool) -> tuple[str, int]:
+    """The recipe an Fp8Tensor operand implies, and its K block size."""
+    k_block = block[1] if from_a else block[0]
+    k = cols if from_a else rows
+    if k_block < k:
+        return "block", k_block
+    if block[0] >= rows and block[1] >= cols:
+        return "tensor", k
+    return "row", k
+
+
+def _empty_product(a, plan: _MatmulPlan, out_dtype, bias) -> torch.Tensor:
+    out = torch.zeros(plan.out_shape, dtype=out_dtype, device=a.device)
+    if bias is not None and plan.m and plan.n:
+        out += bias.to(out_dtype)
+    return out
+
+
+# --- shared checks --------------------------------------------------------------------------
+
+
+def _check_high_precision(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise Fp8TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in HIGH_PRECISION:
+        hint = " (wrap FP8 data in an Fp8Tensor with its scale)" if is_fp8(t.dtype) else ""
+        raise Fp8TypeError(f"{name}: expected float32, float16 or bfloat16, got {t.dtype}{hint}")
+
+
+def _check_out_dtype(name: str, dtype) -> None:
+    if dtype not in HIGH_PRECISION:
+        raise Fp8TypeError(f"{name}: expected torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}")
+
+
+def _check_backend_arg(backend) -> None:
+    if not isinstance(backend, str):
+        raise Fp8TypeError(f"backend: expected a backend name or 'auto', got {type(backend).__name__}")
+    for name in backend.split(","):
+        if name.strip().lower() != registry.AUTO:
+            registry.get_backend(name.strip())
+
+
+def _shape2d(shape: torch.Size) -> tuple[int, int]:
+    return (math.prod(shape[:-1]), shape[-1])
+
+
+# --- explain --------------------------------------------------------------------------------
+
+
+def explain(op: str, *args, **kwargs) -> str:
+    """The routing table for this call (each backend, and why it can or cannot serve); never raises."""
+    try:
+        backend = kwargs.get("backend", "auto")
+        if op == "quantize":
+            problems = [("quantize", _plan_quantize(*_quantize_args(*args, **kwargs)).problem, backend)]
+        elif op == "dequantize":
+            t, dtype = args[0], (args[1] if len(args) > 1 else kwargs.get("dtype", torch.bfloat16))
+            _plan_dequantize(t, dtype, backend)
+            problems = [("dequantize", DequantizeProblem(
+                device=t.device, capability=device_capability(t.device), fp8_dtype=t.dtype, shape=t.shape2d,
+                contiguous=t.data.is_contiguous(), block=t.block, out_dtype=dtype), backend)]
+        elif op in ("matmul", "linear"):
+            a, b = args[0], args[1]
+            if op == "linear":
+                b = b.t()
+            plan = _plan_matmul(a, b, kwargs.get("recipe"), kwargs.get("out_dtype", torch.bfloat16),
+                                kwargs.get("bias", args[2] if op == "linear" and len(args) > 2 else None), backend)
+            problems = [(f"quantize {name}", q.problem, "auto")
+                        for name, q in (("a", plan.quantize_a), ("b", plan.quantize_b)) if q is not None]
+            problems.append(("matmul", plan.problem, backend))
+        else:
+            return f"explain: unknown op {op!r}; expected quantize, dequantize, matmul or linear"
+        return "\n\n".join(registry.explain_problem(p, req) for _, p, req in problems if p is not None)
+    except (Fp8DispatchError, TypeError, ValueError) as e:
+        return f"{type(e).__name__}: {e}"
+
+
+def _quantize_args(x, granularity="row", *, dtype=torch.float8_e4m3fn, block_size=128, scale=None,
+                   scale_ub=None, pow2_scale=False, overflow="saturate", backend="auto"):
+    return x, granularity, dtype, block_size, scale, scale_ub, pow2_scale, overflow, backend

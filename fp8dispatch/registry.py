@@ -1,0 +1,280 @@
+"""The registry: backends as frozen data, and the plain-Python choice among them.
+
+A backend is a name, a priority, a `probe()` run once per process, a `why_not(op, problem)`
+that returns every reason it cannot run a problem, and one function per op it serves. Choice,
+first match wins: the call's `backend=`; `FP8DISPATCH_<OP>_BACKEND`; `FP8DISPATCH_BACKEND`; a
+measured routing table; the static priority order. Decisions are cached per problem.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+from fp8dispatch.errors import Fp8TypeError, NoBackend, UnknownBackend
+from fp8dispatch.problem import Problem
+
+log = logging.getLogger("fp8dispatch")
+
+OPS = ("quantize", "dequantize", "matmul")
+AUTO = "auto"
+
+# Built-in backends, by module under fp8dispatch.backends. Each module defines `BACKEND`.
+BUILTIN_MODULES = ("reference", "triton", "torch", "fbgemm", "torchao")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One backend: a capability description plus the functions that run each op.
+
+    `priority` orders the automatic choice (higher first); `priorities` overrides it per op or
+    per op and recipe/granularity, keyed "matmul", "matmul.block", "quantize.group", ...
+    `quantize(x2d, block, dtype, scale, scale_ub, pow2_scale) -> (data, scale)`,
+    `dequantize(data2d, scale, block, out_dtype) -> Tensor`,
+    `matmul(a: Fp8Tensor, b: Fp8Tensor, out_dtype, bias) -> Tensor`, all on 2-D views.
+    """
+
+    name: str
+    probe: Callable[[], str | None]
+    why_not: Callable[[str, Problem], list[str]]
+    quantize: Callable | None = None
+    dequantize: Callable | None = None
+    matmul: Callable | None = None
+    priority: int = 0
+    priorities: Mapping[str, int] = field(default_factory=dict)
+    version: Callable[[], str | None] = lambda: None
+    description: str = ""
+
+    def function(self, op: str) -> Callable | None:
+        return getattr(self, op)
+
+    def priority_for(self, problem: Problem) -> int:
+        detail = getattr(problem, "recipe", None) or getattr(problem, "granularity", None)
+        for key in (f"{problem.op}.{detail}", problem.op):
+            if key in self.priorities:
+                return self.priorities[key]
+        return self.priority
+
+
+_backends: dict[str, Backend] = {}
+_probes: dict[str, str | None] = {}
+_decisions: dict[tuple, Backend] = {}
+_builtins_loaded = False
+_settings: Settings | None = None
+
+# Consulted after the environment and before the static order: `(problem) -> name | None`.
+# `fp8dispatch tune` installs the measured routing table here.
+routing_hooks: list[Callable[[Problem], str | None]] = []
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The environment variables, read once per process (call `refresh()` after changing them)."""
+
+    per_op: Mapping[str, tuple[str, ...]]
+    preference: tuple[str, ...]
+    disabled: frozenset[str]
+
+    @classmethod
+    def from_environ(cls) -> Settings:
+        return cls(
+            per_op={op: _names(os.environ.get(f"FP8DISPATCH_{op.upper()}_BACKEND", "")) for op in OPS},
+            preference=_names(os.environ.get("FP8DISPATCH_BACKEND", "")),
+            disabled=frozenset(_names(os.environ.get("FP8DISPATCH_DISABLE", ""))),
+        )
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(n.strip().lower() for n in text.split(",") if n.strip())
+
+
+def settings() -> Settings:
+    global _settings
+    if _settings is None:
+        _settings = Settings.from_environ()
+        level = os.environ.get("FP8DISPATCH_LOG", "").strip().lower()
+        if level:
+            _configure_logging(level)
+    return _settings
+
+
+def _configure_logging(level: str) -> None:
+    log.setLevel(getattr(logging, level.upper(), logging.DEBUG))
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[fp8dispatch] %(message)s"))
+        log.addHandler(handler)
+
+
+def refresh() -> None:
+    """Forget cached decisions and re-read the environment (probe results stay frozen)."""
+    global _settings
+    _settings = None
+    _decisions.clear()
+    for hook in _refresh_hooks:
+        hook()
+
+
+_refresh_hooks: list[Callable[[], None]] = []
+
+
+def register_backend(backend: Backend, *, replace: bool = False) -> Backend:
+    """Add a backend; it takes part in dispatch, `explain`, `info` and conformance at once."""
+    if not isinstance(backend, Backend):
+        raise Fp8TypeError(f"backend: expected an fp8dispatch.Backend, got {type(backend).__name__}")
+    name = backend.name.lower()
+    if name == AUTO or not name.isidentifier():
+        raise UnknownBackend(f"backend.name: expected an identifier other than 'auto', got {backend.name!r}")
+    _load_builtins()
+    if name in _backends and not replace:
+        raise UnknownBackend(f"backend.name: {name!r} is already registered (pass replace=True)")
+    _backends[name] = backend
+    _probes.pop(name, None)
+    refresh()
+    return backend
+
+
+def unregister_backend(name: str) -> None:
+    _load_builtins()
+    _backends.pop(name, None)
+    _probes.pop(name, None)
+    refresh()
+
+
+def _load_builtins() -> None:
+    global _builtins_loaded
+    if _builtins_loaded:
+        return
+    _builtins_loaded = True
+    for module in BUILTIN_MODULES:
+        try:
+            mod = importlib.import_module(f"fp8dispatch.backends.{module}")
+        except ModuleNotFoundError as e:
+            if e.name == f"fp8dispatch.backends.{module}":
+                continue  # not built yet in this checkout
+            raise
+        _backends.setdefault(mod.BACKEND.name, mod.BACKEND)
+
+
+def all_backends() -> list[Backend]:
+    """Registered backends, highest default priority first."""
+    _load_builtins()
+    return sorted(_backends.values(), key=lambda b: (-b.priority, b.name))
+
+
+def backend_names() -> list[str]:
+    return [b.name for b in all_backends()]
+
+
+def get_backend(name: str) -> Backend:
+    _load_builtins()
+    try:
+        return _backends[name.lower()]
+    except KeyError:
+        raise UnknownBackend(
+            f"backend: unknown name {name!r}; known: {', '.join(backend_names())} (or 'auto')"
+        ) from None
+
+
+def probe_result(name: str) -> str | None:
+    """The backend's probe, run once per process: None if it can serve, else why not."""
+    if name not in _probes:
+        backend = get_backend(name)
+        try:
+            _probes[name] = backend.probe()
+        except Exception as e:  # a probe that raises is a backend that cannot serve
+            _probes[name] = f"probe raised {type(e).__name__}: {e}"
+    return _probes[name]
+
+
+def reasons(backend: Backend, problem: Problem) -> list[str]:
+    """Every reason `backend` cannot run `problem`; empty means it can."""
+    if backend.name in settings().disabled:
+        return ["disabled by FP8DISPATCH_DISABLE"]
+    unavailable = probe_result(backend.name)
+    if unavailable:
+        return [unavailable]
+    if backend.function(problem.op) is None:
+        return [f"does not implement {problem.op}"]
+    try:
+        return list(backend.why_not(problem.op, problem))
+    except Exception as e:
+        return [f"why_not raised {type(e).__name__}: {e}"]
+
+
+def requested_names(op: str, requested: str | None) -> tuple[tuple[str, ...], str]:
+    """The names the user asked for, and where the request came from."""
+    if requested is not None and requested.strip().lower() != AUTO:
+        return _names(requested), "the backend= argument"
+    env = settings()
+    if env.per_op.get(op):
+        return env.per_op[op], f"FP8DISPATCH_{op.upper()}_BACKEND"
+    if env.preference:
+        return env.preference, "FP8DISPATCH_BACKEND"
+    return (), "auto"
+
+
+def choose(problem: Problem, requested: str | None = AUTO) -> Backend:
+    """The backend that runs `problem`, cached per (problem, request)."""
+    key = (problem, requested)
+    backend = _decisions.get(key)
+    if backend is None:
+        backend = _decide(problem, requested)
+        _decisions[key] = backend
+        log.debug("%s -> %s", problem.describe(), backend.name)
+    return backend
+
+
+def _decide(problem: Problem, requested: str | None) -> Backend:
+    names, source = requested_names(problem.op, requested)
+    tried: list[Backend] = []
+    for name in names:
+        if name == AUTO:  # an explicit "..., auto" at the end of a preference list
+            break
+        backend = get_backend(name)
+        if not reasons(backend, problem):
+            return backend
+        tried.append(backend)
+    else:
+        if names:
+            raise NoBackend(_report(problem, tried, f"requested by {source}: {', '.join(names)}"))
+    for name in _routed(problem):
+        backend = _backends.get(name)
+        if backend is not None and not reasons(backend, problem):
+            return backend
+    candidates = sorted(all_backends(), key=lambda b: (-b.priority_for(problem), b.name))
+    for backend in candidates:
+        if not reasons(backend, problem):
+            return backend
+    raise NoBackend(_report(problem, candidates, "auto"))
+
+
+def _routed(problem: Problem) -> list[str]:
+    return [name for hook in routing_hooks if (name := hook(problem))]
+
+
+def _report(problem: Problem, backends: list[Backend], request: str) -> str:
+    lines = [f"no backend can run {problem.describe()}", f"  request: {request}"]
+    for backend in backends:
+        lines.append(f"  {backend.name}:")
+        lines.extend(f"    - {reason}" for reason in reasons(backend, problem))
+    return "\n".join(lines)
+
+
+def explain_problem(problem: Problem, requested: str | None = AUTO) -> str:
+    """The routing table for one problem: every backend, its priority, and why it can't serve."""
+    try:
+        chosen = choose(problem, requested).name
+        verdict = f"chosen: {chosen}"
+    except NoBackend as e:
+        chosen, verdict = None, f"no backend: {str(e).splitlines()[1].strip()}"
+    lines = [problem.describe(), f"  {verdict}"]
+    for backend in sorted(all_backends(), key=lambda b: (-b.priority_for(problem), b.name)):
+        why = reasons(backend, problem)
+        mark = "*" if backend.name == chosen else " "
+        state = "can run" if not why else "; ".join(why)
+        lines.append(f"  {mark} {backend.name:<10} priority {backend.priority_for(problem):>4}  {state}")
+    return "\n".join(lines)

@@ -1,0 +1,49 @@
+"""GPU timing shared by `bench`, `tune` and the kernel benchmarks: medians over L2-flushed runs."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+# Larger than the H100's 50 MB and the H200's 60 MB L2, so each timed run starts cold.
+_FLUSH_BYTES = 256 * 2**20
+_flush_buffer: dict[torch.device, torch.Tensor] = {}
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_s: float
+    p10_s: float
+    p90_s: float
+    runs: int
+
+    @property
+    def spread(self) -> float:
+        """(p90 - p10) / median: how far to trust a ratio between two timings."""
+        return (self.p90_s - self.p10_s) / self.median_s if self.median_s else 0.0
+
+
+def time_cuda(fn: Callable[[], object], *, warmup: int = 5, runs: int = 50, flush_l2: bool = True) -> Timing:
+    """Median time of `fn` on the current CUDA stream, events around each run, L2 flushed between."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    flush = _flush_buffer.get(device)
+    if flush_l2 and flush is None:
+        flush = _flush_buffer[device] = torch.empty(_FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(runs)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(runs)]
+    for start, end in zip(starts, ends):
+        if flush_l2:
+            flush.zero_()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends))
+    deciles = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
+    return Timing(statistics.median(times), deciles[0], deciles[-1], runs)
