@@ -15,14 +15,9 @@ from fp8dispatch.formats import FORMATS, FP8Format, fp8_format, max_value, min_n
 from fp8dispatch.registry import Backend, refresh, register_backend, unregister_backend
 from fp8dispatch.tensor import Fp8Tensor
 
+from fp8dispatch import backends  # noqa: E402  the backend package, callable: backends() -> names
+
 __version__ = "0.1.0"
-
-
-def backends() -> list[str]:
-    """Registered backend names, highest default priority first."""
-    from fp8dispatch.registry import backend_names
-
-    return backend_names()
 
 
 __all__ = [

@@ -156,6 +156,8 @@ def _load_builtins() -> None:
             if e.name == f"fp8dispatch.backends.{module}":
                 continue  # not built yet in this checkout
             raise
+        if getattr(mod, "__file__", None) is None:
+            continue  # an empty folder (a namespace package): a backend still being written
         _backends.setdefault(mod.BACKEND.name, mod.BACKEND)
 
 
