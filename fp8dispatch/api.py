@@ -61,6 +61,7 @@ class _QuantizePlan:
     run: Callable
     block: Block
     shape2d: tuple[int, int]
+    flatten: bool  # leading dims to fold into rows (a view op costs microseconds: skip it for 2-d)
     problem: QuantizeProblem | None  # None for empty tensors, which need no backend
 
 
@@ -89,15 +90,18 @@ def quantize(
                scale is None, scale_ub is None, pow2_scale, overflow, backend)
     except AttributeError:
         raise Fp8TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}") from None
-    plan = _cached(key, lambda: _plan_quantize(x, granularity, dtype, block_size, scale, scale_ub,
-                                               pow2_scale, overflow, backend))
-    x2d = x.reshape(plan.shape2d)
+    try:
+        plan = _plans[key]
+    except (KeyError, TypeError):  # a new signature, or an unhashable argument the planner names
+        plan = _cached(key, lambda: _plan_quantize(x, granularity, dtype, block_size, scale, scale_ub,
+                                                   pow2_scale, overflow, backend))
+    x2d = x.reshape(plan.shape2d) if plan.flatten else x
     if scale is not None:
         scale = _user_scale(x2d, scale, plan.block, dtype, overflow)
     if scale_ub is not None:
         scale_ub = _scale_ub(scale_ub)
     data, s = plan.run(x2d, plan.block, dtype, scale, scale_ub, pow2_scale)
-    return Fp8Tensor._trusted(data.view(x.shape), s, plan.block)
+    return Fp8Tensor._trusted(data.view(x.shape) if plan.flatten else data, s, plan.block)
 
 
 def _plan_quantize(x, granularity, dtype, block_size, scale, scale_ub, pow2_scale, overflow, backend):
@@ -118,14 +122,14 @@ def _plan_quantize(x, granularity, dtype, block_size, scale, scale_ub, pow2_scal
         _scale_ub(scale_ub)
     _check_backend_arg(backend)
     if x.numel() == 0:
-        return _QuantizePlan(_quantize_empty, block, shape2d, None)
+        return _QuantizePlan(_quantize_empty, block, shape2d, x.dim() != 2, None)
     problem = QuantizeProblem(
         device=x.device, capability=device_capability(x.device), in_dtype=x.dtype, shape=shape2d,
         contiguous=x.is_contiguous(), block=block, fp8_dtype=dtype, user_scale=scale is not None,
         scale_ub=scale_ub is not None, pow2_scale=pow2_scale,
     )
     chosen = registry.choose(problem, backend)
-    return _QuantizePlan(chosen.quantize, block, shape2d, problem)
+    return _QuantizePlan(chosen.quantize, block, shape2d, x.dim() != 2, problem)
 
 
 def _quantize_empty(x2d, block, dtype, scale, scale_ub, pow2_scale):
@@ -191,6 +195,8 @@ def dequantize(t: Fp8Tensor, dtype: torch.dtype = torch.bfloat16, *, backend: st
     data = t.data
     key = ("d", data.dtype, data.shape, data.device, data.is_contiguous(), t.block, dtype, backend)
     run, shape2d = _cached(key, lambda: _plan_dequantize(t, dtype, backend))
+    if data.dim() == 2:
+        return run(data, t.scale, t.block, dtype)
     return run(data.reshape(shape2d), t.scale, t.block, dtype).view(data.shape)
 
 
@@ -218,6 +224,7 @@ class _MatmulPlan:
     m: int
     n: int
     out_shape: tuple[int, ...]
+    flatten: bool  # a has leading batch dims
     problem: MatmulProblem | None
 
 
@@ -241,20 +248,25 @@ def matmul(
         return _ops.traced_matmul(a, b, recipe, out_dtype, bias, backend)
     key = ("m", _operand_key("a", a), _operand_key("b", b), recipe, out_dtype,
            None if bias is None else _operand_key("bias", bias), backend)
-    plan = _cached(key, lambda: _plan_matmul(a, b, recipe, out_dtype, bias, backend))
+    try:
+        plan = _plans[key]
+    except (KeyError, TypeError):
+        plan = _cached(key, lambda: _plan_matmul(a, b, recipe, out_dtype, bias, backend))
     if plan.run is None:
         return _empty_product(a, plan, out_dtype, bias)
     if plan.quantize_a is not None:
         q = plan.quantize_a
-        data, s = q.run(a.reshape(q.shape2d), q.block, torch.float8_e4m3fn, None, None, False)
+        data, s = q.run(a.reshape(q.shape2d) if plan.flatten else a, q.block, torch.float8_e4m3fn,
+                        None, None, False)
         a = Fp8Tensor._trusted(data, s, q.block)
-    elif a.data.dim() != 2:
+    elif plan.flatten:
         a = Fp8Tensor._trusted(a.data.reshape(plan.m, -1), a.scale, a.block)
     if plan.quantize_b is not None:  # quantize b.t() [N, K] so K stays the fast dimension
         q = plan.quantize_b
         data, s = q.run(b.t(), q.block, torch.float8_e4m3fn, None, None, False)
         b = Fp8Tensor._trusted(data.t(), s.t(), (q.block[1], q.block[0]))
-    return plan.run(a, b, out_dtype, bias).view(plan.out_shape)
+    out = plan.run(a, b, out_dtype, bias)
+    return out.view(plan.out_shape) if plan.flatten else out
 
 
 def linear(
@@ -269,18 +281,21 @@ def linear(
     """`x @ w.T` for a weight w [N, K] (nn.Linear layout); out_dtype defaults to x's dtype."""
     if out_dtype is None:
         out_dtype = x.dtype if isinstance(x, torch.Tensor) and x.dtype in HIGH_PRECISION else torch.bfloat16
-    if not isinstance(w, (torch.Tensor, Fp8Tensor)):
-        raise Fp8TypeError(f"w: expected a tensor or Fp8Tensor, got {type(w).__name__}")
-    if len(w.shape) != 2:
-        raise Fp8ValueError(f"w: expected a 2-d weight [N, K], got shape {tuple(w.shape)}")
-    return matmul(x, w.t(), recipe=recipe, out_dtype=out_dtype, bias=bias, backend=backend)
+    wt = w._transposed if isinstance(w, Fp8Tensor) else None  # cached after the first call
+    if wt is None:
+        if not isinstance(w, (torch.Tensor, Fp8Tensor)):
+            raise Fp8TypeError(f"w: expected a tensor or Fp8Tensor, got {type(w).__name__}")
+        if len(w.shape) != 2:
+            raise Fp8ValueError(f"w: expected a 2-d weight [N, K], got shape {tuple(w.shape)}")
+        wt = w.t()
+    return matmul(x, wt, recipe=recipe, out_dtype=out_dtype, bias=bias, backend=backend)
 
 
 def _operand_key(name: str, t) -> tuple:
+    if isinstance(t, Fp8Tensor):
+        return t.dispatch_key()
     if isinstance(t, torch.Tensor):
         return (t.dtype, t.shape, t.device, t.stride())
-    if isinstance(t, Fp8Tensor):
-        return (t.data.dtype, t.data.shape, t.data.device, t.data.stride(), t.block)
     raise Fp8TypeError(f"{name}: expected a torch.Tensor or Fp8Tensor, got {type(t).__name__}")
 
 
@@ -311,7 +326,7 @@ def _plan_matmul(a, b, recipe, out_dtype, bias, backend) -> _MatmulPlan:
     a_block, b_block, recipe = _operand_blocks(a, b, recipe, m, k, n)
     out_shape = (*a.shape[:-1], n)
     if m == 0 or n == 0 or k == 0:
-        return _MatmulPlan(None, None, None, m, n, out_shape, None)
+        return _MatmulPlan(None, None, None, m, n, out_shape, len(a.shape) != 2, None)
     quantize_a = quantize_b = None
     if isinstance(a, torch.Tensor):
         quantize_a = _plan_quantize(a.reshape(m, k), "block", torch.float8_e4m3fn, a_block,
@@ -329,7 +344,7 @@ def _plan_matmul(a, b, recipe, out_dtype, bias, backend) -> _MatmulPlan:
         out_dtype=out_dtype, bias_dtype=None if bias is None else bias.dtype,
     )
     run = registry.choose(problem, backend).matmul
-    return _MatmulPlan(quantize_a, quantize_b, run, m, n, out_shape, problem)
+    return _MatmulPlan(quantize_a, quantize_b, run, m, n, out_shape, len(a.shape) != 2, problem)
 
 
 def _operand_blocks(a, b, recipe, m, k, n) -> tuple[Block, Block, str]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -11,7 +11,7 @@ from fp8dispatch.errors import Fp8TypeError, Fp8ValueError
 from fp8dispatch.formats import fp8_format, is_fp8
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Fp8Tensor:
     """`x ≈ data.float() * scale`, the scale broadcast by `block` over the 2-D view of data.
 
@@ -23,6 +23,10 @@ class Fp8Tensor:
     data: torch.Tensor
     scale: torch.Tensor
     block: Block
+    # An Fp8Tensor never changes, so its transpose and its dispatch key are computed once:
+    # torch's view ops cost microseconds each, more than the whole dispatch budget.
+    _transposed: Fp8Tensor | None = field(default=None, init=False, repr=False)
+    _key: tuple | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         data, scale, block = self.data, self.scale, self.block
@@ -53,10 +57,21 @@ class Fp8Tensor:
     def _trusted(cls, data: torch.Tensor, scale: torch.Tensor, block: Block) -> Fp8Tensor:
         """Build without checks, for results the library itself just produced (the hot path)."""
         t = object.__new__(cls)
-        object.__setattr__(t, "data", data)
-        object.__setattr__(t, "scale", scale)
-        object.__setattr__(t, "block", block)
+        _set_data(t, data)
+        _set_scale(t, scale)
+        _set_block(t, block)
+        _set_transposed(t, None)
+        _set_key(t, None)
         return t
+
+    def dispatch_key(self) -> tuple:
+        """The static properties a routing decision depends on (see fp8dispatch.api)."""
+        key = self._key
+        if key is None:
+            data = self.data
+            key = (data.dtype, data.shape, data.device, data.stride(), self.block)
+            _set_key(self, key)
+        return key
 
     def __iter__(self):
         return iter((self.data, self.scale, self.block))
@@ -82,9 +97,14 @@ class Fp8Tensor:
 
     def t(self) -> Fp8Tensor:
         """Transpose data, scale and block together: a row-quantized [N, K] weight becomes [K, N]."""
-        if self.data.dim() != 2:
-            raise Fp8ValueError(f"t(): expected 2-d data, got shape {tuple(self.data.shape)}")
-        return Fp8Tensor._trusted(self.data.t(), self.scale.t(), (self.block[1], self.block[0]))
+        transposed = self._transposed
+        if transposed is None:
+            if self.data.dim() != 2:
+                raise Fp8ValueError(f"t(): expected 2-d data, got shape {tuple(self.data.shape)}")
+            transposed = Fp8Tensor._trusted(self.data.t(), self.scale.t(), (self.block[1], self.block[0]))
+            _set_transposed(transposed, self)
+            _set_transposed(self, transposed)
+        return transposed
 
     def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """`data * scale` in fp32, then cast to `dtype` (the reference rule, in plain torch)."""
@@ -114,3 +134,11 @@ def _prod(dims) -> int:
     for d in dims:
         out *= d
     return out
+
+
+# Slot setters that bypass the frozen dataclass's __setattr__ (which refuses, by design).
+_set_data = Fp8Tensor.__dict__["data"].__set__
+_set_scale = Fp8Tensor.__dict__["scale"].__set__
+_set_block = Fp8Tensor.__dict__["block"].__set__
+_set_transposed = Fp8Tensor.__dict__["_transposed"].__set__
+_set_key = Fp8Tensor.__dict__["_key"].__set__
