@@ -1,0 +1,152 @@
+"""The `triton` backend: fp8dispatch's own quantize, dequantize and scaled-matmul Triton kernels.
+
+Runs on NVIDIA GPUs with FP8 tensor cores (sm89+), and on CPU tensors in Triton's interpreter
+(TRITON_INTERPRET=1, set before import), where it installs the interpreter's float-conversion fix
+so CPU results are bit-identical to the GPU's and to the reference.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from functools import cache
+from types import SimpleNamespace
+
+import torch
+
+from fp8dispatch.registry import Backend
+
+_FNUZ = (torch.float8_e4m3fnuz, torch.float8_e5m2fnuz)
+_INT32_LIMIT = 2**31  # kernels index with 32-bit offsets
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return None
+
+
+def _interpreting() -> bool:
+    from .interpreter import active
+
+    return active()
+
+
+def probe() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # a broken install is a reason, not a crash
+        return f"triton failed to import: {type(e).__name__}: {e}"
+    if _interpreting():
+        from .interpreter import install
+
+        install()
+        return None
+    if not torch.cuda.is_available():
+        return "no CUDA GPU, and TRITON_INTERPRET=1 was not set before import (the CPU interpreter)"
+    if torch.version.hip:
+        return f"ROCm (HIP {torch.version.hip}): the kernels are written and checked for NVIDIA GPUs only"
+    return None
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in text.split("+")[0].split(".")[:2] if p.isdigit())
+
+
+def _device_reasons(problem) -> list[str]:
+    device = problem.device
+    if _interpreting():
+        if device.type != "cpu":
+            return [f"device {device}: under TRITON_INTERPRET=1 the kernels run on CPU tensors only"]
+        return []
+    if device.type != "cuda":
+        return [f"device {device}: needs a CUDA tensor (or TRITON_INTERPRET=1 before import, for CPU tensors)"]
+    cap = problem.capability
+    if cap is not None and cap < (8, 9):
+        return [f"needs sm89 or newer (FP8 conversions and tensor cores), this GPU is sm{cap[0]}{cap[1]}"]
+    return []
+
+
+def _format_reasons(name: str, dtype: torch.dtype) -> list[str]:
+    if dtype not in _FNUZ:
+        return []
+    if not _interpreting():
+        return [f"{name} {dtype}: Triton lowers the fnuz FP8 formats only on AMD GPUs"]
+    version = _triton_version() or "0"
+    if _version_tuple(version) < (3, 8):
+        return [f"{name} {dtype}: the interpreter needs Triton >= 3.8 for fnuz formats, this is {version}"]
+    return []
+
+
+def _size_reasons(name: str, rows: int, cols: int) -> list[str]:
+    if rows * cols >= _INT32_LIMIT:
+        return [f"{name} has {rows * cols} elements: needs < 2**31 (the kernels index in 32 bits)"]
+    return []
+
+
+def why_not(op, problem) -> list[str]:
+    reasons = _device_reasons(problem)
+    if op == "quantize":
+        reasons += _format_reasons("dtype", problem.fp8_dtype)
+        reasons += _size_reasons("x", *problem.shape)
+    elif op == "dequantize":
+        reasons += _format_reasons("dtype", problem.fp8_dtype)
+        reasons += _size_reasons("data", *problem.shape)
+    elif op == "matmul":
+        reasons += _matmul_reasons(problem)
+    return reasons
+
+
+def _matmul_reasons(p) -> list[str]:
+    reasons = _format_reasons("a", p.a_dtype) + _format_reasons("b", p.b_dtype)
+    if p.recipe == "mixed":
+        reasons.append(f"blocks a {p.a_block}, b {p.b_block}: needs the block recipe (a in 1×g groups, "
+                       f"b in g×g' blocks), rowwise or tensorwise scales")
+    if p.recipe == "block" and p.a_block[1] % 32:
+        reasons.append(f"K group g={p.a_block[1]}: needs g % 32 == 0 (the K step of an FP8 tensor-core dot)")
+    if not p.a_row_major:
+        reasons.append("a: needs row-major (contiguous) data; call .contiguous() on it")
+    if not p.b_col_major:
+        reasons.append("b: needs column-major data (the .t() of a contiguous [N, K] weight); "
+                       "pass w.contiguous().t()")
+    reasons += _size_reasons("a", p.m, p.k) + _size_reasons("b", p.k, p.n) + _size_reasons("the output", p.m, p.n)
+    return reasons
+
+
+@cache
+def kernels():
+    """The kernel modules, imported on first use (importing triton costs ~0.15 s; probe first)."""
+    from . import dequantize, interpreter, matmul, quantize  # the submodules replace no names here
+
+    interpreter.install()  # before any kernel runs on CPU tensors, even without the registry
+    return SimpleNamespace(quantize=quantize.quantize, dequantize=dequantize.dequantize, matmul=matmul.matmul)
+
+
+def _quantize(x, block, dtype, scale=None, scale_ub=None, pow2_scale=False):
+    return kernels().quantize(x, block, dtype, scale, scale_ub, pow2_scale)
+
+
+def _dequantize(data, scale, block, out_dtype):
+    return kernels().dequantize(data, scale, block, out_dtype)
+
+
+def _matmul(a, b, out_dtype, bias=None):
+    return kernels().matmul(a, b, out_dtype, bias)
+
+
+BACKEND = Backend(
+    name="triton",
+    probe=probe,
+    why_not=why_not,
+    quantize=_quantize,
+    dequantize=_dequantize,
+    matmul=_matmul,
+    priority=50,
+    priorities={},
+    version=_triton_version,
+    description="fp8dispatch's own Triton kernels (sm89+; the interpreter on CPU)",
+)

@@ -1,0 +1,234 @@
+"""Scaled FP8 matmul: the block recipe (a in 1×g groups, b in g×g' blocks), rowwise and tensorwise.
+
+`c [M, N] = a [M, K] @ b [K, N]` with both operands K-contiguous: a row-major, b the `.t()` of a
+[N, K] weight. The K loop steps BLOCK_K at a time, BLOCK_K dividing the scale group g (128 for
+DeepSeek), so each step sees one a scale per row and one b scale per column:
+
+    acc += dot(a_tile, b_tile) * (sa[m, k // g] * sb[k // g, n // g'])   (block recipe)
+    acc  = dot(a_tile, b_tile, acc); c = acc * sa[m] * sb[n]              (row, tensor)
+
+accumulating in fp32, then bias and the cast to bf16/fp16/fp32. Scales are gathered through
+their strides, so per-row, per-column and tensorwise (stride 0 after the index division) share
+one kernel. Tails in M and N wrap (`% M`) on load and are masked on store; a K tail is masked.
+
+Small M (decode, M ≤ SMALL_M) swaps the operands: the tensor cores' wgmma needs 64 rows on the
+M side but takes 8 to 256 on the N side, so computing c.T = b.T @ a.T puts the weight's N on the
+64-row side and the few tokens on the narrow one instead of padding 1 token to 64 rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .interpreter import active as interpreting
+
+# Up to this M the swapped kernel runs (its narrow side is 16 to 64 wide).
+SMALL_M = 64
+
+
+@triton.jit
+def _load_k_step(ptrs, offs_k, k_left, K_AXIS: tl.constexpr, EVEN_K: tl.constexpr):
+    if EVEN_K:
+        return tl.load(ptrs)
+    if K_AXIS == 0:
+        return tl.load(ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+    return tl.load(ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+
+
+@triton.jit
+def _scaled_mm_kernel(
+    a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr,
+    M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    stride_sam, stride_sak, stride_sbk, stride_sbn,
+    a_rows_per_scale,  # 1 for groups and rows; a tensorwise scale has M, so every row reads index 0
+    b_cols_per_scale,  # g' of b's g×g' blocks; 1 per column; N tensorwise
+    m_bucket,  # unused by the code: the autotuner's key for M (a power of two)
+    SCALE_K: tl.constexpr,  # the K width of a scale group; 0 when no scale varies along K
+    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,  # programs walk GROUP_M row tiles per column tile, so b tiles stay in L2
+):
+    pid = tl.program_id(0)
+    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = min(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm, rn = offs_m % M, offs_n % N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rm[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + rn[None, :] * stride_bn
+    sa_ptrs = sa_ptr + (rm // a_rows_per_scale) * stride_sam
+    sb_ptrs = sb_ptr + (rn // b_cols_per_scale) * stride_sbn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        a = _load_k_step(a_ptrs, offs_k, K - k * BLOCK_K, 1, EVEN_K)
+        b = _load_k_step(b_ptrs, offs_k, K - k * BLOCK_K, 0, EVEN_K)
+        if SCALE_K > 0:
+            group = (k * BLOCK_K) // SCALE_K
+            sa = tl.load(sa_ptrs + group * stride_sak)
+            sb = tl.load(sb_ptrs + group * stride_sbk)
+            acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
+        else:
+            acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    if SCALE_K == 0:
+        acc = acc * (tl.load(sa_ptrs)[:, None] * tl.load(sb_ptrs)[None, :])
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _scaled_mm_swap_kernel(
+    a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr,
+    M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    stride_sam, stride_sak, stride_sbk, stride_sbn,
+    a_rows_per_scale, b_cols_per_scale,
+    m_bucket,
+    SCALE_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # the narrow side: tokens
+    BLOCK_N: tl.constexpr,  # the wgmma M side: output features
+    BLOCK_K: tl.constexpr,
+):
+    # Same math as _scaled_mm_kernel on transposed tiles: acc_t [BLOCK_N, BLOCK_M] = b.T @ a.T.
+    pid_n, pid_m = tl.program_id(0), tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm, rn = offs_m % M, offs_n % N
+    offs_k = tl.arange(0, BLOCK_K)
+    bt_ptrs = b_ptr + rn[:, None] * stride_bn + offs_k[None, :] * stride_bk  # [BLOCK_N, BLOCK_K]
+    at_ptrs = a_ptr + offs_k[:, None] * stride_ak + rm[None, :] * stride_am  # [BLOCK_K, BLOCK_M]
+    sa_ptrs = sa_ptr + (rm // a_rows_per_scale) * stride_sam
+    sb_ptrs = sb_ptr + (rn // b_cols_per_scale) * stride_sbn
+
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        bt = _load_k_step(bt_ptrs, offs_k, K - k * BLOCK_K, 1, EVEN_K)
+        at = _load_k_step(at_ptrs, offs_k, K - k * BLOCK_K, 0, EVEN_K)
+        if SCALE_K > 0:
+            group = (k * BLOCK_K) // SCALE_K
+            sb = tl.load(sb_ptrs + group * stride_sbk)
+            sa = tl.load(sa_ptrs + group * stride_sak)
+            acc += tl.dot(bt, at) * (sb[:, None] * sa[None, :])
+        else:
+            acc = tl.dot(bt, at, acc)
+        bt_ptrs += BLOCK_K * stride_bk
+        at_ptrs += BLOCK_K * stride_ak
+    if SCALE_K == 0:
+        acc = acc * (tl.load(sb_ptrs)[:, None] * tl.load(sa_ptrs)[None, :])
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn).to(tl.float32)[:, None]
+    mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
+    c_ptrs = c_ptr + offs_m[None, :] * stride_cm + offs_n[:, None] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+# --- configurations -------------------------------------------------------------------------
+
+
+def _config(bm, bn, stages, warps, group_m=8, **extra):
+    kwargs = dict(BLOCK_M=bm, BLOCK_N=bn, **extra)
+    if group_m is not None:
+        kwargs["GROUP_M"] = group_m
+    return triton.Config(kwargs, num_stages=stages, num_warps=warps)
+
+
+# Hopper (sm90, 228 KB shared memory): a 128×128×128 fp8 stage is 32 KB, so 4 to 6 stages fit.
+# The block recipe keeps two 128×128 fp32 accumulators live (the dot's and the running sum),
+# which rules out 256-wide tiles at 8 warps. Sweep and pick in docs/triton.md.
+HOPPER_CONFIGS = [
+    _config(128, 128, 4, 8),
+    _config(128, 128, 5, 8),
+    _config(128, 128, 3, 8),
+    _config(64, 128, 5, 4),
+    _config(128, 64, 5, 4),
+    _config(64, 64, 6, 4),
+]
+HOPPER_SWAP_CONFIGS = [
+    _config(bm, bn, stages, warps, group_m=None)
+    for bm in (16, 32, 64) for bn, stages, warps in ((64, 6, 4), (128, 5, 4), (128, 4, 8))
+]
+# sm89 (Ada, 100 KB of shared memory per block): 3 stages of 64×128×128 = 72 KB; untuned.
+DEFAULT_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, GROUP_M=8, num_stages=3, num_warps=4)
+DEFAULT_SWAP_CONFIG = dict(BLOCK_N=64, num_stages=3, num_warps=4)
+# The interpreter costs about 2 ms per program whatever its size: big tiles.
+INTERPRETER_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, GROUP_M=8)
+
+
+def _prune_swap(configs, named_args, **_):
+    """Keep the narrow side at the smallest tile that holds M (16 at least, wgmma's minimum N)."""
+    width = max(16, min(64, triton.next_power_of_2(named_args["M"])))
+    return [c for c in configs if c.kwargs["BLOCK_M"] == width]
+
+
+_tuned = triton.autotune(HOPPER_CONFIGS, key=["m_bucket", "N", "K", "SCALE_K", "HAS_BIAS"])(_scaled_mm_kernel)
+_tuned_swap = triton.autotune(
+    HOPPER_SWAP_CONFIGS, key=["m_bucket", "N", "K", "SCALE_K", "HAS_BIAS"],
+    prune_configs_by={"early_config_prune": _prune_swap},
+)(_scaled_mm_swap_kernel)
+
+
+def block_k_for(scale_k: int) -> int:
+    """The K step: 128, or the largest power of two dividing the scale group g (g % 32 == 0)."""
+    if scale_k == 0:
+        return 128
+    return min(128, scale_k & -scale_k)
+
+
+def matmul(a, b, out_dtype, bias=None, config: dict | None = None):
+    """The backend's matmul. `config` forces one configuration (benchmarks sweep with it)."""
+    m, k = a.data.shape
+    n = b.data.shape[1]
+    c = torch.empty((m, n), dtype=out_dtype, device=a.data.device)
+    scale_k = a.block[1] if a.block[1] < k else 0  # recipe_of: "block" iff a's groups split K
+    block_k = block_k_for(scale_k)
+    sa, sb = a.scale, b.scale
+    args = (
+        a.data, b.data, c, sa, sb, bias if bias is not None else sa,
+        m, n, k,
+        a.data.stride(0), a.data.stride(1), b.data.stride(0), b.data.stride(1), c.stride(0), c.stride(1),
+        sa.stride(0), sa.stride(1), sb.stride(0), sb.stride(1),
+        a.block[0], b.block[1], triton.next_power_of_2(m),
+    )
+    flags = dict(SCALE_K=scale_k, HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, BLOCK_K=block_k)
+    swap = m <= SMALL_M
+    if config is None:
+        config = _default_config(a.data.device, swap)
+    if config == "tuned":
+        kernel = _tuned_swap if swap else _tuned
+        kernel[_grid(m, n, swap)](*args, **flags)
+    else:
+        kernel = _scaled_mm_swap_kernel if swap else _scaled_mm_kernel
+        config = dict(config)
+        if swap:
+            config.pop("GROUP_M", None)
+            config.setdefault("BLOCK_M", max(16, min(64, triton.next_power_of_2(m))))
+        kernel[_grid(m, n, swap)(config)](*args, **flags, **config)
+    return c
+
+
+def _grid(m, n, swap):
+    if swap:
+        return lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))
+    return lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+
+def _default_config(device: torch.device, swap: bool):
+    if interpreting():
+        return INTERPRETER_CONFIG
+    if torch.cuda.get_device_capability(device) == (9, 0):
+        return "tuned"
+    return DEFAULT_SWAP_CONFIG if swap else DEFAULT_CONFIG

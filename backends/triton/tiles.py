@@ -1,0 +1,31 @@
+"""Tile sizes and warp counts shared by the memory-bound kernels (quantize, dequantize)."""
+
+from __future__ import annotations
+
+from functools import cache
+
+import torch
+
+from .interpreter import active as interpreting
+
+# Elements per program on a GPU: 8192 bf16 values (16 KB) per program keeps enough loads in flight
+# per SM at 4 to 8 resident programs; measured on the H100 (docs/triton.md, quantize sweep).
+GPU_TILE = 8192
+# The interpreter costs about 2 ms per program instance whatever its size, so CPU runs use big tiles.
+INTERPRETER_TILE = 65536
+
+
+def TILE() -> int:  # noqa: N802 - reads like the constant it stands for
+    return INTERPRETER_TILE if interpreting() else GPU_TILE
+
+
+def num_warps_for(elements: int) -> int:
+    """About 32 fp32 values per thread: 4 warps for 4096 elements, 16 at most."""
+    return max(1, min(16, elements // 1024))
+
+
+@cache
+def sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
