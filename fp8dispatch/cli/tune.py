@@ -1,0 +1,61 @@
+"""`fp8dispatch tune`: measure the backends here and write the routing table `auto` consults."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+from fp8dispatch import bench, registry, tuning
+from fp8dispatch.cli import bench as bench_cli
+from fp8dispatch.errors import Fp8DispatchError
+
+
+def add_arguments(parser) -> None:
+    bench_cli.add_selection(parser, ops_default="matmul,quantize")
+    g = parser.add_argument_group("the table")
+    g.add_argument("--from", dest="sources", nargs="+", default=None, metavar="JSON",
+                   help="measure nothing: build the table from these `bench --out` result files")
+    g.add_argument("--table", default=None, metavar="PATH",
+                   help=f"where to write (default ${tuning.ENV_VAR}, else {_default_path()})")
+    g.add_argument("--dry-run", action="store_true", help="print the table, write nothing")
+
+
+def _default_path() -> str:
+    return "~/.cache/fp8dispatch/routing.json"
+
+
+def run(args) -> int:
+    try:
+        if args.sources:
+            env, rows = bench.load_results([Path(p) for p in args.sources])
+        else:
+            args.no_auto = args.no_baselines = True  # the table needs the backends alone
+            env, rows = bench_cli.measure(args)
+        path = Path(args.table).expanduser() if args.table else tuning.user_path()
+        if path is None and not args.dry_run:
+            raise Fp8DispatchError(f"{tuning.ENV_VAR}=off disables routing tables: pass --table PATH to write one")
+    except Fp8DispatchError as e:
+        print(f"fp8dispatch tune: {e}", file=sys.stderr)
+        return 2
+    command = "fp8dispatch " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    table = tuning.build_table(rows, env, command)
+    print(f"routing table for {env['device']} (capability {env['capability']}): {len(table['entries'])} entries")
+    for e in table["entries"]:
+        ranking = ", ".join(f"{r['backend']} {r['median_s'] * 1e6:.1f}µs" for r in e["ranking"])
+        shape = f"N={e['n']} K={e['k']}" if e["n"] else f"K={e['k']}"
+        print(f"  {e['op']:<8} {e['variant'].split(':')[0]:<6} M≤{e['m_bucket']:<5} {shape:<16} {ranking}")
+    if not table["entries"]:
+        print("nothing measured successfully: no table written", file=sys.stderr)
+        return 1
+    if args.dry_run:
+        return 0
+    try:
+        document = tuning.read(path) if path.is_file() else None
+    except (OSError, tuning.InvalidTable) as e:
+        print(f"replacing unreadable table {path}: {e}", file=sys.stderr)
+        document = None
+    tuning.write(path, tuning.merge(document, table))
+    registry.refresh()
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,424 @@
+"""The measured routing table: which backend `auto` picks per device, libraries, op and shape.
+
+`fp8dispatch tune` measures the backends and writes a JSON document of tables, one table per
+environment (device name, capability, library versions). Each entry maps (op, variant, N, K,
+M bucket) to the backends ranked fastest first. The registry consults `lookup` after the
+environment variables and before the static priority order; decisions are cached per problem,
+so this runs once per new problem, never on the hot path.
+
+Two sources, the first that has an entry wins: the user's table (`FP8DISPATCH_TUNING`, else
+`~/.cache/fp8dispatch/routing.json`; `off` disables both) and the tables shipped in
+`fp8dispatch/tuned/`. A file is only ever parsed as JSON and checked field by field: a corrupt,
+stale (other library versions) or foreign (other GPU) file is ignored with a warning.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import math
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from fp8dispatch.blocks import granularity_of
+
+log = logging.getLogger("fp8dispatch")
+
+FORMAT = "fp8dispatch-routing"
+SCHEMA = 1
+ENV_VAR = "FP8DISPATCH_TUNING"
+DISABLED = ("off", "0", "none", "false", "no")
+SHIPPED_DIR = Path(__file__).parent / "tuned"
+# The libraries whose versions change which backend is fastest (kernels, cuBLASLt, autotuners).
+DISTRIBUTIONS = ("torch", "triton", "fbgemm-gpu-genai", "torchao", "fp8dispatch")
+# Two backends whose medians are within 2% are a tie (about the spread of one L2-flushed median
+# on the H100); a tie goes to the smaller error, so `auto` stays within 0.98x of the fastest.
+TIE = 0.02
+OPS = ("quantize", "dequantize", "matmul")
+
+
+class TuningWarning(UserWarning):
+    """A routing table was found but not used: corrupt, stale or measured on another GPU."""
+
+
+# --- keys -------------------------------------------------------------------------------------
+
+
+def m_bucket(m: int) -> int:
+    """M rounded up to a power of two: the shape bucket a routing decision covers."""
+    return 1 << max(m - 1, 0).bit_length()
+
+
+def _dtype(d) -> str:
+    return "none" if d is None else str(d).removeprefix("torch.")
+
+
+def _dims(block, rows: int, cols: int) -> str:
+    """A block relative to its tensor: '*' where it spans the whole dimension (row, tensor)."""
+    return "x".join("*" if b >= size else str(b) for b, size in zip(block, (rows, cols)))
+
+
+def key_of(problem) -> tuple[str, str, int, int, int] | None:
+    """(op, variant, N, K, M) of a problem; variant holds every field but the device and sizes.
+
+    None for problems no table can describe (non-contiguous inputs, layouts bench never times).
+    """
+    op = problem.op
+    if op == "matmul":
+        p = problem
+        if not (p.a_row_major and p.b_col_major):
+            return None
+        variant = (f"{p.recipe}:a{_dims(p.a_block, p.m, p.k)}:b{_dims(p.b_block, p.k, p.n)}:"
+                   f"{_dtype(p.a_dtype)}x{_dtype(p.b_dtype)}->{_dtype(p.out_dtype)}"
+                   + (f"+bias{_dtype(p.bias_dtype)}" if p.bias_dtype is not None else ""))
+        return op, variant, p.n, p.k, p.m
+    if op in ("quantize", "dequantize") and problem.contiguous:
+        rows, cols = problem.shape
+        gran = granularity_of(problem.block, problem.shape)
+        if op == "quantize":
+            flags = "".join(f"+{n}" for n, on in (("user_scale", problem.user_scale),
+                                                  ("scale_ub", problem.scale_ub),
+                                                  ("pow2", problem.pow2_scale)) if on)
+            types = f"{_dtype(problem.in_dtype)}->{_dtype(problem.fp8_dtype)}{flags}"
+        else:
+            types = f"{_dtype(problem.fp8_dtype)}->{_dtype(problem.out_dtype)}"
+        return op, f"{gran}:{_dims(problem.block, rows, cols)}:{types}", 0, cols, rows
+    return None
+
+
+# --- the environment --------------------------------------------------------------------------
+
+_identities: dict[torch.device, tuple[str, list[int] | None]] = {}
+_libraries: dict[str, str | None] | None = None
+
+
+def device_identity(device: torch.device) -> tuple[str, list[int] | None]:
+    """(name, [major, minor]) of a device, read once; CPUs are ('cpu', None)."""
+    ident = _identities.get(device)
+    if ident is None:
+        if device.type == "cuda":
+            ident = (torch.cuda.get_device_name(device), list(torch.cuda.get_device_capability(device)))
+        else:
+            ident = (device.type, None)
+        _identities[device] = ident
+    return ident
+
+
+def libraries() -> dict[str, str | None]:
+    """Installed versions of the libraries that decide speed, from package metadata (no imports)."""
+    global _libraries
+    if _libraries is None:
+        found = {}
+        for dist in DISTRIBUTIONS:
+            try:
+                found[dist] = metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                found[dist] = None
+        found["torch"] = torch.__version__  # the one actually imported, whatever pip metadata says
+        _libraries = found
+    return _libraries
+
+
+def environment(device: torch.device) -> dict:
+    name, capability = device_identity(device)
+    return {"device": name, "capability": capability, "libraries": dict(libraries())}
+
+
+# --- building a table from measurements ---------------------------------------------------------
+
+
+def rank(timings: list[dict]) -> list[dict]:
+    """Backends fastest first; those within TIE of the fastest are ordered by error instead."""
+    ok = sorted((t for t in timings if _finite(t.get("median_s")) and _finite(t.get("error"))),
+                key=lambda t: t["median_s"])
+    if not ok:
+        return []
+    limit = ok[0]["median_s"] * (1 + TIE)
+    tied = sorted((t for t in ok if t["median_s"] <= limit), key=lambda t: (t["error"], t["median_s"]))
+    return tied + [t for t in ok if t["median_s"] > limit]
+
+
+def build_table(rows: list[dict], env: dict, command: str = "") -> dict:
+    """One table from bench rows: rows need key, backend, median_s, error and ok."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        if not row.get("ok") or row.get("backend") in (None, "auto") or not row.get("key"):
+            continue
+        op, variant, n, k, m = row["key"]
+        groups.setdefault((op, variant, n, k, m_bucket(m)), []).append(
+            {"backend": row["backend"], "median_s": row["median_s"], "error": row["error"]})
+    entries = []
+    for (op, variant, n, k, bucket), timings in sorted(groups.items()):
+        best: dict[str, dict] = {}
+        for t in timings:  # several M in one bucket: keep each backend's slowest (the safe side)
+            if t["backend"] not in best or t["median_s"] > best[t["backend"]]["median_s"]:
+                best[t["backend"]] = t
+        ranking = rank(list(best.values()))
+        if ranking:
+            entries.append({"op": op, "variant": variant, "n": n, "k": k, "m_bucket": bucket,
+                            "ranking": [{"backend": t["backend"], "median_s": t["median_s"],
+                                         "error": t["error"]} for t in ranking]})
+    return {"environment": env, "command": command, "entries": entries}
+
+
+def merge(document: dict | None, table: dict) -> dict:
+    """Add `table` to a document; a table of the same environment gains or replaces entries."""
+    tables = list(document["tables"]) if document else []
+    for i, old in enumerate(tables):
+        if old["environment"] == table["environment"]:
+            keep = {_entry_key(e): e for e in old["entries"]}
+            keep.update({_entry_key(e): e for e in table["entries"]})
+            tables[i] = {**table, "entries": [keep[k] for k in sorted(keep)]}
+            break
+    else:
+        tables.append(table)
+    return {"format": FORMAT, "schema": SCHEMA, "tables": tables}
+
+
+def _entry_key(e: dict) -> tuple:
+    return e["op"], e["variant"], e["n"], e["k"], e["m_bucket"]
+
+
+def write(path: Path, document: dict) -> None:
+    """Write atomically: a reader sees the old file or the new one, never half of one."""
+    validate(document)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(document, f, indent=1, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --- reading and checking -----------------------------------------------------------------------
+
+
+class InvalidTable(ValueError):
+    pass
+
+
+def read(path: Path) -> dict:
+    """Parse and validate a document; raises InvalidTable (or OSError) naming what is wrong."""
+    try:
+        document = json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InvalidTable(f"not JSON: {e}") from None
+    validate(document)
+    return document
+
+
+def validate(document) -> None:
+    _need(isinstance(document, dict), "top level: expected an object")
+    _need(document.get("format") == FORMAT, f"format: expected {FORMAT!r}, got {document.get('format')!r}")
+    _need(document.get("schema") == SCHEMA, f"schema: expected {SCHEMA}, got {document.get('schema')!r}")
+    tables = document.get("tables")
+    _need(isinstance(tables, list), "tables: expected a list")
+    for i, table in enumerate(tables):
+        _need(isinstance(table, dict), f"tables[{i}]: expected an object")
+        env = table.get("environment")
+        _need(isinstance(env, dict) and isinstance(env.get("device"), str), f"tables[{i}].environment.device: expected a string")
+        cap = env.get("capability")
+        _need(cap is None or (isinstance(cap, list) and len(cap) == 2 and all(_int(c) for c in cap)),
+              f"tables[{i}].environment.capability: expected [major, minor] or null, got {cap!r}")
+        libs = env.get("libraries")
+        _need(isinstance(libs, dict) and all(isinstance(k, str) and (v is None or isinstance(v, str))
+                                             for k, v in libs.items()),
+              f"tables[{i}].environment.libraries: expected an object of version strings")
+        entries = table.get("entries")
+        _need(isinstance(entries, list), f"tables[{i}].entries: expected a list")
+        for j, e in enumerate(entries):
+            where = f"tables[{i}].entries[{j}]"
+            _need(isinstance(e, dict) and e.get("op") in OPS, f"{where}.op: expected one of {OPS}")
+            _need(isinstance(e.get("variant"), str), f"{where}.variant: expected a string")
+            for field in ("n", "k", "m_bucket"):
+                _need(_int(e.get(field)) and e[field] >= 0, f"{where}.{field}: expected an int >= 0")
+            _need(e["m_bucket"] == m_bucket(e["m_bucket"]), f"{where}.m_bucket: expected a power of two")
+            ranking = e.get("ranking")
+            _need(isinstance(ranking, list) and ranking, f"{where}.ranking: expected a non-empty list")
+            for r in ranking:
+                _need(isinstance(r, dict) and isinstance(r.get("backend"), str) and r["backend"].isidentifier(),
+                      f"{where}.ranking: expected backend names")
+                _need(_finite(r.get("median_s")) and r["median_s"] > 0 and _finite(r.get("error")),
+                      f"{where}.ranking[{r['backend']}]: expected finite median_s > 0 and error")
+
+
+def _need(condition: bool, message: str) -> None:
+    if not condition:
+        raise InvalidTable(message)
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _series(version: str | None) -> str | None:
+    """'2.11.0+cu130' -> '2.11': the release series a shipped table is allowed to serve."""
+    return None if version is None else ".".join(version.split("+")[0].split(".")[:2])
+
+
+def _stale(recorded: dict, here: dict, exact: bool) -> list[str]:
+    names = DISTRIBUTIONS if exact else tuple(d for d in DISTRIBUTIONS if d != "fp8dispatch")
+    same = (lambda a, b: a == b) if exact else (lambda a, b: _series(a) == _series(b))
+    return [f"{d} {recorded.get(d)} (here {here.get(d)})" for d in names if not same(recorded.get(d), here.get(d))]
+
+
+# --- lookup: the routing hook -------------------------------------------------------------------
+
+
+@dataclass
+class _Source:
+    path: Path
+    shipped: bool
+
+
+@dataclass
+class _Loaded:
+    """Entries for one device: key -> (sorted buckets, rankings), in source order."""
+
+    tables: list[dict[tuple, tuple[list[int], list[tuple[str, ...]]]]]
+
+
+_loaded: dict[torch.device, _Loaded] = {}
+_decided: dict[tuple, str | None] = {}
+
+
+def user_path() -> Path | None:
+    """The user's table: FP8DISPATCH_TUNING, else the per-user cache; None when tuning is off."""
+    value = os.environ.get(ENV_VAR, "").strip()
+    if value.lower() in DISABLED:
+        return None
+    if value:
+        return Path(value).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "fp8dispatch" / "routing.json"
+
+
+def sources() -> list[_Source]:
+    """Where tables are read from, first match first; empty when FP8DISPATCH_TUNING=off."""
+    user = user_path()
+    if user is None:
+        return []
+    shipped = sorted(SHIPPED_DIR.glob("*.json")) if SHIPPED_DIR.is_dir() else []
+    return [_Source(user, False)] + [_Source(p, True) for p in shipped]
+
+
+def _load(device: torch.device) -> _Loaded:
+    name, capability = device_identity(device)
+    here = libraries()
+    tables = []
+    for source in sources():
+        if not source.path.is_file():
+            continue
+        try:
+            document = read(source.path)
+        except (OSError, InvalidTable) as e:
+            _warn(source, f"routing table {source.path} ignored: {e}", always=True)
+            continue
+        same_gpu = [t for t in document["tables"]
+                    if t["environment"]["device"] == name and t["environment"]["capability"] == capability]
+        if not same_gpu:
+            seen = sorted({t["environment"]["device"] for t in document["tables"]})
+            _warn(source, f"routing table {source.path} ignored: measured on {', '.join(seen) or 'no device'}, "
+                          f"this is {name}")
+            continue
+        fresh = [t for t in same_gpu if not _stale(t["environment"]["libraries"], here, not source.shipped)]
+        if not fresh:
+            diff = "; ".join(_stale(same_gpu[0]["environment"]["libraries"], here, not source.shipped))
+            _warn(source, f"routing table {source.path} ignored: measured with other libraries: {diff}; "
+                          f"re-run `fp8dispatch tune`")
+            continue
+        index: dict[tuple, tuple[list[int], list[tuple[str, ...]]]] = {}
+        for e in sorted(fresh[-1]["entries"], key=lambda e: e["m_bucket"]):
+            buckets, rankings = index.setdefault((e["op"], e["variant"], e["n"], e["k"]), ([], []))
+            buckets.append(e["m_bucket"])
+            rankings.append(tuple(r["backend"] for r in e["ranking"]))
+        tables.append(index)
+        log.info("routing table %s: %d entries for %s", source.path, len(fresh[-1]["entries"]), name)
+    return _Loaded(tables)
+
+
+def _warn(source: _Source, message: str, always: bool = False) -> None:
+    """The user's own file warns; a shipped table for another GPU or library series is expected."""
+    if source.shipped and not always:
+        log.info(message)
+    else:
+        warnings.warn(message, TuningWarning, stacklevel=3)
+
+
+def ranking_for(problem) -> tuple[str, ...]:
+    """The measured ranking for a problem (nearest measured M bucket), or () if none applies."""
+    key = key_of(problem)
+    if key is None:
+        return ()
+    loaded = _loaded.get(problem.device)
+    if loaded is None:
+        loaded = _loaded[problem.device] = _load(problem.device)
+    op, variant, n, k, m = key
+    for index in loaded.tables:
+        found = index.get((op, variant, n, k))
+        if found:
+            return found[1][_nearest(found[0], m_bucket(m))]
+    return ()
+
+
+def _nearest(buckets: list[int], bucket: int) -> int:
+    """Index of the bucket closest to `bucket` in log2 distance; a tie goes to the larger one."""
+    i = bisect.bisect_left(buckets, bucket)
+    if i == len(buckets):
+        return i - 1
+    if buckets[i] == bucket or i == 0:
+        return i
+    return i if math.log2(buckets[i] / bucket) <= math.log2(bucket / buckets[i - 1]) else i - 1
+
+
+def lookup(problem) -> str | None:
+    """The routing hook: the fastest measured backend that can run `problem`, else None."""
+    from fp8dispatch import registry
+
+    if problem in _decided:
+        return _decided[problem]
+    choice = None
+    for name in ranking_for(problem):
+        try:
+            backend = registry.get_backend(name)
+        except registry.UnknownBackend:
+            continue  # measured with a backend this process does not have
+        if not registry.reasons(backend, problem):
+            choice = name
+            break
+    _decided[problem] = choice
+    return choice
+
+
+def reset() -> None:
+    """Forget loaded tables (the registry calls this from `refresh()`)."""
+    _loaded.clear()
+    _decided.clear()
+
+
+def install() -> None:
+    """Plug `lookup` into the registry (idempotent)."""
+    from fp8dispatch import registry
+
+    if lookup not in registry.routing_hooks:
+        registry.routing_hooks.append(lookup)
+    if reset not in registry._refresh_hooks:
+        registry._refresh_hooks.append(reset)
