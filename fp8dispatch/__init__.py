@@ -14,6 +14,9 @@ from fp8dispatch.errors import (
 from fp8dispatch.formats import FORMATS, FP8Format, fp8_format, max_value, min_normal
 from fp8dispatch.registry import Backend, refresh, register_backend, unregister_backend
 from fp8dispatch.tensor import Fp8Tensor
+from fp8dispatch import tuning as _tuning
+
+_tuning.install()  # the measured routing table (`fp8dispatch tune`), consulted before static priority
 
 from fp8dispatch import backends  # noqa: E402  the backend package, callable: backends() -> names
 
