@@ -1,0 +1,112 @@
+"""What the library backends share: a quiet import, the CUDA device gate, and cached scalar tensors."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import logging
+import warnings
+
+import torch
+
+log = logging.getLogger("fp8dispatch")
+
+
+@contextlib.contextmanager
+def quiet():
+    """Run a library import without it touching the user's console or logging setup.
+
+    fbgemm_gpu logs a WARNING (and on failure an ERROR) through the root logger at import, which
+    installs a stderr handler there; its Triton module prints a TMA notice; torchao logs
+    "Failed to load" lines. We silence records, warnings and Python-level output for the import,
+    then put the root logger back exactly as it was.
+    """
+    root = logging.getLogger()
+    handlers, level, disabled = list(root.handlers), root.level, logging.root.manager.disable
+    out = io.StringIO()
+    logging.disable(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            warnings.simplefilter("ignore")
+            yield out
+    finally:
+        logging.disable(disabled)
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        if out.getvalue().strip():
+            log.debug("output while importing a library:\n%s", out.getvalue().rstrip())
+
+
+def quiet_import(name: str, importer=importlib.import_module):
+    """(module, None) or (None, reason). A broken wheel raises OSError, not ImportError."""
+    try:
+        with quiet():
+            return importer(name), None
+    except (ImportError, OSError) as e:
+        return None, f"{name} failed to load: {type(e).__name__}: {_first_line(e)}"
+    except Exception as e:  # a library's import-time code may raise anything
+        return None, f"{name} raised on import: {type(e).__name__}: {_first_line(e)}"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else "(no message)"
+
+
+def cuda_reason(min_capability: tuple[int, int]) -> str | None:
+    """Why this process has no CUDA device these kernels can use, or None."""
+    if getattr(torch.version, "hip", None):
+        return f"ROCm build of torch ({torch.version.hip}): this backend drives CUDA kernels only"
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    cap = torch.cuda.get_device_capability()
+    if cap < min_capability:
+        return f"needs sm{min_capability[0]}{min_capability[1]} or newer, this GPU is sm{cap[0]}{cap[1]}"
+    return None
+
+
+def sm(capability) -> str:
+    return "no GPU" if capability is None else f"sm{capability[0]}{capability[1]}"
+
+
+def matmul_layout_reasons(p, need_k: int = 16, need_n: int = 16) -> list[str]:
+    """The layout every vendor GEMM here wants: a row-major [M, K], b a column-major [K, N]."""
+    reasons = []
+    if not p.a_row_major:
+        reasons.append("a: needs row-major contiguous [M, K] data (call .contiguous())")
+    if not p.b_col_major:
+        reasons.append("b: needs column-major [K, N] data, the .t() of a contiguous [N, K] weight")
+    if need_k > 1 and p.k % need_k:
+        reasons.append(f"K={p.k}: needs K % {need_k} == 0")
+    if need_n > 1 and p.n % need_n:
+        reasons.append(f"N={p.n}: needs N % {need_n} == 0")
+    return reasons
+
+
+def per_row(scale: torch.Tensor, block_rows: int, rows: int) -> torch.Tensor:
+    """A [ceil(rows/block_rows), 1] scale as one value per row, [rows, 1] contiguous fp32.
+
+    Row-recipe operands may be tensorwise or blocked over several rows; the kernels want one
+    scale per row (of a) or per column (of b, through its transpose).
+    """
+    if scale.shape[0] != rows:
+        scale = scale.expand(rows, 1) if scale.shape[0] == 1 else scale.repeat_interleave(block_rows, 0)[:rows]
+    return scale.contiguous()
+
+
+_scalars: dict[tuple, torch.Tensor] = {}
+
+
+def device_scalar(value: float, device: torch.device) -> torch.Tensor:
+    """A cached 1-element fp32 tensor on `device` (FBGEMM takes scale_ub as a device tensor)."""
+    key = (value, device)
+    t = _scalars.get(key)
+    if t is None:
+        t = _scalars[key] = torch.tensor([value], dtype=torch.float32, device=device)
+    return t
+
+
+def add_bias(out: torch.Tensor, bias) -> torch.Tensor:
+    """Add a bias the kernel could not take in its epilogue (one extra elementwise pass)."""
+    return out if bias is None else out.add_(bias.to(out.dtype))

@@ -1,0 +1,290 @@
+"""The `fbgemm` backend: FBGEMM GenAI's CUTLASS FP8 GEMMs and its CUDA and Triton quantizers.
+
+Every quirk of fbgemm-gpu-genai 1.6 that docs/backends.md lists is translated here or declared in
+`why_not`: MN-major groupwise scales, bf16-only reads, the 1/(448·512) scale floor, sm_90a-only
+cubins, alignment rules that CUTLASS does not check.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+import torch
+
+from fp8dispatch.backends import _library as lib
+from fp8dispatch.blocks import blockwise_amax
+from fp8dispatch.formats import fp8_format
+from fp8dispatch.registry import Backend
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+GROUP, BLOCK = (1, 128), (128, 128)
+GENAI = "fbgemm_gpu.experimental.gen_ai"
+TRITON = "fbgemm_gpu.experimental.gemm.triton_gemm.fp8_gemm"
+OPS = ("quantize_fp8_per_row", "quantize_fp8_per_tensor", "f8f8bf16_rowwise", "f8f8bf16",
+       "f8f8bf16_groupwise", "f8f8bf16_blockwise")
+# quantize_fp8_per_row keeps a row in shared memory: K >= 24576 fails to launch (24320 works).
+MAX_ROW_K = 24576
+# The Triton quantizers clamp amax at 1e-12; any block FBGEMM scaled below this may be a zero block.
+TRITON_TINY_SCALE = 2.0**-40
+
+_import = importlib.import_module
+_find_spec = importlib.util.find_spec
+# What the probe found: the ops this build registers, the Triton module, the version.
+_found: dict = {"ops": frozenset(), "triton": None, "triton_reason": "not probed", "version": None}
+
+
+def _ops():
+    return torch.ops.fbgemm
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _capability(device: torch.device):
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+
+
+def probe() -> str | None:
+    reason = lib.cuda_reason((8, 0))  # the quantizers ship sm_80 cubins; the GEMMs are gated below
+    if reason:
+        return reason
+    if _find_spec("fbgemm_gpu") is None:
+        return "fbgemm_gpu is not installed (pip install fbgemm-gpu-genai)"
+    module, reason = lib.quiet_import(GENAI, importer=_import)
+    if reason:
+        return reason
+    ops = _ops()
+    present = frozenset(name for name in OPS if hasattr(ops, name))
+    if not present:
+        return f"fbgemm_gpu loaded but registers none of torch.ops.fbgemm.{{{', '.join(OPS)}}}"
+    triton_module, triton_reason = lib.quiet_import(TRITON, importer=_import)
+    _found.update(ops=present, triton=triton_module, triton_reason=triton_reason,
+                  version=_version_of(module))
+    return _self_test(ops, present, _device())
+
+
+def _version_of(module) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version("fbgemm-gpu-genai")
+    except Exception:  # noqa: BLE001 - a version is informative, not required
+        return getattr(module, "__version__", None)
+
+
+def _self_test(ops, present, device) -> str | None:
+    """Quantize one known row, and on sm90 run one rowwise GEMM with an exact answer."""
+    if "quantize_fp8_per_row" in present:
+        x = (torch.arange(32, dtype=torch.float32) - 16).mul(28.0).view(1, 32).to(device, torch.bfloat16)
+        try:
+            data, scale = ops.quantize_fp8_per_row(x)
+        except Exception as e:  # a wheel built for another torch or GPU fails here, not in a user call
+            return f"self-test: quantize_fp8_per_row raised {type(e).__name__}: {lib._first_line(e)}"
+        # amax 448 gives scale 1 and codes equal to the inputs (all representable in e4m3fn).
+        if scale.flatten()[0].item() != 1.0 or not torch.equal(data.float().cpu(), x.float().cpu()):
+            return f"self-test: quantize_fp8_per_row gave scale {scale.flatten()[0].item()}, expected 1.0"
+    if "f8f8bf16_rowwise" in present and _capability(device) in ((9, 0), (10, 0)):
+        a = torch.ones(16, 32, device=device).to(E4M3)
+        try:
+            out = ops.f8f8bf16_rowwise(a, a, torch.full((16,), 2.0, device=device),
+                                       torch.full((16,), 3.0, device=device))
+        except Exception as e:
+            return f"self-test: f8f8bf16_rowwise raised {type(e).__name__}: {lib._first_line(e)}"
+        if not torch.equal(out.float().cpu(), torch.full((16, 16), 192.0)):
+            return f"self-test: f8f8bf16_rowwise gave {out.flatten()[0].item()}, expected 192"
+    return None
+
+
+# --- why not --------------------------------------------------------------------------------
+
+
+def why_not(op: str, p) -> list[str]:
+    if p.device.type != "cuda":
+        return [f"needs a CUDA tensor, got device {p.device}"]
+    return {"quantize": _quantize_reasons, "dequantize": _dequantize_reasons, "matmul": _matmul_reasons}[op](p)
+
+
+def _needs_op(name: str) -> list[str]:
+    return [] if name in _found["ops"] else [f"torch.ops.fbgemm.{name} is missing from this fbgemm_gpu build"]
+
+
+def _needs_triton(p) -> list[str]:
+    reasons = [] if _found["triton"] is not None else [f"FBGEMM's Triton kernels: {_found['triton_reason']}"]
+    if p.capability < (8, 9):
+        reasons.append(f"FBGEMM's Triton FP8 kernels need sm89 or newer, this GPU is {lib.sm(p.capability)}")
+    return reasons
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _quantize_reasons(p) -> list[str]:
+    reasons = []
+    if p.user_scale:
+        reasons.append("scale: FBGEMM's quantizers compute their own scales; a given scale is not taken")
+    if p.pow2_scale:
+        reasons.append("pow2_scale: FBGEMM's quantizers have no power-of-two scales")
+    if not p.contiguous:
+        reasons.append("x: needs contiguous input (the CUDA quantizers ignore strides)")
+    rows, cols = p.shape
+    granularity = p.granularity
+    if granularity in ("row", "tensor"):
+        op = "quantize_fp8_per_row" if granularity == "row" else "quantize_fp8_per_tensor"
+        reasons += _needs_op(op)
+        if p.in_dtype != torch.bfloat16:
+            reasons.append(f"x: {op} reads its input as bf16 (other dtypes give garbage), got {p.in_dtype}")
+        allowed = (E4M3, E5M2) if granularity == "row" else (E4M3,)
+        if p.fp8_dtype not in allowed:
+            reasons.append(f"dtype: {op} writes {' or '.join(str(d) for d in allowed)}, asked {p.fp8_dtype}")
+        if granularity == "row" and cols % 2:
+            reasons.append(f"K={cols}: quantize_fp8_per_row needs an even K (odd K is a misaligned access)")
+        if granularity == "row" and cols >= MAX_ROW_K:
+            reasons.append(f"K={cols}: quantize_fp8_per_row needs K < {MAX_ROW_K} (one row in shared memory)")
+    elif granularity in ("group", "block"):
+        reasons += _needs_triton(p)
+        if p.fp8_dtype != E4M3:
+            reasons.append(f"dtype: FBGEMM's Triton quantizers write float8_e4m3fn only, asked {p.fp8_dtype}")
+        if not (_pow2(p.block[0]) and _pow2(p.block[1])):
+            reasons.append(f"block {p.block}: FBGEMM's Triton quantizers need power-of-two block sides")
+        if granularity == "group" and cols % p.block[1]:
+            reasons.append(f"K={cols}: quantize_fp8_group needs K % {p.block[1]} == 0 "
+                           f"(it leaves the tail group's scale uninitialized)")
+    else:
+        reasons.append(f"granularity {granularity}: FBGEMM has no quantizer for blocks {p.block} on {list(p.shape)}")
+    return reasons
+
+
+def _dequantize_reasons(p) -> list[str]:
+    reasons = _needs_triton(p)
+    if p.out_dtype != torch.bfloat16:
+        reasons.append(f"dtype: FBGEMM's dequantizers write bf16 only, asked {p.out_dtype}")
+    if not p.contiguous:
+        reasons.append("t: needs contiguous data")
+    rows, cols = p.shape
+    granularity = p.granularity
+    if granularity == "row":
+        if rows % 16:
+            reasons.append(f"rows={rows}: dequantize_fp8_row reads scales in tiles of 16 rows without a mask, "
+                           f"so needs rows % 16 == 0")
+    elif granularity in ("group", "block"):
+        if not (_pow2(p.block[0]) and _pow2(p.block[1])):
+            reasons.append(f"block {p.block}: dequantize_fp8_block needs power-of-two block sides")
+    else:
+        reasons.append(f"granularity {granularity}: FBGEMM has no dequantizer for blocks {p.block}")
+    return reasons
+
+
+def _matmul_reasons(p) -> list[str]:
+    reasons = []
+    if (p.a_dtype, p.b_dtype) != (E4M3, E4M3):
+        reasons.append(f"a, b: FBGEMM's CUDA GEMMs take float8_e4m3fn only, got {p.a_dtype} × {p.b_dtype}")
+    if p.out_dtype != torch.bfloat16:
+        reasons.append(f"out_dtype: FBGEMM's GEMMs write bf16 only, asked {p.out_dtype}")
+    if p.recipe == "row":
+        reasons += _needs_op("f8f8bf16_rowwise")
+        if p.capability not in ((9, 0), (10, 0)):
+            reasons.append(f"row recipe: f8f8bf16_rowwise has sm_90a and sm_100a kernels only, "
+                           f"this GPU is {lib.sm(p.capability)}")
+        return reasons + lib.matmul_layout_reasons(p, need_k=16, need_n=8)
+    if p.recipe == "tensor":
+        op, layout = "f8f8bf16", lib.matmul_layout_reasons(p, need_k=16, need_n=16)
+    elif (p.a_block, p.b_block) == (GROUP, BLOCK):
+        # can_implement is disabled in the groupwise kernel: keep to K % 128, where tails are verified.
+        op, layout = "f8f8bf16_groupwise", lib.matmul_layout_reasons(p, need_k=128, need_n=16)
+    elif (p.a_block, p.b_block) == (BLOCK, BLOCK):
+        op, layout = "f8f8bf16_blockwise", lib.matmul_layout_reasons(p, need_k=128, need_n=16)
+    else:
+        return reasons + [f"blocks {p.a_block} × {p.b_block}: FBGEMM serves tensor, row, 1×128 · 128×128 "
+                          f"and 128×128 · 128×128 only"]
+    reasons += _needs_op(op)
+    if p.capability != (9, 0):
+        reasons.append(f"{op} has sm_90a kernels only, this GPU is {lib.sm(p.capability)}")
+    return reasons + layout
+
+
+# --- the ops --------------------------------------------------------------------------------
+
+
+def quantize(x, block, dtype, scale=None, scale_ub=None, pow2_scale=False):
+    rows, cols = x.shape
+    ub = None if scale_ub is None else lib.device_scalar(scale_ub, x.device)
+    if block[0] == 1 and block[1] >= cols:
+        data, s = torch.ops.fbgemm.quantize_fp8_per_row(x, None, ub, dtype)
+        s = s.view(rows, 1)
+        return data, torch.where(_zero_rows(data), 1.0, s)
+    if block[0] >= rows and block[1] >= cols:
+        data, s = torch.ops.fbgemm.quantize_fp8_per_tensor(x, None, ub)
+        s = s.view(1, 1)
+        return data, torch.where(_zero_rows(data.view(1, -1)), 1.0, s)
+    triton = _found["triton"]
+    if block[0] == 1:
+        data, s = triton.quantize_fp8_group(x, block[1], ub, k_major=True)
+    else:
+        data, s = triton.quantize_fp8_block(x, block[0], block[1], ub, k_major=True)
+    zero = (s < TRITON_TINY_SCALE) & (blockwise_amax(_nonzero_codes(data).float(), block) == 0)
+    return data, torch.where(zero, 1.0, s)
+
+
+def _nonzero_codes(data: torch.Tensor) -> torch.Tensor:
+    """uint8 codes with the sign bit shifted out: zero exactly where the value is ±0."""
+    return data.view(torch.uint8) << 1
+
+
+def _zero_rows(data: torch.Tensor) -> torch.Tensor:
+    """[rows, 1] True where a row's codes are all ±0: FBGEMM floored its scale; the contract says 1.
+
+    Only an all-zero input row quantizes to all ±0 at FBGEMM's floor scale 1/(fp8_max·512),
+    except rows below ~4e-9, which the floor makes differ anyway (docs/backends.md).
+    """
+    return _nonzero_codes(data).amax(dim=1, keepdim=True) == 0
+
+
+def dequantize(data, scale, block, out_dtype):
+    triton = _found["triton"]
+    if block[0] == 1 and block[1] >= data.shape[1]:
+        return triton.dequantize_fp8_row(data, scale.reshape(-1).contiguous())
+    return triton.dequantize_fp8_block(data, scale.contiguous(), block[0], block[1])
+
+
+def matmul(a, b, out_dtype, bias=None):
+    ops = torch.ops.fbgemm
+    xq, wq = a.data, b.data.t()  # wq is the contiguous [N, K] weight
+    m, n = xq.shape[0], wq.shape[0]
+    if a.block[1] < xq.shape[1]:
+        if a.block[0] == 1:  # groupwise wants both scales MN-major: [K/128, M] and [K/128, N/128]
+            out = ops.f8f8bf16_groupwise(xq, wq, a.scale.t().contiguous(), b.scale.contiguous())
+        else:
+            out = ops.f8f8bf16_blockwise(xq, wq, a.scale.contiguous(), b.scale.t().contiguous(), 128, 128, 128)
+        return lib.add_bias(out, bias)
+    if a.scale.numel() == 1 and b.scale.numel() == 1:
+        # f8f8bf16 reads x_scale·w_scale from device memory: no host sync, unlike _tensorwise.
+        return lib.add_bias(ops.f8f8bf16(xq, wq, (a.scale * b.scale).reshape(1), True), bias)
+    xs = lib.per_row(a.scale, a.block[0], m).view(m)
+    ws = lib.per_row(b.scale.t(), b.block[1], n).view(n)
+    if bias is not None and bias.dtype not in (torch.float32, torch.bfloat16):
+        bias = bias.float()
+    return ops.f8f8bf16_rowwise(xq, wq, xs, ws, bias=bias, use_fast_accum=True)
+
+
+def _version() -> str | None:
+    return _found["version"]
+
+
+BACKEND = Backend(
+    name="fbgemm",
+    probe=probe,
+    why_not=why_not,
+    quantize=quantize,
+    dequantize=dequantize,
+    matmul=matmul,
+    priority=50,
+    # Measured on the H100 (docs/routing.md): 100 fastest, 90 second, 80 third. Negative: the
+    # quantizer does not follow the scale contract bit for bit, so auto never picks it.
+    priorities={"matmul.row": 100, "matmul.tensor": 100, "matmul.block": 100, "matmul.mixed": 100,
+                "quantize": -10, "dequantize": -10},
+    version=_version,
+    description="fbgemm-gpu-genai: CUTLASS rowwise/groupwise/blockwise FP8 GEMMs, CUDA and Triton quantizers",
+)

@@ -1,0 +1,164 @@
+"""The `torch` backend: PyTorch's own `torch._scaled_mm` / `F.scaled_mm` (cuBLASLt, CUTLASS) matmul.
+
+Imported as `fp8dispatch.backends.torch`; absolute imports make `import torch` below the real
+PyTorch, never this module.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+import torch.nn.functional as F
+
+from fp8dispatch.backends import _library as lib
+from fp8dispatch.blocks import cdiv
+from fp8dispatch.registry import Backend
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+GROUP, BLOCK = (1, 128), (128, 128)
+# cuBLASLt's 1x128 · 128x128 scaling (CUBLASLT_MATMUL_MATRIX_SCALE_VEC128/BLK128x128) arrived in 12.9.
+CUBLASLT_BLOCKWISE = 120900
+# cuBLASLt rejects the block recipe at M=1 (CUBLAS_STATUS_NOT_SUPPORTED, measured on the H100);
+# M=16 works, so small M is padded with zero rows up to this.
+BLOCK_MIN_M = 16
+
+# What the probe found: the cuBLASLt version and whether F.scaled_mm (torch >= 2.10) exists.
+_found: dict = {"cublaslt": None, "scaled_mm_v2": False}
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def probe() -> str | None:
+    reason = lib.cuda_reason((8, 9))
+    if reason:
+        return reason
+    if not hasattr(torch, "_scaled_mm"):
+        return f"torch {torch.__version__} has no torch._scaled_mm"
+    reason = _self_test(_device())
+    _found.update(cublaslt=cublaslt_version(), scaled_mm_v2=hasattr(F, "scaled_mm"))
+    return reason
+
+
+def _self_test(device: torch.device) -> str | None:
+    """One rowwise product whose answer is exact: ones · ones over K=32 with scales 2 and 3 is 192."""
+    a = torch.ones(16, 32, device=device).to(E4M3)
+    b = torch.ones(16, 32, device=device).to(E4M3).t()
+    sa = torch.full((16, 1), 2.0, device=device)
+    sb = torch.full((1, 16), 3.0, device=device)
+    try:
+        out = torch._scaled_mm(a, b, sa, sb, out_dtype=torch.bfloat16)
+    except Exception as e:  # a driver or cuBLASLt that cannot run FP8 reports here, not later
+        return f"self-test: torch._scaled_mm raised {type(e).__name__}: {lib._first_line(e)}"
+    if not torch.equal(out.float().cpu(), torch.full((16, 16), 192.0)):
+        return f"self-test: torch._scaled_mm rowwise gave {out.flatten()[0].item()}, expected 192"
+    return None
+
+
+def cublaslt_version() -> int | None:
+    """cublasLtGetVersion() of the cuBLASLt this process loaded (e.g. 130100), or None."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = sorted({line.split()[-1] for line in maps if "libcublasLt" in line})
+    except OSError:
+        paths = []
+    for path in paths:
+        try:
+            get = ctypes.CDLL(path).cublasLtGetVersion
+            get.restype = ctypes.c_size_t
+            return int(get())
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+def why_not(op: str, p) -> list[str]:
+    if p.device.type != "cuda":
+        return [f"needs a CUDA tensor, got device {p.device}"]
+    reasons = []
+    if p.capability < (8, 9):
+        reasons.append(f"needs sm89 or newer (FP8 tensor cores), this GPU is {lib.sm(p.capability)}")
+    for name, dtype in (("a", p.a_dtype), ("b", p.b_dtype)):
+        if dtype not in (E4M3, E5M2):
+            reasons.append(f"{name}: needs float8_e4m3fn or float8_e5m2 on CUDA, got {dtype}")
+    if p.a_dtype == E5M2 and p.b_dtype == E5M2:
+        reasons.append("a, b: float8_e5m2 × float8_e5m2 is rejected by torch._scaled_mm; quantize one to e4m3fn")
+    if p.out_dtype not in OUT_DTYPES:
+        reasons.append(f"out_dtype: needs bf16, fp16 or fp32, got {p.out_dtype}")
+    reasons += lib.matmul_layout_reasons(p, need_k=16, need_n=16)
+    if p.recipe == "block":
+        reasons += _block_reasons(p)
+    elif p.recipe not in ("row", "tensor"):
+        reasons.append(f"recipe {p.recipe} (blocks {p.a_block} × {p.b_block}): serves tensor, row and "
+                       f"1×128 · 128×128 block only")
+    return reasons
+
+
+def _block_reasons(p) -> list[str]:
+    reasons = []
+    if (p.a_block, p.b_block) != (GROUP, BLOCK):
+        reasons.append(f"blocks {p.a_block} × {p.b_block}: the block recipe here is 1×128 · 128×128 only")
+    if p.capability is not None and p.capability[0] != 9:
+        reasons.append(f"block recipe: torch runs it on sm90 only (cuBLASLt), this GPU is {lib.sm(p.capability)}")
+    version = _found["cublaslt"]
+    if version is None or version < CUBLASLT_BLOCKWISE:
+        reasons.append(f"block recipe: needs cuBLASLt >= 12.9, found {version or 'unknown'}")
+    if (p.a_dtype, p.b_dtype) != (E4M3, E4M3):
+        reasons.append("block recipe: needs float8_e4m3fn operands (the only pair verified on the H100)")
+    if cdiv(p.k, 128) % 4 and not _found["scaled_mm_v2"]:
+        reasons.append(f"K={p.k}: torch._scaled_mm is silently wrong unless ceil(K/128) % 4 == 0, and "
+                       f"F.scaled_mm (torch >= 2.10), which takes padded scales, is missing")
+    return reasons
+
+
+def matmul(a, b, out_dtype, bias=None):
+    m, n = a.data.shape[0], b.data.shape[1]
+    if a.block[1] < a.data.shape[1]:
+        return lib.add_bias(_block_matmul(a, b, out_dtype), bias)
+    sa, sb = a.scale, b.scale
+    if sa.numel() != 1 or sb.numel() != 1:  # rowwise: scale_a (M, 1), scale_b (1, N)
+        sa = lib.per_row(sa, a.block[0], m)
+        sb = lib.per_row(sb.t(), b.block[1], n).t()
+    # bias rides in the epilogue only when it has the output's dtype, and never with fp32 output.
+    fused = bias is not None and bias.dtype == out_dtype and out_dtype != torch.float32
+    # Fast accumulation (no periodic fp32 promotion) for tensor and row, as FBGEMM and vLLM use;
+    # the contract forbids it only for the block recipes.
+    out = torch._scaled_mm(a.data, b.data, sa, sb, bias=bias if fused else None, out_dtype=out_dtype,
+                           use_fast_accum=True)
+    return out if fused or bias is None else lib.add_bias(out, bias)
+
+
+def _block_matmul(a, b, out_dtype):
+    """1×128 · 128×128 through cuBLASLt: scale_a column-major (M, K/128), scale_b (K/128, N/128)."""
+    data, scale = a.data, a.scale
+    m = data.shape[0]
+    if m < BLOCK_MIN_M:
+        data = torch.cat([data, data.new_zeros(BLOCK_MIN_M - m, data.shape[1])])
+        scale = torch.cat([scale, scale.new_ones(BLOCK_MIN_M - m, scale.shape[1])])
+    sa = scale.t().contiguous().t()
+    w_scale = b.scale.t()  # [N/128, K/128], the weight's own layout
+    kb = w_scale.shape[1]
+    if kb % 4 == 0:
+        out = torch._scaled_mm(data, b.data, sa, w_scale.contiguous().t(), out_dtype=out_dtype)
+    else:  # v1 silently misreads these scales; v2 takes them zero-padded to a multiple of 4 K blocks
+        padded = w_scale.new_zeros(w_scale.shape[0], -(-kb // 4) * 4)
+        padded[:, :kb] = w_scale
+        out = F.scaled_mm(data, b.data, sa, F.ScalingType.BlockWise1x128, padded.t(),
+                          F.ScalingType.BlockWise128x128, output_dtype=out_dtype)
+    return out[:m] if m < BLOCK_MIN_M else out
+
+
+BACKEND = Backend(
+    name="torch",
+    probe=probe,
+    why_not=why_not,
+    matmul=matmul,
+    priority=50,
+    # Measured on the H100 (docs/routing.md): 100 fastest, 90 second, 80 third of the library backends.
+    priorities={"matmul.tensor": 90, "matmul.row": 90, "matmul.block": 80},
+    version=lambda: f"{torch.__version__} (cuBLASLt {_found['cublaslt'] or '?'})",
+    description="torch._scaled_mm / F.scaled_mm: cuBLASLt and CUTLASS FP8 GEMMs shipped with PyTorch",
+)

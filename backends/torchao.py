@@ -1,0 +1,162 @@
+"""The `torchao` backend: TorchAO's blockwise FP8 Triton kernels (DeepSeek 1×128 · 128×128).
+
+TorchAO's Float8 inference path lowers tensorwise and rowwise to `torch._scaled_mm` (the `torch`
+backend) when mslk is absent, so this backend serves only what TorchAO adds: its blockwise
+quantizers, dequantizer and GEMM.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+import torch
+
+from fp8dispatch.backends import _library as lib
+from fp8dispatch.registry import Backend
+
+E4M3 = torch.float8_e4m3fn
+GROUP, BLOCK = (1, 128), (128, 128)
+MODULE = "torchao.kernel.blockwise_quantization"
+FUNCTIONS = ("fp8_blockwise_act_quant", "fp8_blockwise_weight_quant", "fp8_blockwise_weight_dequant",
+             "blockwise_fp8_gemm")
+
+_import = importlib.import_module
+_find_spec = importlib.util.find_spec
+_found: dict = {"module": None, "version": None}
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _has_triton() -> bool:
+    from torch.utils._triton import has_triton
+
+    return has_triton()
+
+
+def probe() -> str | None:
+    reason = lib.cuda_reason((8, 9))  # Triton FP8 tl.dot and casts need sm89
+    if reason:
+        return reason
+    if _find_spec("torchao") is None:
+        return "torchao is not installed (pip install torchao)"
+    module, reason = lib.quiet_import(MODULE, importer=_import)
+    if reason:
+        return reason
+    version = getattr(_import("torchao"), "__version__", None)
+    missing = [f for f in FUNCTIONS if not callable(getattr(module, f, None))]
+    if missing:
+        return f"torchao {version}: {MODULE} lacks {', '.join(missing)}"
+    if not _has_triton():
+        return "torch reports no usable Triton (torch.utils._triton.has_triton() is False)"
+    _found.update(module=module, version=version)
+    return _self_test(module, _device())
+
+
+def _self_test(module, device) -> str | None:
+    """One 1×128 group whose amax is 448: scale exactly 1 and codes equal to the inputs."""
+    x = (torch.arange(128, dtype=torch.float32) - 64).mul(7.0).view(1, 128).to(device, torch.bfloat16)
+    try:
+        data, scale = module.fp8_blockwise_act_quant(x, 128, E4M3)
+    except Exception as e:  # Triton failing to compile for this GPU reports here
+        return f"self-test: fp8_blockwise_act_quant raised {type(e).__name__}: {lib._first_line(e)}"
+    if scale.flatten()[0].item() != 1.0 or not torch.equal(data.float().cpu(), x.float().cpu()):
+        return f"self-test: fp8_blockwise_act_quant gave scale {scale.flatten()[0].item()}, expected 1.0"
+    return None
+
+
+def why_not(op: str, p) -> list[str]:
+    if p.device.type != "cuda":
+        return [f"needs a CUDA tensor, got device {p.device}"]
+    return {"quantize": _quantize_reasons, "dequantize": _dequantize_reasons, "matmul": _matmul_reasons}[op](p)
+
+
+def _quantize_reasons(p) -> list[str]:
+    reasons = []
+    if p.user_scale:
+        reasons.append("scale: TorchAO's blockwise quantizers compute their own scales")
+    if p.scale_ub:
+        reasons.append("scale_ub: TorchAO's blockwise quantizers have no amax cap")
+    if p.pow2_scale:
+        reasons.append("pow2_scale: TorchAO's blockwise quantizers have no power-of-two scales")
+    if p.fp8_dtype != E4M3:
+        reasons.append(f"dtype: TorchAO hard-codes 448 (e4m3fn's max) in its scales, asked {p.fp8_dtype}")
+    if not p.contiguous:
+        reasons.append("x: needs contiguous input")
+    rows, cols = p.shape
+    if p.block == GROUP:
+        if cols % 128:
+            reasons.append(f"K={cols}: fp8_blockwise_act_quant needs K % 128 == 0")
+    elif p.block == BLOCK:
+        if rows % 128 or cols % 128:
+            reasons.append(f"shape {list(p.shape)}: fp8_blockwise_weight_quant needs both dims % 128 == 0")
+    else:
+        reasons.append(f"blocks {p.block}: TorchAO quantizes 1×128 groups and 128×128 blocks only")
+    return reasons
+
+
+def _dequantize_reasons(p) -> list[str]:
+    reasons = []
+    if p.block != BLOCK:
+        reasons.append(f"blocks {p.block}: fp8_blockwise_weight_dequant takes 128×128 blocks only")
+    if not p.contiguous:
+        reasons.append("t: needs contiguous data")
+    if torch.get_default_dtype() != torch.float32:
+        reasons.append(f"fp8_blockwise_weight_dequant writes torch.get_default_dtype(), which is "
+                       f"{torch.get_default_dtype()}, not float32: results would be rounded twice")
+    return reasons
+
+
+def _matmul_reasons(p) -> list[str]:
+    reasons = []
+    if (p.a_block, p.b_block) != (GROUP, BLOCK):
+        reasons.append(f"recipe {p.recipe} (blocks {p.a_block} × {p.b_block}): TorchAO adds only the "
+                       f"1×128 · 128×128 block GEMM; tensor and row go to torch._scaled_mm (backend torch)")
+    if (p.a_dtype, p.b_dtype) != (E4M3, E4M3):
+        reasons.append(f"a, b: blockwise_fp8_gemm is verified with float8_e4m3fn only, got {p.a_dtype} × {p.b_dtype}")
+    if p.out_dtype != torch.bfloat16:
+        reasons.append(f"out_dtype: blockwise_fp8_gemm writes bf16 only, asked {p.out_dtype}")
+    return reasons + lib.matmul_layout_reasons(p, need_k=1, need_n=1)
+
+
+def quantize(x, block, dtype, scale=None, scale_ub=None, pow2_scale=False):
+    module = _found["module"]
+    if block == GROUP:
+        data, s = module.fp8_blockwise_act_quant(x, 128, dtype)
+    else:
+        data, s = module.fp8_blockwise_weight_quant(x, 128, dtype)
+    # TorchAO has no epsilon: an all-zero block gets scale 0 and 0/0 = NaN codes. The contract
+    # gives it scale 1, and its values (±0, or NaN where the input was NaN) are x itself.
+    zero = s == 0
+    wide = zero.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
+    data = torch.where(wide, x.to(dtype), data)
+    return data, torch.where(zero, 1.0, s)
+
+
+def dequantize(data, scale, block, out_dtype):
+    out = _found["module"].fp8_blockwise_weight_dequant(data, scale.contiguous(), 128)
+    return out if out.dtype == out_dtype else out.to(out_dtype)
+
+
+def matmul(a, b, out_dtype, bias=None):
+    out = _found["module"].blockwise_fp8_gemm(a.data, a.scale.contiguous(), b.data.t(),
+                                              b.scale.t().contiguous(), 128)
+    return lib.add_bias(out, bias)
+
+
+BACKEND = Backend(
+    name="torchao",
+    probe=probe,
+    why_not=why_not,
+    quantize=quantize,
+    dequantize=dequantize,
+    matmul=matmul,
+    priority=40,
+    # Measured on the H100 (docs/routing.md). Negative: TorchAO's quantizer divides with Triton's
+    # approximate fp32 division, so it is not the contract bit for bit; auto never picks it.
+    priorities={"matmul.block": 80, "quantize": -10, "dequantize": 80},
+    version=lambda: _found["version"],
+    description="TorchAO blockwise FP8 Triton kernels (1×128 activation, 128×128 weight quant and GEMM)",
+)
