@@ -1,0 +1,93 @@
+"""`fp8dispatch conformance`: hold every registered backend to the reference, print the matrix, write a report."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import time
+
+import torch
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--backend", action="append", metavar="NAME",
+                        help="backends to check, repeatable or comma-separated (default: every registered one)")
+    parser.add_argument("--op", action="append", metavar="OP",
+                        help="quantize, dequantize and/or matmul, repeatable or comma-separated (default: all)")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true",
+                      help="small shapes (≤ 256), the default without a GPU: fast under the Triton interpreter")
+    size.add_argument("--full", action="store_true", help="add large shapes (M up to 8192), the default on a GPU")
+    parser.add_argument("--case", action="append", metavar="TEXT",
+                        help="only cases whose id contains TEXT (repeatable); a failure prints its exact id")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    parser.add_argument("--load", action="append", metavar="MODULE",
+                        help="import MODULE first, e.g. one that calls fp8dispatch.register_backend (repeatable)")
+    parser.add_argument("--report", metavar="PATH",
+                        help="write the Markdown report to PATH and the JSON beside it (PATH with .json)")
+    parser.add_argument("--list", action="store_true", help="list the selected case ids and exit")
+
+
+def run(args) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if not torch.cuda.is_available():
+        # The triton backend runs on CPU only in the interpreter, which must be chosen before import.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    for module in args.load or ():
+        importlib.import_module(module)
+    from fp8dispatch.conformance import report, runner
+
+    quick = args.quick or (not args.full and device.type != "cuda")
+    if args.list:
+        for case in runner.select_cases(runner.select_ops(args.op), quick, args.case):
+            print(case.id)
+        return 0
+    bar = ProgressBar(sys.stderr)
+    result = runner.run(backends=args.backend, ops=args.op, quick=quick, device=device, match=args.case,
+                        progress=bar.update)
+    bar.close()
+    print(report.matrix_markdown(result))
+    print()
+    for failure in result.failed:
+        print(f"FAILED {failure.backend} {failure.case.id}\n  {failure.outcome.detail.replace(chr(10), chr(10) + '  ')}"
+              f"\n  reproduce: {report.repro_command(failure, result)}")
+    for name, probe in result.probes.items():
+        if probe is not None:
+            print(f"unavailable here: {name}: {probe}")
+    print(report.summary_line(result))
+    if args.report:
+        md, js = report.write(result, args.report)
+        print(f"report: {md} and {js}")
+    if not result.results:
+        print("no checks selected", file=sys.stderr)
+        return 2
+    return 1 if result.failed else 0
+
+
+class ProgressBar:
+    """A one-line bar on a terminal; elsewhere (CI logs) a line every tenth of the way."""
+
+    WIDTH = 30
+
+    def __init__(self, stream):
+        self.stream, self.tty = stream, stream.isatty()
+        self.failed, self.start, self.last_tenth = 0, time.perf_counter(), -1
+
+    def update(self, done: int, total: int, result) -> None:
+        self.failed += result.status == "failed"
+        elapsed = time.perf_counter() - self.start
+        fill = int(self.WIDTH * done / max(total, 1))
+        line = (f"[{'#' * fill}{'.' * (self.WIDTH - fill)}] {done}/{total} {elapsed:5.0f} s "
+                f"{self.failed} failed  {result.backend} {result.case.op}")
+        if self.tty:
+            self.stream.write("\r" + line[:120].ljust(120))
+        elif (tenth := 10 * done // max(total, 1)) != self.last_tenth:
+            self.last_tenth = tenth
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
