@@ -20,9 +20,11 @@ import torch.utils._pytree as pytree
 
 from fp8dispatch.blocks import block_for, scale_shape
 from fp8dispatch.errors import Fp8TypeError, Fp8ValueError
+from fp8dispatch.formats import HIGH_PRECISION
 from fp8dispatch.tensor import Fp8Tensor
 
-__all__ = ["quantize", "dequantize", "matmul", "traced_quantize", "traced_dequantize", "traced_matmul"]
+__all__ = ["quantize", "dequantize", "matmul", "traced_quantize", "traced_dequantize", "traced_matmul",
+           "traced_linear"]
 
 
 def _flatten(t: Fp8Tensor):
@@ -89,7 +91,8 @@ def traced_quantize(x, granularity, dtype, block_size, scale, scale_ub, pow2_sca
                                              None if scale_ub is None else float(scale_ub),
                                              pow2_scale, overflow, backend)
     rows, cols = _shape2d("x", x)
-    return Fp8Tensor._trusted(data, s, block_for(granularity, rows, cols, block_size))
+    # The checked constructor: dynamo traces a dataclass __init__, not `_trusted`'s slot setters.
+    return Fp8Tensor(data, s, block_for(granularity, rows, cols, block_size))
 
 
 # --- dequantize -----------------------------------------------------------------------------
@@ -157,6 +160,18 @@ def _parts(name: str, t):
 
 def traced_matmul(a, b, recipe, out_dtype, bias, backend) -> torch.Tensor:
     return torch.ops.fp8dispatch.matmul(*_parts("a", a), *_parts("b", b), recipe, out_dtype, bias, backend)
+
+
+def traced_linear(x, w, bias, recipe, out_dtype, backend) -> torch.Tensor:
+    """`x @ w.T` under tracing; w's transpose is taken on its parts (`Fp8Tensor.t()` caches by mutation)."""
+    if out_dtype is None:
+        out_dtype = x.dtype if isinstance(x, torch.Tensor) and x.dtype in HIGH_PRECISION else torch.bfloat16
+    data, scale, block = _parts("w", w)
+    if data.dim() != 2:
+        raise Fp8ValueError(f"w: expected a 2-d weight [N, K], got shape {tuple(data.shape)}")
+    if scale is not None:
+        scale, block = scale.t(), [block[1], block[0]]
+    return torch.ops.fp8dispatch.matmul(*_parts("x", x), data.t(), scale, block, recipe, out_dtype, bias, backend)
 
 
 def _shape2d(name: str, x: torch.Tensor):
