@@ -54,6 +54,11 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else "(no message)"
 
 
+def representable(n: int) -> torch.Tensor:
+    """[1, n] values exact in e4m3fn (and bf16) whose amax is 448: quantized, scale 1 and codes = x."""
+    return torch.linspace(-448.0, 448.0, n).to(torch.float8_e4m3fn).float().view(1, n)
+
+
 def cuda_reason(min_capability: tuple[int, int]) -> str | None:
     """Why this process has no CUDA device these kernels can use, or None."""
     if getattr(torch.version, "hip", None):

@@ -20,9 +20,10 @@ OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 GROUP, BLOCK = (1, 128), (128, 128)
 # cuBLASLt's 1x128 · 128x128 scaling (CUBLASLT_MATMUL_MATRIX_SCALE_VEC128/BLK128x128) arrived in 12.9.
 CUBLASLT_BLOCKWISE = 120900
-# cuBLASLt rejects the block recipe at M=1 (CUBLAS_STATUS_NOT_SUPPORTED, measured on the H100);
-# M=16 works, so small M is padded with zero rows up to this.
-BLOCK_MIN_M = 16
+# cuBLASLt rejects the block recipe unless M % 4 == 0 (CUBLAS_STATUS_NOT_SUPPORTED at M = 1, 2,
+# 15, 17; M = 4, 8, 12, 16, 24, 100, 200 work; H100, cuBLASLt 13.1, docs/backends-h100.log): the
+# column-major activation scales need 16-byte aligned columns. Other M are padded with zero rows.
+BLOCK_M_MULTIPLE = 4
 
 # What the probe found: the cuBLASLt version and whether F.scaled_mm (torch >= 2.10) exists.
 _found: dict = {"cublaslt": None, "scaled_mm_v2": False}
@@ -135,9 +136,10 @@ def _block_matmul(a, b, out_dtype):
     """1×128 · 128×128 through cuBLASLt: scale_a column-major (M, K/128), scale_b (K/128, N/128)."""
     data, scale = a.data, a.scale
     m = data.shape[0]
-    if m < BLOCK_MIN_M:
-        data = torch.cat([data, data.new_zeros(BLOCK_MIN_M - m, data.shape[1])])
-        scale = torch.cat([scale, scale.new_ones(BLOCK_MIN_M - m, scale.shape[1])])
+    pad = -m % BLOCK_M_MULTIPLE
+    if pad:
+        data = torch.cat([data, data.new_zeros(pad, data.shape[1])])
+        scale = torch.cat([scale, scale.new_ones(pad, scale.shape[1])])
     sa = scale.t().contiguous().t()
     w_scale = b.scale.t()  # [N/128, K/128], the weight's own layout
     kb = w_scale.shape[1]
@@ -148,7 +150,7 @@ def _block_matmul(a, b, out_dtype):
         padded[:, :kb] = w_scale
         out = F.scaled_mm(data, b.data, sa, F.ScalingType.BlockWise1x128, padded.t(),
                           F.ScalingType.BlockWise128x128, output_dtype=out_dtype)
-    return out[:m] if m < BLOCK_MIN_M else out
+    return out[:m] if pad else out
 
 
 BACKEND = Backend(
@@ -158,7 +160,7 @@ BACKEND = Backend(
     matmul=matmul,
     priority=50,
     # Measured on the H100 (docs/routing.md): 100 fastest, 90 second, 80 third of the library backends.
-    priorities={"matmul.tensor": 90, "matmul.row": 90, "matmul.block": 80},
+    priorities={"matmul.tensor": 100, "matmul.row": 90, "matmul.block": 100},
     version=lambda: f"{torch.__version__} (cuBLASLt {_found['cublaslt'] or '?'})",
     description="torch._scaled_mm / F.scaled_mm: cuBLASLt and CUTLASS FP8 GEMMs shipped with PyTorch",
 )
