@@ -9,7 +9,9 @@ poisoned memory); leave its inputs alone; and give the same bits twice.
 
 from __future__ import annotations
 
+import functools
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -132,7 +134,7 @@ def compare(case: Case, got, want: Expected, inputs: dict) -> list[str]:
                 + _bits_differ("data", got.data, ref.data, source=x, source_name="x"))
     if not isinstance(got, torch.Tensor):
         return [f"returned {_kind(got)}, expected a tensor"]
-    problems = _same_layout("output", got, ref, strides=False)
+    problems = _same_layout("output", got, ref)
     if problems:
         return problems
     if case.op == "dequantize":
@@ -167,7 +169,7 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float(1 - 2 * (x * y).sum() / denominator) if denominator > 0 else 0.0
 
 
-def _same_layout(name, got, ref, strides=False) -> list[str]:
+def _same_layout(name, got, ref) -> list[str]:
     if not isinstance(got, torch.Tensor):
         return [f"{name} is {_kind(got)}, expected a tensor"]
     out = []
@@ -207,21 +209,51 @@ def _mask(t):
 
 
 def _poisoned_call(case, inputs, backend, want, byte):
-    """Fill freed memory with `byte` just before the call, so the allocator hands the backend's
-    outputs poisoned memory (exact on CUDA's caching allocator, likely on the CPU's).
+    """Run the case with every fresh buffer holding `byte`, so an element the backend never writes shows.
 
-    0xFF is NaN in fp32, bf16, fp16, e4m3fn and e5m2; a second run over 0x00 then differs wherever
-    an element was left unwritten.
+    Two layers: freed memory is filled just before the call (on CUDA the caching allocator hands it
+    back for the outputs), and during the call torch's uninitialised constructors (`torch.empty`,
+    `empty_like`, `empty_strided`, `Tensor.new_empty`) return filled tensors, which also covers CPU
+    and buffers a backend allocates before its output. 0xFF is NaN in fp32, bf16, fp16, e4m3fn and
+    e5m2; the second run uses 0x00, so an unwritten element also breaks the two-run comparison.
     """
     ref = want.result
     sizes = [ref.data.nbytes, ref.scale.nbytes] if isinstance(ref, Fp8Tensor) else [ref.nbytes]
     device = ref.data.device if isinstance(ref, Fp8Tensor) else ref.device
     junk = [torch.full((max(n, 1) * f,), byte, dtype=torch.uint8, device=device) for n in sizes for f in (1, 4)]
     del junk
-    got = call(case, inputs, backend)
+    with poisoned_allocations(byte):
+        got = call(case, inputs, backend)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return got
+
+
+_CONSTRUCTORS = ((torch, "empty"), (torch, "empty_like"), (torch, "empty_strided"), (torch.Tensor, "new_empty"))
+
+
+@contextmanager
+def poisoned_allocations(byte: int):
+    """Within the block, torch's uninitialised tensor constructors fill their memory with `byte`."""
+    saved = [(owner, name, getattr(owner, name)) for owner, name in _CONSTRUCTORS]
+
+    def poisoning(make):
+        @functools.wraps(make)
+        def poisoned(*args, **kwargs):
+            t = make(*args, **kwargs)
+            if isinstance(t, torch.Tensor) and t.numel():
+                t.untyped_storage().fill_(byte)
+            return t
+
+        return poisoned
+
+    try:
+        for owner, name, make in saved:
+            setattr(owner, name, poisoning(make))
+        yield
+    finally:
+        for owner, name, make in saved:
+            setattr(owner, name, make)
 
 
 def _tensors(obj):

@@ -1,0 +1,46 @@
+"""pytest entry of the conformance suite: `--backend`, `--op`, `--full`, `--conformance-device`.
+
+Tests are generated from the registry at collection time, case by case with every backend beside
+it (so each case's inputs and reference answer are built once). A backend registered by a plugin
+(`pytest -p mypackage.fp8_backend conformance`) is collected like a built-in one.
+"""
+
+import pytest
+
+from fp8dispatch.conformance import runner
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("fp8dispatch conformance")
+    _option(group, "--backend", action="append", default=None, metavar="NAME",
+            help="conformance: backends to check, repeatable or comma-separated (default: all registered)")
+    _option(group, "--op", action="append", default=None, metavar="OP",
+            help="conformance: quantize, dequantize and/or matmul (default: all)")
+    _option(group, "--full", action="store_true", default=False,
+            help="conformance: add the large shapes (M up to 8192); for a GPU")
+    _option(group, "--conformance-device", default=None, metavar="DEVICE",
+            help="conformance: cpu or cuda (default: cuda if present)")
+
+
+def _option(group, name, **kwargs):
+    try:
+        group.addoption(name, **kwargs)
+    except ValueError:  # another conftest already defines it; the value is read the same way
+        pass
+
+
+def pytest_generate_tests(metafunc):
+    if "conformance_check" not in metafunc.fixturenames:
+        return
+    config = metafunc.config
+    backends = runner.select_backends(config.getoption("backend"))
+    ops = runner.select_ops(config.getoption("op"))
+    cases = runner.select_cases(ops, quick=not config.getoption("full"))
+    params = [pytest.param((name, case), id=f"{name}-{case.id}") for case in cases for name in backends]
+    metafunc.parametrize("conformance_check", params)
+
+
+@pytest.fixture(scope="session")
+def conformance_cache(pytestconfig):
+    device = pytestconfig.getoption("conformance_device") or runner.default_device()
+    return runner.ReferenceCache(device)
