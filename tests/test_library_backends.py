@@ -1,0 +1,371 @@
+"""The fbgemm, torchao and torch backends on CPU: probing paths with fakes, and every declared limit."""
+
+import logging
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+import fp8dispatch
+from fp8dispatch.backends import _library as lib
+from fp8dispatch.backends import fbgemm as fb
+from fp8dispatch.backends import reference
+from fp8dispatch.backends import torch as tb
+from fp8dispatch.backends import torchao as ta
+from fp8dispatch.problem import DequantizeProblem, MatmulProblem, QuantizeProblem
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+BF16 = torch.bfloat16
+CUDA = torch.device("cuda")  # a device object only: why_not never touches the GPU
+H100 = (9, 0)
+no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only answers")
+
+
+# --- import hygiene -------------------------------------------------------------------------
+
+
+def test_importing_fp8dispatch_and_its_backends_imports_no_library():
+    code = ("import sys, fp8dispatch; from fp8dispatch import registry; registry.all_backends(); "
+            "print(sorted(m for m in ('fbgemm_gpu', 'torchao') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_torch_backend_module_sees_the_real_torch():
+    assert tb.torch is sys.modules["torch"] and tb.torch.__name__ == "torch"
+    assert tb.F is sys.modules["torch.nn.functional"]
+    assert sys.modules["fp8dispatch.backends.torch"] is tb
+
+
+@no_gpu
+@pytest.mark.parametrize("name", ["fbgemm", "torchao", "torch"])
+def test_on_a_cpu_machine_each_says_no_cuda_device(name):
+    module = {"fbgemm": fb, "torchao": ta, "torch": tb}[name]
+    assert module.probe() == "no CUDA device"
+    with pytest.raises(fp8dispatch.NoBackend, match=f"(?s){name}:.*no CUDA device"):
+        fp8dispatch.quantize(torch.randn(4, 256), "group", backend=name)
+
+
+# --- the quiet import -----------------------------------------------------------------------
+
+
+def noisy(exc=None):
+    """An importer that does what fbgemm_gpu does at import: root-logger setup, prints, warnings."""
+
+    def importer(name):
+        logging.basicConfig(level=logging.INFO)
+        logging.warning("_fbgemm_torch_compat_table has no entry for 1.6.0")
+        print("TMA benchmarks will be running without grid constant TMA descriptor.")
+        print("to stderr", file=sys.stderr)
+        if exc is not None:
+            raise exc
+        return types.SimpleNamespace(__name__=name)
+
+    return importer
+
+
+@pytest.mark.parametrize("exc", [None, OSError("Could not load this library: x.so"), ImportError("no module"),
+                                 RuntimeError("bad build")])
+def test_quiet_import_leaves_console_and_root_logger_alone(exc, capsys):
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    module, reason = lib.quiet_import("fake_lib", importer=noisy(exc))
+    assert root.handlers == handlers and root.level == level
+    assert capsys.readouterr() == ("", "")
+    if exc is None:
+        assert module.__name__ == "fake_lib" and reason is None
+    else:
+        assert module is None and f"{type(exc).__name__}: {exc}" in reason
+        assert reason.startswith("fake_lib " + ("raised on import" if isinstance(exc, RuntimeError) else "failed to load"))
+
+
+# --- fbgemm probe ---------------------------------------------------------------------------
+
+
+def fake_per_row(wrong=False, raises=False):
+    def quantize_fp8_per_row(x, bs=None, scale_ub=None, output_dtype=None):
+        if raises:
+            raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
+        data, scale = reference.quantize(x.float(), (1, x.shape[1]), E4M3)
+        return data, scale.view(-1) * (2 if wrong else 1)
+
+    return quantize_fp8_per_row
+
+
+@pytest.fixture
+def fbgemm_fakes(monkeypatch):
+    """An fbgemm backend probing on CPU: the device gate passes and the library is 'installed'."""
+    monkeypatch.setattr(fb, "_found", dict(fb._found))
+    monkeypatch.setattr(lib, "cuda_reason", lambda capability: None)
+    monkeypatch.setattr(fb, "_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(fb, "_find_spec", lambda name: object())
+    monkeypatch.setattr(fb, "_import", lambda name: types.SimpleNamespace(__name__=name))
+    monkeypatch.setattr(fb, "_ops", lambda: types.SimpleNamespace(quantize_fp8_per_row=fake_per_row()))
+    return monkeypatch
+
+
+def test_fbgemm_missing(fbgemm_fakes):
+    fbgemm_fakes.setattr(fb, "_find_spec", lambda name: None)
+    assert fb.probe() == "fbgemm_gpu is not installed (pip install fbgemm-gpu-genai)"
+
+
+def test_fbgemm_failing_to_load_with_oserror(fbgemm_fakes, capsys):
+    fbgemm_fakes.setattr(fb, "_import", noisy(OSError("Could not load this library: fbgemm_gpu_experimental_gen_ai.so")))
+    reason = fb.probe()
+    assert reason == ("fbgemm_gpu.experimental.gen_ai failed to load: OSError: Could not load this library: "
+                      "fbgemm_gpu_experimental_gen_ai.so")
+    assert capsys.readouterr() == ("", "")
+
+
+def test_fbgemm_without_any_op(fbgemm_fakes):
+    fbgemm_fakes.setattr(fb, "_ops", lambda: types.SimpleNamespace())
+    assert "registers none of torch.ops.fbgemm." in fb.probe()
+
+
+def test_fbgemm_missing_one_op_is_declared_per_problem(fbgemm_fakes):
+    assert fb.probe() is None  # quantize_fp8_per_row alone, answering right
+    assert fb._found["ops"] == {"quantize_fp8_per_row"}
+    assert "torch.ops.fbgemm.f8f8bf16_rowwise is missing from this fbgemm_gpu build" in fb.why_not(
+        "matmul", matmul_problem("row"))
+    assert fb.why_not("quantize", quantize_problem("row")) == []
+
+
+@pytest.mark.parametrize("wrong, raises, expected", [
+    (True, False, "self-test: quantize_fp8_per_row gave scale 2.0, expected 1.0"),
+    (False, True, "self-test: quantize_fp8_per_row raised RuntimeError: CUDA error: no kernel image"),
+])
+def test_fbgemm_self_test_catches_a_wrong_or_broken_kernel(fbgemm_fakes, wrong, raises, expected):
+    fbgemm_fakes.setattr(fb, "_ops", lambda: types.SimpleNamespace(
+        quantize_fp8_per_row=fake_per_row(wrong, raises), f8f8bf16_rowwise=None))
+    assert fb.probe().startswith(expected)
+
+
+# --- torchao probe --------------------------------------------------------------------------
+
+
+def fake_torchao(wrong=False, drop=()):
+    def act_quant(x, block_size=128, dtype=E4M3):
+        data, scale = reference.quantize(x.float(), (1, block_size), dtype)
+        return data, scale * (0.5 if wrong else 1)
+
+    functions = {name: (act_quant if name == "fp8_blockwise_act_quant" else (lambda *a: None))
+                 for name in ta.FUNCTIONS if name not in drop}
+    return types.SimpleNamespace(__version__="0.17.0", **functions)
+
+
+@pytest.fixture
+def torchao_fakes(monkeypatch):
+    monkeypatch.setattr(ta, "_found", dict(ta._found))
+    monkeypatch.setattr(lib, "cuda_reason", lambda capability: None)
+    monkeypatch.setattr(ta, "_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(ta, "_find_spec", lambda name: object())
+    monkeypatch.setattr(ta, "_has_triton", lambda: True)
+    monkeypatch.setattr(ta, "_import", lambda name: fake_torchao())
+    return monkeypatch
+
+
+def test_torchao_probe_passes_with_a_right_answer(torchao_fakes):
+    assert ta.probe() is None and ta._found["version"] == "0.17.0"
+
+
+def test_torchao_missing(torchao_fakes):
+    torchao_fakes.setattr(ta, "_find_spec", lambda name: None)
+    assert ta.probe() == "torchao is not installed (pip install torchao)"
+
+
+def test_torchao_failing_to_load_with_oserror(torchao_fakes, capsys):
+    torchao_fakes.setattr(ta, "_import", noisy(OSError("libc10_cuda.so: cannot open shared object file")))
+    assert ta.probe() == ("torchao.kernel.blockwise_quantization failed to load: OSError: libc10_cuda.so: "
+                          "cannot open shared object file")
+    assert capsys.readouterr() == ("", "")
+
+
+def test_torchao_function_missing(torchao_fakes):
+    torchao_fakes.setattr(ta, "_import", lambda name: fake_torchao(drop=("blockwise_fp8_gemm",)))
+    assert ta.probe() == "torchao 0.17.0: torchao.kernel.blockwise_quantization lacks blockwise_fp8_gemm"
+
+
+def test_torchao_without_triton(torchao_fakes):
+    torchao_fakes.setattr(ta, "_has_triton", lambda: False)
+    assert "no usable Triton" in ta.probe()
+
+
+def test_torchao_self_test_wrong(torchao_fakes):
+    torchao_fakes.setattr(ta, "_import", lambda name: fake_torchao(wrong=True))
+    assert ta.probe() == "self-test: fp8_blockwise_act_quant gave scale 0.5, expected 1.0"
+
+
+# --- torch probe ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def torch_fakes(monkeypatch):
+    monkeypatch.setattr(tb, "_found", dict(tb._found))
+    monkeypatch.setattr(lib, "cuda_reason", lambda capability: None)
+    monkeypatch.setattr(tb, "_device", lambda: torch.device("cpu"))
+    return monkeypatch
+
+
+def test_torch_self_test_passes_on_cpus_scaled_mm(torch_fakes):
+    assert tb.probe() is None  # CPU torch._scaled_mm runs rowwise exactly
+    assert tb._found["scaled_mm_v2"] == hasattr(torch.nn.functional, "scaled_mm")
+
+
+def test_torch_without_scaled_mm(torch_fakes):
+    torch_fakes.delattr(torch, "_scaled_mm")
+    assert tb.probe() == f"torch {torch.__version__} has no torch._scaled_mm"
+
+
+@pytest.mark.parametrize("fake, expected", [
+    (lambda *a, **k: torch.zeros(16, 16, dtype=BF16), "self-test: torch._scaled_mm rowwise gave 0.0, expected 192"),
+    (lambda *a, **k: (_ for _ in ()).throw(RuntimeError("CUBLAS_STATUS_NOT_SUPPORTED")),
+     "self-test: torch._scaled_mm raised RuntimeError: CUBLAS_STATUS_NOT_SUPPORTED"),
+])
+def test_torch_self_test_wrong_or_raising(torch_fakes, fake, expected):
+    torch_fakes.setattr(torch, "_scaled_mm", fake)
+    assert tb.probe() == expected
+
+
+def test_torch_row_and_tensor_translation_on_cpu():
+    """CPU torch._scaled_mm runs rowwise and tensorwise: the scale layouts we build are right."""
+    x, w = torch.randn(6, 64), torch.randn(48, 64)
+    for ga, gw in (("row", "row"), ("tensor", "tensor"), ("tensor", "row")):
+        a = fp8dispatch.quantize(x, ga, backend="reference")
+        b = fp8dispatch.quantize(w, gw, backend="reference").t()
+        expected = fp8dispatch.matmul(a, b, out_dtype=torch.float32, backend="reference")
+        assert torch.allclose(tb.matmul(a, b, torch.float32), expected, rtol=1e-5, atol=1e-4)
+    a = fp8dispatch.quantize(x, "block", block_size=(2, 64), backend="reference")  # rows in pairs
+    expected = fp8dispatch.matmul(a, b, out_dtype=torch.float32, backend="reference")
+    assert torch.allclose(tb.matmul(a, b, torch.float32), expected, rtol=1e-5, atol=1e-4)
+
+
+# --- why_not: every declared limit ----------------------------------------------------------
+
+
+def quantize_problem(granularity, shape=(4096, 7168), *, in_dtype=BF16, contiguous=True, fp8=E4M3,
+                     user_scale=False, scale_ub=False, pow2=False, block=None, capability=H100):
+    rows, cols = shape
+    block = block or {"tensor": (rows, cols), "row": (1, cols), "group": (1, 128), "block": (128, 128)}[granularity]
+    return QuantizeProblem(CUDA, capability, in_dtype, shape, contiguous, block, fp8, user_scale, scale_ub, pow2)
+
+
+def matmul_problem(recipe, m=4096, n=7168, k=2048, *, a_dtype=E4M3, b_dtype=E4M3, out=BF16, capability=H100,
+                   a_row_major=True, b_col_major=True, blocks=None):
+    a_block, b_block = blocks or {"block": ((1, 128), (128, 128)), "row": ((1, k), (k, 1)),
+                                  "tensor": ((m, k), (k, n)), "mixed": ((128, 128), (128, 128))}[recipe]
+    return MatmulProblem(CUDA, capability, recipe, a_dtype, b_dtype, m, n, k, a_block, b_block, a_row_major,
+                         b_col_major, out, None)
+
+
+@pytest.fixture
+def found_everything(monkeypatch):
+    """The state a successful probe leaves on the H100 (cuBLASLt 13.1, every op, both modules)."""
+    monkeypatch.setattr(fb, "_found", dict(fb._found, ops=frozenset(fb.OPS), triton=object()))
+    monkeypatch.setattr(ta, "_found", dict(ta._found, module=object()))
+    monkeypatch.setattr(tb, "_found", dict(tb._found, cublaslt=130100, scaled_mm_v2=True))
+
+
+@pytest.mark.usefixtures("found_everything")
+@pytest.mark.parametrize("module, op, problem", [
+    (tb, "matmul", matmul_problem("block")), (tb, "matmul", matmul_problem("row", m=1)),
+    (tb, "matmul", matmul_problem("tensor", out=torch.float32)), (tb, "matmul", matmul_problem("block", m=17, k=640)),
+    (fb, "matmul", matmul_problem("block", m=1)), (fb, "matmul", matmul_problem("row", n=200)),
+    (fb, "matmul", matmul_problem("tensor")), (fb, "matmul", matmul_problem("mixed")),
+    (ta, "matmul", matmul_problem("block", k=400)),
+    (fb, "quantize", quantize_problem("row")), (fb, "quantize", quantize_problem("tensor", scale_ub=True)),
+    (fb, "quantize", quantize_problem("group", in_dtype=torch.float32)), (fb, "quantize", quantize_problem("block", (100, 200))),
+    (ta, "quantize", quantize_problem("group")), (ta, "quantize", quantize_problem("block")),
+    (fb, "dequantize", DequantizeProblem(CUDA, H100, E4M3, (4096, 7168), True, (128, 128), BF16)),
+    (ta, "dequantize", DequantizeProblem(CUDA, H100, E5M2, (300, 200), True, (128, 128), torch.float16)),
+])
+def test_what_each_backend_accepts(module, op, problem):
+    assert module.why_not(op, problem) == []
+
+
+@pytest.mark.usefixtures("found_everything")
+@pytest.mark.parametrize("module, op, problem, reason", [
+    # torch
+    (tb, "matmul", matmul_problem("row", k=200), "K=200: needs K % 16 == 0"),
+    (tb, "matmul", matmul_problem("row", n=200), "N=200: needs N % 16 == 0"),
+    (tb, "matmul", matmul_problem("row", a_dtype=E5M2, b_dtype=E5M2), "float8_e5m2 × float8_e5m2 is rejected"),
+    (tb, "matmul", matmul_problem("row", a_dtype=torch.float8_e4m3fnuz), "a: needs float8_e4m3fn or float8_e5m2"),
+    (tb, "matmul", matmul_problem("row", capability=(8, 6)), "needs sm89 or newer (FP8 tensor cores), this GPU is sm86"),
+    (tb, "matmul", matmul_problem("row", a_row_major=False), "a: needs row-major contiguous [M, K] data"),
+    (tb, "matmul", matmul_problem("row", b_col_major=False), "b: needs column-major [K, N] data"),
+    (tb, "matmul", matmul_problem("block", capability=(8, 9)), "block recipe: torch runs it on sm90 only"),
+    (tb, "matmul", matmul_problem("block", capability=(10, 0)), "this GPU is sm100"),
+    (tb, "matmul", matmul_problem("block", a_dtype=E5M2), "block recipe: needs float8_e4m3fn operands"),
+    (tb, "matmul", matmul_problem("mixed"), "serves tensor, row and 1×128 · 128×128 block only"),
+    (tb, "matmul", matmul_problem("block", blocks=((1, 64), (64, 64))), "the block recipe here is 1×128 · 128×128 only"),
+    # fbgemm matmul
+    (fb, "matmul", matmul_problem("row", capability=(8, 9)), "f8f8bf16_rowwise has sm_90a and sm_100a kernels only"),
+    (fb, "matmul", matmul_problem("row", capability=(10, 3)), "this GPU is sm103"),
+    (fb, "matmul", matmul_problem("tensor", capability=(10, 0)), "f8f8bf16 has sm_90a kernels only"),
+    (fb, "matmul", matmul_problem("block", capability=(12, 0)), "f8f8bf16_groupwise has sm_90a kernels only"),
+    (fb, "matmul", matmul_problem("row", n=100), "N=100: needs N % 8 == 0"),
+    (fb, "matmul", matmul_problem("row", k=40), "K=40: needs K % 16 == 0"),
+    (fb, "matmul", matmul_problem("block", k=400), "K=400: needs K % 128 == 0"),
+    (fb, "matmul", matmul_problem("mixed", n=200), "N=200: needs N % 16 == 0"),
+    (fb, "matmul", matmul_problem("row", a_dtype=E5M2), "FBGEMM's CUDA GEMMs take float8_e4m3fn only"),
+    (fb, "matmul", matmul_problem("row", out=torch.float16), "FBGEMM's GEMMs write bf16 only"),
+    (fb, "matmul", matmul_problem("block", blocks=((1, 64), (64, 64))), "FBGEMM serves tensor, row, 1×128"),
+    # fbgemm quantize / dequantize
+    (fb, "quantize", quantize_problem("row", in_dtype=torch.float32), "reads its input as bf16"),
+    (fb, "quantize", quantize_problem("row", (8, 7)), "K=7: quantize_fp8_per_row needs an even K"),
+    (fb, "quantize", quantize_problem("row", (8, 24576)), "K=24576: quantize_fp8_per_row needs K < 24576"),
+    (fb, "quantize", quantize_problem("row", contiguous=False), "x: needs contiguous input"),
+    (fb, "quantize", quantize_problem("row", user_scale=True), "a given scale is not taken"),
+    (fb, "quantize", quantize_problem("row", pow2=True), "no power-of-two scales"),
+    (fb, "quantize", quantize_problem("tensor", fp8=E5M2), "quantize_fp8_per_tensor writes torch.float8_e4m3fn"),
+    (fb, "quantize", quantize_problem("group", (8, 200)), "K=200: quantize_fp8_group needs K % 128 == 0"),
+    (fb, "quantize", quantize_problem("group", fp8=E5M2), "Triton quantizers write float8_e4m3fn only"),
+    (fb, "quantize", quantize_problem("block", block=(96, 96)), "need power-of-two block sides"),
+    (fb, "quantize", quantize_problem("group", capability=(8, 6)), "need sm89 or newer"),
+    (fb, "dequantize", DequantizeProblem(CUDA, H100, E4M3, (100, 64), True, (1, 64), BF16),
+     "rows=100: dequantize_fp8_row reads scales in tiles of 16 rows"),
+    (fb, "dequantize", DequantizeProblem(CUDA, H100, E4M3, (128, 64), True, (1, 64), torch.float32),
+     "FBGEMM's dequantizers write bf16 only"),
+    (fb, "dequantize", DequantizeProblem(CUDA, H100, E4M3, (128, 64), True, (128, 64), BF16),
+     "FBGEMM has no dequantizer for blocks (128, 64)"),
+    # torchao
+    (ta, "matmul", matmul_problem("row"), "tensor and row go to torch._scaled_mm (backend torch)"),
+    (ta, "matmul", matmul_problem("block", out=torch.float32), "blockwise_fp8_gemm writes bf16 only"),
+    (ta, "matmul", matmul_problem("block", b_dtype=E5M2), "verified with float8_e4m3fn only"),
+    (ta, "quantize", quantize_problem("group", (8, 200)), "K=200: fp8_blockwise_act_quant needs K % 128 == 0"),
+    (ta, "quantize", quantize_problem("block", (100, 256)), "fp8_blockwise_weight_quant needs both dims % 128 == 0"),
+    (ta, "quantize", quantize_problem("group", fp8=E5M2), "TorchAO hard-codes 448"),
+    (ta, "quantize", quantize_problem("group", scale_ub=True), "no amax cap"),
+    (ta, "quantize", quantize_problem("row"), "TorchAO quantizes 1×128 groups and 128×128 blocks only"),
+    (ta, "dequantize", DequantizeProblem(CUDA, H100, E4M3, (128, 128), True, (1, 128), BF16),
+     "fp8_blockwise_weight_dequant takes 128×128 blocks only"),
+])
+def test_every_declared_limit_names_quantity_need_and_value(module, op, problem, reason):
+    reasons = module.why_not(op, problem)
+    assert any(reason in r for r in reasons), reasons
+
+
+@pytest.mark.usefixtures("found_everything")
+def test_cublaslt_and_v2_limits_of_the_torch_block_recipe(monkeypatch):
+    monkeypatch.setitem(tb._found, "cublaslt", 120800)
+    assert "block recipe: needs cuBLASLt >= 12.9, found 120800" in tb.why_not("matmul", matmul_problem("block"))
+    monkeypatch.setitem(tb._found, "cublaslt", 130100)
+    monkeypatch.setitem(tb._found, "scaled_mm_v2", False)
+    assert tb.why_not("matmul", matmul_problem("block", k=2048)) == []  # ceil(K/128) = 16: v1 is right
+    assert any("ceil(K/128) % 4 == 0" in r for r in tb.why_not("matmul", matmul_problem("block", k=640)))
+
+
+@pytest.mark.usefixtures("found_everything")
+@pytest.mark.parametrize("module", [fb, ta, tb])
+def test_cpu_tensors_are_declined_before_anything_else(module):
+    problem = matmul_problem("block")
+    cpu = MatmulProblem(**{**problem.__dict__, "device": torch.device("cpu"), "capability": None})
+    assert module.why_not("matmul", cpu) == ["needs a CUDA tensor, got device cpu"]
+
+
+def test_auto_never_picks_a_library_quantizer():
+    """Their scale rules differ from the contract on values why_not cannot see (docs/backends.md)."""
+    for module in (fb, ta):
+        for granularity in ("tensor", "row", "group", "block"):
+            assert module.BACKEND.priority_for(quantize_problem(granularity)) < 0
