@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fp8dispatch import api
+from fp8dispatch import api, ops
 from fp8dispatch.blocks import RECIPES, Block, block_for, cdiv, scale_shape
 from fp8dispatch.errors import Fp8TypeError, Fp8ValueError, Unsupported
 from fp8dispatch.formats import HIGH_PRECISION, fp8_format, is_fp8
@@ -200,14 +200,13 @@ class _Fp8LinearFunction(torch.autograd.Function):
 def _linear(x, weight, scale, block, bias, backend):
     if torch.compiler.is_compiling():
         out_dtype = x.dtype if x.dtype in HIGH_PRECISION else torch.bfloat16
-        return torch.ops.fp8dispatch.matmul(x, None, None, weight.t(), scale.t(), [block[1], block[0]],
-                                            None, out_dtype, bias, backend)
+        return ops.linear_parts(x, weight, scale, block, bias, out_dtype, backend)
     return api.linear(x, Fp8Tensor._trusted(weight, scale, block), bias, backend=backend)
 
 
 def _dequantize(weight, scale, block, dtype):
     if torch.compiler.is_compiling():
-        return torch.ops.fp8dispatch.dequantize(weight, scale, list(block), dtype, "auto")
+        return ops.dequantize_parts(weight, scale, block, dtype)
     return api.dequantize(Fp8Tensor._trusted(weight, scale, block), dtype)
 
 

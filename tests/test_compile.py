@@ -1,0 +1,168 @@
+"""torch.compile: the fp8dispatch custom ops pass opcheck, trace with no graph break, match eager."""
+
+from unittest import mock
+
+import pytest
+import torch
+from torch import nn
+
+import fp8dispatch
+from fp8dispatch import ops
+from fp8dispatch.nn import Fp8Linear
+
+
+@pytest.fixture(autouse=True)
+def reference(sandbox):
+    """Every op on the reference backend: fast on CPU, and the same in eager and compiled runs."""
+    sandbox.env(FP8DISPATCH_BACKEND="reference")
+    torch._dynamo.reset()
+
+
+def _randn(*shape, dtype=torch.float32, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+# --- opcheck ----------------------------------------------------------------------------------
+
+QUANTIZE_CASES = {
+    "row-fp32": (_randn(8, 64), "row", torch.float8_e4m3fn, [128], None, None, False, "saturate", "auto"),
+    "group-bf16-3d": (_randn(2, 3, 256, dtype=torch.bfloat16), "group", torch.float8_e4m3fn, [128],
+                      None, None, False, "saturate", "auto"),
+    "block-tails-e5m2": (_randn(200, 136), "block", torch.float8_e5m2, [128], None, None, False, "saturate", "auto"),
+    "block-rect-pow2": (_randn(64, 96), "block", torch.float8_e4m3fn, [32, 64], None, 2.0, True, "saturate", "auto"),
+    "tensor-user-scale": (_randn(16, 32), "tensor", torch.float8_e4m3fn, [128], torch.full((1, 1), 0.01),
+                          None, False, "rescale", "auto"),
+}
+
+
+@pytest.mark.parametrize("case", QUANTIZE_CASES)
+def test_opcheck_quantize(case):
+    torch.library.opcheck(ops.quantize, QUANTIZE_CASES[case])
+
+
+def _q(x, granularity, block_size=128, dtype=torch.float8_e4m3fn):
+    return fp8dispatch.quantize(x, granularity, block_size=block_size, dtype=dtype)
+
+
+DEQUANTIZE_CASES = {
+    "group-3d": (_q(_randn(2, 3, 256), "group"), torch.bfloat16),
+    "block-tails": (_q(_randn(200, 136), "block"), torch.float32),
+    "row-transposed": (_q(_randn(48, 64), "row").t(), torch.float16),
+}
+
+
+@pytest.mark.parametrize("case", DEQUANTIZE_CASES)
+def test_opcheck_dequantize(case):
+    t, dtype = DEQUANTIZE_CASES[case]
+    torch.library.opcheck(ops.dequantize, (t.bits(), t.dtype, t.scale, list(t.block), dtype, "auto"))
+
+
+def _parts(t):
+    return (t, None, None, None) if isinstance(t, torch.Tensor) else (t.bits(), t.dtype, t.scale, list(t.block))
+
+
+MATMUL_CASES = {
+    "high-precision": (_randn(16, 256, dtype=torch.bfloat16), _randn(256, 192, dtype=torch.bfloat16), None, None),
+    "fp8-weight-bias-3d": (_randn(2, 5, 256), _q(_randn(192, 256), "block").t(), None, _randn(192)),
+    "both-fp8-row": (_q(_randn(16, 64), "row"), _q(_randn(48, 64), "row").t(), "row", None),
+    "tensor": (_randn(16, 64), _randn(64, 40), "tensor", None),
+}
+
+
+@pytest.mark.parametrize("case", MATMUL_CASES)
+def test_opcheck_matmul(case):
+    a, b, recipe, bias = MATMUL_CASES[case]
+    torch.library.opcheck(ops.matmul, (*_parts(a), *_parts(b), recipe, torch.bfloat16, bias, "auto"))
+
+
+# --- eager stays on the fast path -------------------------------------------------------------
+
+
+def test_eager_calls_never_reach_the_custom_ops():
+    x, w = _randn(4, 256), _randn(64, 256)
+    boom = mock.Mock(side_effect=AssertionError("eager call routed to a custom op"))
+    with mock.patch.multiple(ops, traced_quantize=boom, traced_dequantize=boom, traced_matmul=boom,
+                             traced_linear=boom):
+        q = fp8dispatch.quantize(w, "block")
+        fp8dispatch.dequantize(q)
+        fp8dispatch.matmul(x, q.t())
+        fp8dispatch.linear(x, q)
+    boom.assert_not_called()
+
+
+# --- compiled == eager, one opaque op per call ------------------------------------------------
+
+
+def _graph_ops(fn, *args):
+    """Compile `fn` with a backend that records the dynamo graph's call targets, then run it."""
+    targets = []
+
+    def backend(gm, example_inputs):
+        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    out = torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    return out, targets
+
+
+def test_public_ops_compile_to_one_custom_op_each_and_match_eager():
+    def fn(x, w):
+        q = fp8dispatch.quantize(x, "group")
+        y = fp8dispatch.matmul(q, w.t())
+        return y, fp8dispatch.dequantize(q, torch.float32), fp8dispatch.linear(x, w)
+
+    x, w = _randn(8, 256, dtype=torch.bfloat16), _q(_randn(96, 256), "block")
+    compiled, targets = _graph_ops(fn, x, w)
+    for got, want in zip(compiled, fn(x, w)):
+        assert torch.equal(got, want)
+    fp8_ops = [t for t in targets if t.startswith("fp8dispatch.")]
+    assert fp8_ops == ["fp8dispatch.quantize", "fp8dispatch.matmul", "fp8dispatch.dequantize",
+                       "fp8dispatch.matmul"]
+
+
+def test_compiled_function_takes_and_returns_fp8tensors():
+    def fn(x):
+        return fp8dispatch.quantize(x, "block", block_size=(32, 64))
+
+    x = _randn(64, 128)
+    got, want = torch.compile(fn, backend="aot_eager", fullgraph=True)(x), fn(x)
+    assert isinstance(got, fp8dispatch.Fp8Tensor) and got.block == want.block == (32, 64)
+    assert torch.equal(got.data.view(torch.uint8), want.data.view(torch.uint8))
+    assert torch.equal(got.scale, want.scale)
+
+
+def _mlp():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 384), nn.ReLU(), nn.Linear(384, 256, bias=False)).to(torch.bfloat16)
+    fp8dispatch.nn.convert(model)
+    return model
+
+
+def test_model_compiles_fullgraph_with_inductor_and_matches_eager():
+    model = _mlp()
+    x = _randn(3, 7, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = model(x)
+        got = torch.compile(model, fullgraph=True)(x)  # inductor: ReLU is exact, the FP8 ops opaque
+    assert torch.equal(got, want)
+
+
+def test_gradients_through_compiled_fp8_linear_match_eager():
+    model = _mlp()
+    x = _randn(5, 256, dtype=torch.bfloat16)
+    grads = []
+    for run in (model, torch.compile(model, backend="aot_eager", fullgraph=True)):
+        xi = x.clone().requires_grad_(True)
+        run(xi).float().square().sum().backward()
+        grads.append(xi.grad)
+    assert torch.equal(grads[0], grads[1])
+    assert all(not b.requires_grad for b in model.buffers())
+
+
+def test_dynamic_token_count_compiles_once():
+    model = _mlp()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        for m in (3, 17, 64):
+            x = _randn(m, 256, dtype=torch.bfloat16, seed=m)
+            assert torch.equal(compiled(x), model(x))
