@@ -87,7 +87,10 @@ class Fp8Linear(nn.Module):
         if scale.dim() == 0:
             scale = scale.reshape(1, 1)
         block = _block_from_scale(n, k, tuple(scale.shape)) if block is None else tuple(block)
-        checked = Fp8Tensor(weight, scale, block)  # raises on a scale shape that does not fit
+        try:
+            checked = Fp8Tensor(weight, scale, block)
+        except Fp8ValueError as e:  # name the tensor as the caller knows it
+            raise Fp8ValueError(str(e).replace("scale:", "weight_scale_inv:", 1)) from None
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.in_features, layer.out_features = k, n
