@@ -67,7 +67,8 @@ def matrix_markdown(run: Run) -> str:
 def summary_line(run: Run) -> str:
     t = totals(run)
     size = "quick" if run.quick else "full"
-    return (f"{len(run.results)} checks ({size} size) on {run.device} in {run.seconds:.0f} s: "
+    stopped = f", INTERRUPTED after {len(run.results)} of {run.planned}" if run.interrupted else ""
+    return (f"{len(run.results)} checks ({size} size) on {run.device} in {run.seconds:.0f} s{stopped}: "
             f"{t[PASSED]} passed, {t[FAILED]} failed, {t[UNSUPPORTED]} unsupported")
 
 
@@ -122,7 +123,8 @@ def unsupported_reasons(run: Run) -> dict[str, Counter]:
 
 def to_json(run: Run) -> dict:
     return {
-        "summary": dict(totals(run)) | {"checks": len(run.results), "seconds": round(run.seconds, 2)},
+        "summary": dict(totals(run)) | {"checks": len(run.results), "planned": run.planned,
+                                        "interrupted": run.interrupted, "seconds": round(run.seconds, 2)},
         "size": "quick" if run.quick else "full",
         "environment": run.environment,
         "backends": {b: {"available": run.probes.get(b) is None, "probe": run.probes.get(b)} for b in run.backends},

@@ -49,6 +49,11 @@ class Run:
     probes: dict = field(default_factory=dict)  # backend -> None or why it cannot serve here
     results: list[Result] = field(default_factory=list)
     seconds: float = 0.0
+    planned: int = 0  # checks selected; more than len(results) when the run was interrupted
+
+    @property
+    def interrupted(self) -> bool:
+        return len(self.results) < self.planned
 
     @property
     def failed(self) -> list[Result]:
@@ -133,15 +138,16 @@ def run(
     out = Run(device=str(device), quick=quick, backends=names, ops=op_names, environment=environment(device),
               probes={name: registry.probe_result(name) for name in names})
     cache = ReferenceCache(device)
-    total, done = len(chosen) * len(names), 0
+    out.planned = len(chosen) * len(names)
     start = time.perf_counter()
-    for case in chosen:
-        for name in names:
-            result = check_case(name, case, cache)
-            out.results.append(result)
-            done += 1
-            if progress is not None:
-                progress(done, total, result)
+    try:
+        for case in chosen:
+            for name in names:
+                out.results.append(check_case(name, case, cache))
+                if progress is not None:
+                    progress(len(out.results), out.planned, out.results[-1])
+    except KeyboardInterrupt:  # Ctrl-C or a time limit: keep what finished, the report says so
+        pass
     out.seconds = time.perf_counter() - start
     return out
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 import time
 
@@ -44,6 +45,8 @@ def run(args) -> int:
             print(case.id)
         return 0
     bar = ProgressBar(sys.stderr)
+    # `timeout` sends SIGTERM: stop like Ctrl-C, so the checks that finished still reach the report.
+    signal.signal(signal.SIGTERM, _interrupt)
     result = runner.run(backends=args.backend, ops=args.op, quick=quick, device=device, match=args.case,
                         progress=bar.update)
     bar.close()
@@ -59,10 +62,14 @@ def run(args) -> int:
     if args.report:
         md, js = report.write(result, args.report)
         print(f"report: {md} and {js}")
-    if not result.results:
+    if not result.planned:
         print("no checks selected", file=sys.stderr)
         return 2
-    return 1 if result.failed else 0
+    return 1 if result.failed or result.interrupted else 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 class ProgressBar:
