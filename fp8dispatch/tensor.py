@@ -56,8 +56,6 @@ class Fp8Tensor:
     @classmethod
     def _trusted(cls, data: torch.Tensor, scale: torch.Tensor, block: Block) -> Fp8Tensor:
         """Build without checks, for results the library itself just produced (the hot path)."""
-        if torch.compiler.is_compiling():  # dynamo cannot trace the slot setters; it can __init__
-            return cls(data, scale, block)
         t = object.__new__(cls)
         _set_data(t, data)
         _set_scale(t, scale)
@@ -103,9 +101,9 @@ class Fp8Tensor:
         if transposed is None:
             if self.data.dim() != 2:
                 raise Fp8ValueError(f"t(): expected 2-d data, got shape {tuple(self.data.shape)}")
+            if torch.compiler.is_compiling():  # dynamo cannot trace the slot setters; it can __init__
+                return Fp8Tensor(self.data.t(), self.scale.t(), (self.block[1], self.block[0]))
             transposed = Fp8Tensor._trusted(self.data.t(), self.scale.t(), (self.block[1], self.block[0]))
-            if torch.compiler.is_compiling():  # no cache writes while tracing (see _trusted)
-                return transposed
             _set_transposed(transposed, self)
             _set_transposed(self, transposed)
         return transposed
