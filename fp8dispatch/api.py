@@ -279,8 +279,6 @@ def linear(
     backend: str = "auto",
 ) -> torch.Tensor:
     """`x @ w.T` for a weight w [N, K] (nn.Linear layout); out_dtype defaults to x's dtype."""
-    if torch.compiler.is_compiling():
-        return _ops.traced_linear(x, w, bias, recipe, out_dtype, backend)
     if out_dtype is None:
         out_dtype = x.dtype if isinstance(x, torch.Tensor) and x.dtype in HIGH_PRECISION else torch.bfloat16
     wt = w._transposed if isinstance(w, Fp8Tensor) else None  # cached after the first call
