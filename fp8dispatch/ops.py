@@ -20,11 +20,10 @@ import torch.utils._pytree as pytree
 
 from fp8dispatch.blocks import block_for, scale_shape
 from fp8dispatch.errors import Fp8TypeError, Fp8ValueError
-from fp8dispatch.formats import HIGH_PRECISION
 from fp8dispatch.tensor import Fp8Tensor
 
 __all__ = ["quantize", "dequantize", "matmul", "traced_quantize", "traced_dequantize", "traced_matmul",
-           "traced_linear", "linear_parts", "dequantize_parts"]
+           "linear_parts", "dequantize_parts"]
 
 
 def _flatten(t: Fp8Tensor):
@@ -161,17 +160,6 @@ def _parts(name: str, t):
 
 def traced_matmul(a, b, recipe, out_dtype, bias, backend) -> torch.Tensor:
     return torch.ops.fp8dispatch.matmul(*_parts("a", a), *_parts("b", b), recipe, out_dtype, bias, backend)
-
-
-def traced_linear(x, w, bias, recipe, out_dtype, backend) -> torch.Tensor:
-    """`x @ w.T` under tracing; w's transpose is taken on its parts (`Fp8Tensor.t()` caches by mutation)."""
-    if out_dtype is None:
-        out_dtype = x.dtype if isinstance(x, torch.Tensor) and x.dtype in HIGH_PRECISION else torch.bfloat16
-    if isinstance(w, Fp8Tensor):
-        return linear_parts(x, w.data, w.scale, w.block, bias, out_dtype, backend, recipe)
-    if not isinstance(w, torch.Tensor) or w.dim() != 2:
-        raise Fp8ValueError(f"w: expected a 2-d weight [N, K], got {getattr(w, 'shape', type(w).__name__)}")
-    return torch.ops.fp8dispatch.matmul(*_parts("x", x), w.t(), None, None, None, recipe, out_dtype, bias, backend)
 
 
 def linear_parts(x, data, scale, block, bias, out_dtype, backend, recipe=None) -> torch.Tensor:
