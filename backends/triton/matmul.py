@@ -29,12 +29,11 @@ SMALL_M = 64
 
 
 @triton.jit
-def _load_k_step(ptrs, offs_k, k_left, K_AXIS: tl.constexpr, EVEN_K: tl.constexpr):
+def _load_k_step(ptrs, k_mask, EVEN_K: tl.constexpr):
+    """A K step of an operand; only a K tail needs the mask (M and N tails wrap instead)."""
     if EVEN_K:
         return tl.load(ptrs)
-    if K_AXIS == 0:
-        return tl.load(ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-    return tl.load(ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+    return tl.load(ptrs, mask=k_mask, other=0.0)
 
 
 @triton.jit
@@ -45,8 +44,8 @@ def _scaled_mm_kernel(
     stride_sam, stride_sak, stride_sbk, stride_sbn,
     a_rows_per_scale,  # 1 for groups and rows; a tensorwise scale has M, so every row reads index 0
     b_cols_per_scale,  # g' of b's g×g' blocks; 1 per column; N tensorwise
-    m_bucket,  # unused by the code: the autotuner's key for M (a power of two)
     SCALE_K: tl.constexpr,  # the K width of a scale group; 0 when no scale varies along K
+    B_TILE_SCALE: tl.constexpr,  # BLOCK_N divides g': one b scale per tile and K group, a scalar
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,  # programs walk GROUP_M row tiles per column tile, so b tiles stay in L2
@@ -68,15 +67,20 @@ def _scaled_mm_kernel(
     sa_ptrs = sa_ptr + (rm // a_rows_per_scale) * stride_sam
     sb_ptrs = sb_ptr + (rn // b_cols_per_scale) * stride_sbn
 
+    sb_tile_ptr = sb_ptr + (pid_n * BLOCK_N // b_cols_per_scale) * stride_sbn
+
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
-        a = _load_k_step(a_ptrs, offs_k, K - k * BLOCK_K, 1, EVEN_K)
-        b = _load_k_step(b_ptrs, offs_k, K - k * BLOCK_K, 0, EVEN_K)
+        k_left = K - k * BLOCK_K
+        a = _load_k_step(a_ptrs, offs_k[None, :] < k_left, EVEN_K)
+        b = _load_k_step(b_ptrs, offs_k[:, None] < k_left, EVEN_K)
         if SCALE_K > 0:
             group = (k * BLOCK_K) // SCALE_K
             sa = tl.load(sa_ptrs + group * stride_sak)
-            sb = tl.load(sb_ptrs + group * stride_sbk)
-            acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
+            if B_TILE_SCALE:  # one multiply per element per K step instead of two
+                acc += tl.dot(a, b) * (sa * tl.load(sb_tile_ptr + group * stride_sbk))[:, None]
+            else:
+                acc += tl.dot(a, b) * (sa[:, None] * tl.load(sb_ptrs + group * stride_sbk)[None, :])
         else:
             acc = tl.dot(a, b, acc)
         a_ptrs += BLOCK_K * stride_ak
@@ -97,8 +101,7 @@ def _scaled_mm_swap_kernel(
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
     stride_sam, stride_sak, stride_sbk, stride_sbn,
     a_rows_per_scale, b_cols_per_scale,
-    m_bucket,
-    SCALE_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    SCALE_K: tl.constexpr, B_TILE_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr,  # the narrow side: tokens
     BLOCK_N: tl.constexpr,  # the wgmma M side: output features
     BLOCK_K: tl.constexpr,
@@ -114,15 +117,20 @@ def _scaled_mm_swap_kernel(
     sa_ptrs = sa_ptr + (rm // a_rows_per_scale) * stride_sam
     sb_ptrs = sb_ptr + (rn // b_cols_per_scale) * stride_sbn
 
+    sb_tile_ptr = sb_ptr + (pid_n * BLOCK_N // b_cols_per_scale) * stride_sbn
+
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
-        bt = _load_k_step(bt_ptrs, offs_k, K - k * BLOCK_K, 1, EVEN_K)
-        at = _load_k_step(at_ptrs, offs_k, K - k * BLOCK_K, 0, EVEN_K)
+        k_left = K - k * BLOCK_K
+        bt = _load_k_step(bt_ptrs, offs_k[None, :] < k_left, EVEN_K)
+        at = _load_k_step(at_ptrs, offs_k[:, None] < k_left, EVEN_K)
         if SCALE_K > 0:
             group = (k * BLOCK_K) // SCALE_K
-            sb = tl.load(sb_ptrs + group * stride_sbk)
             sa = tl.load(sa_ptrs + group * stride_sak)
-            acc += tl.dot(bt, at) * (sb[:, None] * sa[None, :])
+            if B_TILE_SCALE:
+                acc += tl.dot(bt, at) * (sa * tl.load(sb_tile_ptr + group * stride_sbk))[None, :]
+            else:
+                acc += tl.dot(bt, at) * (tl.load(sb_ptrs + group * stride_sbk)[:, None] * sa[None, :])
         else:
             acc = tl.dot(bt, at, acc)
         bt_ptrs += BLOCK_K * stride_bk
@@ -146,16 +154,22 @@ def _config(bm, bn, stages, warps, group_m=8, **extra):
     return triton.Config(kwargs, num_stages=stages, num_warps=warps)
 
 
-# Hopper (sm90, 228 KB shared memory): a 128×128×128 fp8 stage is 32 KB, so 4 to 6 stages fit.
-# The block recipe keeps two 128×128 fp32 accumulators live (the dot's and the running sum),
-# which rules out 256-wide tiles at 8 warps. Sweep and pick in docs/triton.md.
+# Hopper (sm90, 228 KB shared memory, 64K registers per SM). A 128×128×128 fp8 stage is 32 KB.
+# The block recipe keeps two fp32 tiles live (the dot's and the running sum): 178 registers a
+# thread at 128×128 and 8 warps (ptxas), so one program per SM; 64×128 at 4 warps leaves room for
+# two or three, whose scale FMAs can overlap each other's tensor-core work. Measured choices in
+# docs/triton.md.
 HOPPER_CONFIGS = [
-    _config(128, 128, 4, 8),
-    _config(128, 128, 5, 8),
     _config(128, 128, 3, 8),
-    _config(64, 128, 5, 4),
-    _config(128, 64, 5, 4),
-    _config(64, 64, 6, 4),
+    _config(128, 128, 4, 8),
+    _config(64, 128, 3, 4),
+    _config(64, 128, 4, 4),
+    _config(128, 64, 4, 4),
+    # Rowwise and tensorwise keep one accumulator (128 registers a thread at 128×128), so the
+    # 256-wide tiles fit there.
+    _config(128, 256, 3, 8),
+    _config(128, 256, 4, 8),
+    _config(256, 128, 3, 8),
 ]
 HOPPER_SWAP_CONFIGS = [
     _config(bm, bn, stages, warps, group_m=None)
@@ -168,17 +182,8 @@ DEFAULT_SWAP_CONFIG = dict(BLOCK_N=64, num_stages=3, num_warps=4)
 INTERPRETER_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, GROUP_M=8)
 
 
-def _prune_swap(configs, named_args, **_):
-    """Keep the narrow side at the smallest tile that holds M (16 at least, wgmma's minimum N)."""
-    width = max(16, min(64, triton.next_power_of_2(named_args["M"])))
-    return [c for c in configs if c.kwargs["BLOCK_M"] == width]
-
-
-_tuned = triton.autotune(HOPPER_CONFIGS, key=["m_bucket", "N", "K", "SCALE_K", "HAS_BIAS"])(_scaled_mm_kernel)
-_tuned_swap = triton.autotune(
-    HOPPER_SWAP_CONFIGS, key=["m_bucket", "N", "K", "SCALE_K", "HAS_BIAS"],
-    prune_configs_by={"early_config_prune": _prune_swap},
-)(_scaled_mm_swap_kernel)
+def _wide(config) -> bool:
+    return max(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]) > 128
 
 
 def block_k_for(scale_k: int) -> int:
@@ -186,6 +191,12 @@ def block_k_for(scale_k: int) -> int:
     if scale_k == 0:
         return 128
     return min(128, scale_k & -scale_k)
+
+
+# Chosen configurations, per (device, shape bucket, dtypes, flags): filled by timing the
+# candidates on a problem's first call (about a second), then one dict lookup per call. Triton's
+# own @autotune wrapper adds Python work to every launch (docs/triton.md has the host costs).
+_chosen: dict[tuple, dict] = {}
 
 
 def matmul(a, b, out_dtype, bias=None, config: dict | None = None):
@@ -201,29 +212,64 @@ def matmul(a, b, out_dtype, bias=None, config: dict | None = None):
         m, n, k,
         a.data.stride(0), a.data.stride(1), b.data.stride(0), b.data.stride(1), c.stride(0), c.stride(1),
         sa.stride(0), sa.stride(1), sb.stride(0), sb.stride(1),
-        a.block[0], b.block[1], triton.next_power_of_2(m),
+        a.block[0], b.block[1],
     )
     flags = dict(SCALE_K=scale_k, HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, BLOCK_K=block_k)
     swap = m <= SMALL_M
-    if config is None:
-        config = _default_config(a.data.device, swap)
-    if config == "tuned":
-        kernel = _tuned_swap if swap else _tuned
-        kernel[_grid(m, n, swap)](*args, **flags)
-    else:
-        kernel = _scaled_mm_swap_kernel if swap else _scaled_mm_kernel
+    kernel = _scaled_mm_swap_kernel if swap else _scaled_mm_kernel
+
+    def launch(config):
         config = dict(config)
         if swap:
             config.pop("GROUP_M", None)
-            config.setdefault("BLOCK_M", max(16, min(64, triton.next_power_of_2(m))))
-        kernel[_grid(m, n, swap)(config)](*args, **flags, **config)
+            config.setdefault("BLOCK_M", _narrow(m))
+        config["B_TILE_SCALE"] = b.block[1] % config["BLOCK_N"] == 0
+        kernel[_grid(m, n, swap, config)](*args, **flags, **config)
+
+    if config is None:
+        config = _default_config(a.data.device, swap)
+    if config == "tuned":
+        key = (a.data.device, swap, triton.next_power_of_2(m), n, k, a.block[0] == 1, b.block[1], a.dtype,
+               b.dtype, out_dtype, bias is not None, flags["EVEN_K"], scale_k)
+        config = _chosen.get(key)
+        if config is None:
+            config = _chosen[key] = _tune(launch, _candidates(m, swap, scale_k))
+    launch(config)
     return c
 
 
-def _grid(m, n, swap):
+def _narrow(m: int) -> int:
+    """The swapped kernel's token side: the smallest of 16, 32, 64 that holds M (wgmma's N ≥ 8)."""
+    return max(16, min(64, triton.next_power_of_2(m)))
+
+
+def _kwargs(config: triton.Config) -> dict:
+    return dict(config.kwargs, num_stages=config.num_stages, num_warps=config.num_warps)
+
+
+def _candidates(m: int, swap: bool, scale_k: int) -> list[dict]:
     if swap:
-        return lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))
-    return lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        return [_kwargs(c) for c in HOPPER_SWAP_CONFIGS if c.kwargs["BLOCK_M"] == _narrow(m)]
+    return [_kwargs(c) for c in HOPPER_CONFIGS if not (scale_k and _wide(c))]
+
+
+def _tune(launch, candidates: list[dict]) -> dict:
+    """Time each candidate (5 ms warm-up, 20 ms of runs: enough to separate 3% differences)."""
+    best, best_ms = None, float("inf")
+    for config in candidates:
+        try:
+            ms = triton.testing.do_bench(lambda: launch(config), warmup=5, rep=20)
+        except triton.runtime.errors.OutOfResources:
+            continue
+        if ms < best_ms:
+            best, best_ms = config, ms
+    return best
+
+
+def _grid(m, n, swap, config):
+    if swap:
+        return (triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(m, config["BLOCK_M"]))
+    return (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
 
 
 def _default_config(device: torch.device, swap: bool):

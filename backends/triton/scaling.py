@@ -9,7 +9,7 @@ the max), and the power-of-two rounding is the same integer trick on the fp32 bi
 import triton
 import triton.language as tl
 
-FP32_MAX = 3.4028234663852886e38
+FP32_MAX = tl.constexpr(3.4028234663852886e38)  # the largest finite fp32
 
 
 @triton.jit
