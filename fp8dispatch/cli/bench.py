@@ -42,6 +42,7 @@ def add_selection(parser, *, ops_default: str) -> None:
     g.add_argument("--warmup", type=int, default=5, help="untimed runs first (autotuners run here)")
     g.add_argument("--out", default=None, help="write OUT.json and OUT.csv, the JSON after every point")
     g.add_argument("--resume", action="store_true", help="keep the rows already in OUT.json, measure the rest")
+    g.add_argument("--no-graphs", action="store_true", help="time eager calls, not CUDA graph replays")
 
 
 def add_arguments(parser) -> None:
@@ -67,7 +68,7 @@ def selection(args) -> tuple[list[bench.Point], list[str], bench.Settings]:
     backends = bench.available_backends(_names("backends", args.backends, None) if args.backends else None)
     runs = args.runs or (20 if args.quick else 50)
     settings = bench.Settings(device, args.warmup, runs, not getattr(args, "no_auto", False),
-                              not getattr(args, "no_baselines", False))
+                              not getattr(args, "no_baselines", False), not args.no_graphs)
     return bench.points(shapes, ops, recipes, grans), backends, settings
 
 
@@ -213,7 +214,7 @@ def auto_report(rows: list[dict]) -> tuple[str, list[dict]]:
 
 
 CSV_FIELDS = ("op", "variant", "m", "n", "k", "backend", "status", "median_s", "p10_s", "p90_s", "runs",
-              "spread", "tflops", "gbps", "baseline", "speedup", "error", "chosen", "note")
+              "spread", "timing", "tflops", "gbps", "baseline", "speedup", "error", "chosen", "note")
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
