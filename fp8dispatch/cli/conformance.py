@@ -37,6 +37,7 @@ def run(args) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     for module in args.load or ():
         importlib.import_module(module)
+    from fp8dispatch import registry
     from fp8dispatch.conformance import report, runner
 
     quick = args.quick or (not args.full and device.type != "cuda")
@@ -46,6 +47,9 @@ def run(args) -> int:
         return 0
     bar = ProgressBar(sys.stderr)
     # `timeout` sends SIGTERM: stop like Ctrl-C, so the checks that finished still reach the report.
+    # Installed after the backends' libraries load and probe, which may install handlers of their own.
+    for name in runner.select_backends(args.backend):
+        registry.probe_result(name)
     signal.signal(signal.SIGTERM, _interrupt)
     result = runner.run(backends=args.backend, ops=args.op, quick=quick, device=device, match=args.case,
                         progress=bar.update)
