@@ -6,8 +6,9 @@ import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from . import cases as case_lists
 from .cases import OPS
-from .checks import FAILED, PASSED, UNSUPPORTED, MATMUL_TOLERANCE
+from .checks import FAILED, MATMUL_TOLERANCE, PASSED, UNSUPPORTED, Outcome
 from .runner import Result, Run
 
 # Matrix columns per op: granularities for quantize/dequantize, recipes for matmul.
@@ -149,9 +150,33 @@ def write(run: Run, path: str | Path) -> tuple[Path, Path]:
     return md, js
 
 
+def merge(run: Run, path: str | Path) -> Run:
+    """`run` plus the results of other backends in an earlier JSON report at `path` (or beside it).
+
+    For machines where one command cannot run every backend in its time limit: run them one or a
+    few at a time with `--merge`, and the last report holds them all. A backend in `run` replaces
+    its earlier results.
+    """
+    path = Path(path)
+    js = path if path.suffix == ".json" else path.with_suffix(".json")
+    if not js.exists():
+        return run
+    old = json.loads(js.read_text(encoding="utf-8"))
+    known = {c.id: c for quick in (True, False) for c in case_lists.all_cases(quick)}
+    kept = [Result(r["backend"], known[r["case"]], Outcome(r["status"], r["detail"]), r["seconds"])
+            for r in old["results"] if r["backend"] not in run.backends and r["case"] in known]
+    names = list(dict.fromkeys([*old["backends"], *run.backends]))
+    merged = Run(device=run.device, quick=run.quick and old["size"] == "quick", backends=names,
+                 ops=[op for op in OPS if op in {*old["ops"], *run.ops}], environment=run.environment,
+                 probes={b: v["probe"] for b, v in old["backends"].items()} | run.probes,
+                 results=kept + run.results, seconds=run.seconds + sum(r.seconds for r in kept))
+    merged.planned = len(merged.results) + run.planned - len(run.results)
+    return merged
+
+
 def _escape(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-__all__ = ["COLUMNS", "OPS", "matrix", "matrix_markdown", "repro_command", "summary_line", "to_json",
+__all__ = ["COLUMNS", "OPS", "matrix", "matrix_markdown", "merge", "repro_command", "summary_line", "to_json",
            "to_markdown", "unsupported_reasons", "write"]

@@ -219,3 +219,15 @@ def test_pytest_collects_a_backend_registered_by_a_plugin(tmp_path):
         cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "8 passed" in proc.stdout, proc.stdout[-2000:]
+
+
+def test_merge_keeps_other_backends_and_replaces_a_rerun_one(sandbox, tmp_path):
+    fp8dispatch.register_backend(_backend("flipped", quantize=flipped_scale_quantize))
+    path = tmp_path / "h100.md"
+    first = runner.run(backends=["flipped", "reference"], ops=["quantize"], device="cpu", match=["-1x200-"])
+    reports.write(first, path)
+    again = runner.run(backends=["reference"], ops=["quantize", "dequantize"], device="cpu", match=["-1x200-"])
+    merged = reports.merge(again, path)
+    assert sorted(merged.backends) == ["flipped", "reference"] and merged.ops == ["quantize", "dequantize"]
+    assert len(merged.failed) == 4 and {r.backend for r in merged.failed} == {"flipped"}
+    assert len([r for r in merged.results if r.backend == "reference"]) == 8

@@ -27,6 +27,9 @@ def add_arguments(parser) -> None:
                         help="import MODULE first, e.g. one that calls fp8dispatch.register_backend (repeatable)")
     parser.add_argument("--report", metavar="PATH",
                         help="write the Markdown report to PATH and the JSON beside it (PATH with .json)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other backends' results from the JSON already at --report PATH "
+                             "(run backends one at a time where one command has a time limit)")
     parser.add_argument("--list", action="store_true", help="list the selected case ids and exit")
 
 
@@ -64,8 +67,9 @@ def run(args) -> int:
             print(f"unavailable here: {name}: {probe}")
     print(report.summary_line(result))
     if args.report:
-        md, js = report.write(result, args.report)
-        print(f"report: {md} and {js}")
+        written = report.merge(result, args.report) if args.merge else result
+        md, js = report.write(written, args.report)
+        print(f"report: {md} and {js}" + (f" ({report.summary_line(written)})" if args.merge else ""))
     if not result.planned:
         print("no checks selected", file=sys.stderr)
         return 2
