@@ -12,7 +12,9 @@ ENV_VARS = (
 
 @pytest.fixture
 def sandbox(monkeypatch):
-    """A registry whose registrations, probes, hooks and environment are undone after the test.
+    """A registry of the reference alone (plus what the test registers), no routing table, and a
+    clean environment; all of it is undone after the test. The registry's mechanics must not
+    depend on which built-in backends this machine has.
 
     `sandbox.env(NAME=value, ...)` sets variables and re-reads them, as a new process would.
     """
@@ -20,6 +22,10 @@ def sandbox(monkeypatch):
     saved = (dict(registry._backends), dict(registry._probes), list(registry.routing_hooks))
     for var in ENV_VARS:
         monkeypatch.delenv(var, raising=False)
+    for name in list(registry._backends):
+        if name != "reference":
+            del registry._backends[name]
+    registry.routing_hooks.clear()
     registry.refresh()
 
     class Sandbox:
