@@ -145,8 +145,20 @@ BACKEND = Backend(
     quantize=_quantize,
     dequantize=_dequantize,
     matmul=_matmul,
+    # 100 = fastest measured on the H100 for that op and recipe, 90 second, 80 third (reference 0);
+    # from docs/benchmarks/triton-h100.md, peers in the same run (docs/triton.md explains each).
     priority=50,
-    priorities={},
+    priorities={
+        "quantize.tensor": 100,  # 1.9x FBGEMM quantize_fp8_per_tensor
+        "quantize.group": 100,  # the only 1x128 quantizer measured at 0.87-0.90 of a bf16 copy
+        "quantize.block": 100,
+        "quantize.row": 90,  # FBGEMM quantize_fp8_per_row wins at 4096x7168, loses at 8192^2
+        "quantize.col": 90,
+        "dequantize": 80,  # one pass, but not measured against a peer
+        "matmul.block": 90,  # 0.80-0.91x FBGEMM f8f8bf16_groupwise at M=4096
+        "matmul.row": 90,  # 0.88-1.02x torch._scaled_mm at M=4096
+        "matmul.tensor": 90,  # 0.82-0.97x torch._scaled_mm
+    },
     version=_triton_version,
     description="fp8dispatch's own Triton kernels (sm89+; the interpreter on CPU)",
 )

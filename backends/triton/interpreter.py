@@ -11,6 +11,7 @@ the kernels clamp to ±max before casting, so e5m2's overflow rule never comes i
 from __future__ import annotations
 
 import os
+from functools import cache
 
 import numpy as np
 import torch
@@ -18,8 +19,10 @@ import torch
 _SIGNED = {8: torch.int8, 16: torch.int16, 32: torch.int32, 64: torch.int64}
 
 
+@cache
 def active() -> bool:
-    """Whether @triton.jit kernels defined now run in the interpreter (read as Triton reads it)."""
+    """Whether @triton.jit kernels run in the interpreter, read as Triton reads it, once: the
+    choice is made when the kernels are decorated, at import."""
     try:
         from triton import knobs
 

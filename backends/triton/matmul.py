@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fp8dispatch.problem import device_capability
+
 from .interpreter import active as interpreting
 
 # Up to this M the swapped kernel runs (its narrow side is 16 to 64 wide).
@@ -275,6 +277,6 @@ def _grid(m, n, swap, config):
 def _default_config(device: torch.device, swap: bool):
     if interpreting():
         return INTERPRETER_CONFIG
-    if torch.cuda.get_device_capability(device) == (9, 0):
+    if device_capability(device) == (9, 0):
         return "tuned"
     return DEFAULT_SWAP_CONFIG if swap else DEFAULT_CONFIG

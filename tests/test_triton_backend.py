@@ -1,0 +1,259 @@
+"""The triton backend's kernels under the interpreter: bit-identical to the reference, two launches
+for tensorwise, the interpreter cast fix, and the reasons `why_not` gives."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("CPU interpreter tests (conftest sets TRITON_INTERPRET=1 without a GPU)", allow_module_level=True)
+
+import fp8dispatch  # noqa: E402
+from fp8dispatch.backends import reference  # noqa: E402
+from fp8dispatch.backends import triton as backend  # noqa: E402
+from fp8dispatch.blocks import block_for  # noqa: E402
+from fp8dispatch.problem import MatmulProblem, QuantizeProblem  # noqa: E402
+from fp8dispatch.registry import probe_result  # noqa: E402
+from fp8dispatch.tensor import Fp8Tensor  # noqa: E402
+
+kernels = backend.kernels()
+# The special values overflow numpy on purpose inside the interpreter (x / tiny scale -> inf).
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+
+
+def special_values(rows: int, cols: int, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
+    """Random values over 8 decades with the hard cases planted: zeros, ±max, values above max,
+    fp8 subnormals, exact ties, NaN, ±inf, fp32 denormals, and one all-zero block."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, cols, generator=g) * torch.logspace(-4, 4, cols)
+    specials = torch.tensor([0.0, 448.0, -448.0, 57344.0, 1e6, -3e38, 2.0**-9, 2.0**-10, 1.5 * 2.0**-9,
+                             float("nan"), float("inf"), float("-inf"), 1e-40, 17.0, 18.0, 0.3])
+    flat = x.view(-1)
+    picks = torch.randperm(flat.numel(), generator=g)[: min(flat.numel() // 3, 3 * specials.numel())]
+    flat[picks] = specials.repeat(3)[: picks.numel()]
+    x[: max(1, rows // 3), : min(cols, 64)] = 0.0
+    return x.to(dtype)
+
+
+def assert_same_bits(got, want):
+    assert got.dtype == want.dtype and got.shape == want.shape
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[got.element_size()]
+    g, w = got.view(ints), want.view(ints)
+    differ = int((g != w).sum())
+    assert differ == 0, f"{differ} of {g.numel()} differ; first at {(g != w).nonzero()[0].tolist()}"
+
+
+def calc_diff(x, y) -> float:
+    x, y = x.double(), y.double()
+    return float(1 - 2 * (x * y).sum() / (x * x + y * y).sum())
+
+
+# --- the interpreter's cast fix ---------------------------------------------------------------
+
+
+def test_interpreter_fix_is_installed_once():
+    from triton.runtime import interpreter as triton_interpreter
+
+    from fp8dispatch.backends.triton import interpreter
+
+    assert interpreter.install() and interpreter.install()
+    assert getattr(triton_interpreter._convert_float, "_fp8dispatch", False)
+
+
+@pytest.mark.parametrize("fp8", [E4M3, E5M2])
+def test_every_bf16_pattern_casts_like_torch(fp8):
+    """All 65536 bf16 bit patterns through a kernel's saturating cast equal torch's clamp + cast."""
+    x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).reshape(256, 256)
+    data, scale = kernels.quantize(x, (256, 256), fp8, scale=torch.ones(1, 1))
+    want = reference.quantize(x, (256, 256), fp8, scale=torch.ones(1, 1))[0]
+    assert_same_bits(data, want)
+
+
+# --- quantize ---------------------------------------------------------------------------------
+
+SHAPES = [(1, 128), (37, 300), (130, 256)]
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "row", "group", "block"])
+@pytest.mark.parametrize("fp8", [E4M3, E5M2])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_quantize_bit_identical(granularity, fp8, shape):
+    for in_dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = special_values(*shape, in_dtype)
+        block = block_for(granularity, *shape, 128)
+        data, scale = kernels.quantize(x, block, fp8)
+        want_data, want_scale = reference.quantize(x, block, fp8)
+        assert_same_bits(scale, want_scale)
+        assert_same_bits(data, want_data)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "row", "group", "block"])
+@pytest.mark.parametrize("options", [{"pow2_scale": True}, {"scale_ub": 30.0}, {"user": True}],
+                         ids=["pow2", "scale_ub", "user_scale"])
+def test_quantize_options_bit_identical(granularity, options):
+    x = special_values(70, 300, torch.bfloat16, seed=1)
+    block = block_for(granularity, 70, 300, 128)
+    options = dict(options)
+    if options.pop("user", False):  # 0.5× the automatic scale: half the values saturate
+        options["scale"] = reference.quantize(x, block, E4M3)[1] * 0.5
+    got = kernels.quantize(x, block, E4M3, **options)
+    want = reference.quantize(x, block, E4M3, **options)
+    assert_same_bits(got[1], want[1])
+    assert_same_bits(got[0], want[0])
+
+
+@pytest.mark.parametrize("block", [(1, 100), (1, 300), (48, 64), (300, 1), (2, 300)])
+def test_quantize_odd_blocks(block):
+    """Group widths that are not powers of two, and blocks the chunked kernel sweeps."""
+    x = special_values(50, 300, seed=2)
+    got = kernels.quantize(x, block, E4M3)
+    want = reference.quantize(x, block, E4M3)
+    assert_same_bits(got[1], want[1])
+    assert_same_bits(got[0], want[0])
+
+
+def test_wide_rows_take_the_chunked_path():
+    """A row wider than one tile (16384) is swept twice: amax, then cast."""
+    x = special_values(2, 20000, seed=3)
+    got = kernels.quantize(x, (1, 20000), E4M3)
+    want = reference.quantize(x, (1, 20000), E4M3)
+    assert_same_bits(got[1], want[1])
+    assert_same_bits(got[0], want[0])
+
+
+def test_quantize_strided_input():
+    x = special_values(300, 64, seed=4).t()  # [64, 300], column-major
+    got = kernels.quantize(x, (1, 128), E4M3)
+    want = reference.quantize(x, (1, 128), E4M3)
+    assert_same_bits(got[1], want[1])
+    assert_same_bits(got[0], want[0])
+
+
+def test_public_api_with_leading_dims():
+    x = special_values(24, 256, torch.bfloat16, seed=5).reshape(2, 12, 256)
+    got = fp8dispatch.quantize(x, "group", backend="triton")
+    want = fp8dispatch.quantize(x, "group", backend="reference")
+    assert got.data.shape == x.shape and got.scale.shape == (24, 2)
+    assert_same_bits(got.scale, want.scale)
+    assert_same_bits(got.data, want.data)
+
+
+class _Counting:
+    """Stands in for a @triton.jit kernel and counts its launches."""
+
+    def __init__(self, kernel, calls):
+        self.kernel, self.calls = kernel, calls
+
+    def __getitem__(self, grid):
+        self.calls.append(self.kernel.__name__ if hasattr(self.kernel, "__name__") else str(self.kernel))
+        return self.kernel[grid]
+
+
+def test_tensorwise_two_launches_and_reciprocal(monkeypatch):
+    from fp8dispatch.backends.triton import quantize as q
+
+    calls = []
+    for name in ("_tensor_amax_kernel", "_tensor_cast_kernel", "_groups_kernel", "_blocks_kernel"):
+        monkeypatch.setattr(q, name, _Counting(getattr(q, name), calls))
+    x = special_values(300, 500, seed=6)
+    data, scales = q.quantize_tensorwise(x, E4M3)
+    assert len(calls) == 2
+    want_data, want_scale = reference.quantize(x, (300, 500), E4M3)
+    assert_same_bits(scales[:1].view(1, 1), want_scale)
+    assert_same_bits(data, want_data)
+    assert_same_bits(scales[1:], torch.tensor([1.0]) / want_scale.view(1))
+
+
+# --- dequantize -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "row", "group", "block"])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dequantize_exact(granularity, out_dtype):
+    x = special_values(37, 300, seed=7)
+    block = block_for(granularity, 37, 300, 128)
+    data, scale = reference.quantize(x, block, E4M3)
+    got = kernels.dequantize(data, scale, block, out_dtype)
+    want = reference.dequantize(data, scale, block, out_dtype)
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(got), nan)
+    assert_same_bits(got[~nan], want[~nan])
+
+
+# --- matmul -----------------------------------------------------------------------------------
+
+
+def _operands(m, n, k, recipe, group=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+    a_block = {"block": (1, group), "row": (1, k), "tensor": (m, k)}[recipe]
+    w_block = {"block": (group, group), "row": (1, k), "tensor": (n, k)}[recipe]
+    return (Fp8Tensor(*reference.quantize(a, a_block, E4M3), a_block),
+            Fp8Tensor(*reference.quantize(w, w_block, E4M3), w_block))
+
+
+@pytest.mark.parametrize("recipe", ["block", "row", "tensor"])
+@pytest.mark.parametrize("m,n,k", [(1, 96, 256), (70, 200, 384), (130, 64, 300)])
+def test_matmul_matches_reference(recipe, m, n, k):
+    """M = 1 takes the swapped small-M kernel, 70 and 130 the tiled one; N and K have tails."""
+    qa, qw = _operands(m, n, k, recipe)
+    bias = torch.randn(n).to(torch.bfloat16)
+    for out_dtype, b in ((torch.bfloat16, None), (torch.float32, bias)):
+        got = kernels.matmul(qa, qw.t(), out_dtype, b)
+        want = reference.matmul(qa, qw.t(), out_dtype, b)
+        assert got.dtype == out_dtype and got.shape == (m, n)
+        assert torch.isfinite(got).all()
+        assert calc_diff(got.float(), want.float()) < 1e-3
+
+
+def test_matmul_group_of_64():
+    """A K group other than 128 (a 1×64, b 64×64): K steps of 64."""
+    qa, qw = _operands(40, 128, 256, "block", group=64, seed=3)
+    got = kernels.matmul(qa, qw.t(), torch.float32)
+    want = reference.matmul(qa, qw.t(), torch.float32)
+    assert calc_diff(got, want) < 1e-3
+
+
+def test_public_linear_routes_to_triton():
+    x, w = torch.randn(3, 5, 256), torch.randn(192, 256)
+    got = fp8dispatch.linear(x.bfloat16(), w.bfloat16(), backend="triton")
+    want = fp8dispatch.linear(x.bfloat16(), w.bfloat16(), backend="reference")
+    assert got.shape == (3, 5, 192)
+    assert calc_diff(got.float(), want.float()) < 1e-3
+
+
+# --- what the backend declares ------------------------------------------------------------------
+
+
+def _matmul_problem(**changes):
+    fields = dict(device=torch.device("cpu"), capability=None, recipe="block", a_dtype=E4M3, b_dtype=E4M3,
+                  m=64, n=256, k=512, a_block=(1, 128), b_block=(128, 128), a_row_major=True,
+                  b_col_major=True, out_dtype=torch.bfloat16, bias_dtype=None)
+    fields.update(changes)
+    return MatmulProblem(**fields)
+
+
+def test_probe_passes_under_the_interpreter():
+    assert probe_result("triton") is None
+
+
+def test_why_not_names_each_limit():
+    why = backend.BACKEND.why_not
+    assert why("matmul", _matmul_problem()) == []
+    assert any("column-major" in r for r in why("matmul", _matmul_problem(b_col_major=False)))
+    assert any("row-major" in r for r in why("matmul", _matmul_problem(a_row_major=False)))
+    assert any("block recipe" in r for r in why("matmul", _matmul_problem(recipe="mixed")))
+    assert any("g % 32" in r for r in why("matmul", _matmul_problem(a_block=(1, 48), b_block=(48, 48))))
+    assert any("CPU tensors only" in r for r in why("matmul", _matmul_problem(device=torch.device("meta"))))
+    fnuz = QuantizeProblem(device=torch.device("cpu"), capability=None, in_dtype=torch.float32, shape=(4, 128),
+                           contiguous=True, block=(1, 128), fp8_dtype=torch.float8_e4m3fnuz, user_scale=False,
+                           scale_ub=False, pow2_scale=False)
+    import triton
+
+    major_minor = tuple(int(p) for p in triton.__version__.split(".")[:2])
+    assert bool(why("quantize", fnuz)) == (major_minor < (3, 8))
