@@ -121,6 +121,7 @@ def test_tune_from_results_writes_a_table_that_auto_uses(sandbox, tmp_path, monk
     monkeypatch.setattr(tuning, "SHIPPED_DIR", tmp_path / "none")
     table = tmp_path / "routing.json"
     sandbox.env(FP8DISPATCH_TUNING=str(table))
+    tuning.install()  # the sandbox starts with no routing hook
     fp8dispatch.register_backend(Backend("quick", lambda: None, lambda op, p: [], quantize=reference.quantize,
                                          priority=-60))
     rows = bench.run(bench.points([bench.Shape(4, 0, 256)], ops=("quantize",), granularities=("group",)),

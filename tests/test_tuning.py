@@ -22,6 +22,7 @@ def tables(sandbox, tmp_path, monkeypatch):
     monkeypatch.setattr(tuning, "SHIPPED_DIR", shipped)
     path = tmp_path / "routing.json"
     sandbox.env(FP8DISPATCH_TUNING=str(path))
+    tuning.install()  # the sandbox starts with no routing hook; it restores the hooks afterwards
     return path
 
 

@@ -205,11 +205,15 @@ def auto_report(rows: list[dict]) -> tuple[str, list[dict]]:
         return "auto vs fastest: no point has both an auto row and a backend row", summary
     misses = [s for s in summary if s["ratio"] < TARGET]
     worst = min(summary, key=lambda s: s["ratio"])
+    same = sum(1 for s in summary if s["chosen"] == s["fastest"])
     lines = [f"auto vs fastest backend: {len(summary) - len(misses)}/{len(summary)} points at >= {TARGET}x; "
-             f"worst {worst['ratio']:.3f}x ({worst['op']} {worst['variant']} {worst['m']}x{worst['n']}x{worst['k']})"]
+             f"worst {worst['ratio']:.3f}x ({worst['op']} {worst['variant']} {worst['m']}x{worst['n']}x{worst['k']}); "
+             f"auto chose the fastest backend itself at {same}/{len(summary)}"]
     for s in misses:
+        # The same backend timed twice: the shortfall is the run-to-run spread, not a wrong choice.
+        why = "same backend: timing noise" if s["chosen"] == s["fastest"] else f"fastest {s['fastest']}"
         lines.append(f"  below {TARGET}: {s['op']} {s['variant']} {s['m']}x{s['n']}x{s['k']}: "
-                     f"{s['ratio']:.3f}x, auto chose {s['chosen']}, fastest {s['fastest']}")
+                     f"{s['ratio']:.3f}x, auto chose {s['chosen']} ({why})")
     return "\n".join(lines), summary
 
 
@@ -273,9 +277,10 @@ def plots(directory: Path, env: dict, rows: list[dict]) -> list[Path]:
 
 def _roofline(plt, directory: Path, env: dict, rows: list[dict]) -> Path:
     """FP8 GEMMs: TFLOPS against arithmetic intensity (FLOPs per byte of A, B and the bf16 output)."""
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig, ax = plt.subplots(figsize=(10, 5.5))
     seen: set[str] = set()
-    gemms = [r for r in rows if r["op"] == "matmul" and r.get("status") in ("ok", "baseline") and r.get("tflops")]
+    gemms = [r for r in rows if r["op"] == "matmul" and r.get("status") in ("ok", "baseline") and r.get("tflops")
+             and r["backend"] != "reference"]  # fp32 math on dequantized copies: off the chart's scale
     colors = {}
     for r in sorted(gemms, key=lambda r: (r["backend"], r["variant"])):
         m, n, k, backend = r["m"], r["n"], r["k"], r["backend"]
@@ -304,7 +309,7 @@ def _roofline(plt, directory: Path, env: dict, rows: list[dict]) -> Path:
     ax.set_ylabel("TFLOPS")
     ax.set_title(f"FP8 GEMM roofline, {env['device']}")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     path = directory / "roofline.png"
     fig.savefig(path, dpi=110)
