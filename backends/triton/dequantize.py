@@ -13,6 +13,7 @@ import triton.language as tl
 
 from fp8dispatch.blocks import cdiv
 
+from .launch import Launcher
 from .tiles import TILE, num_warps_for
 
 
@@ -36,14 +37,20 @@ def _dequantize_kernel(
     tl.store(out_ptr + rows[:, None] * C + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+_dequantize = Launcher(_dequantize_kernel)
+
+
 def dequantize(data, scale, block, out_dtype):
     rows, cols = data.shape
     out = torch.empty((rows, cols), dtype=out_dtype, device=data.device)
     tile = TILE()
     block_c = min(triton.next_power_of_2(cols), 1024)
     block_r = min(triton.next_power_of_2(rows), max(1, tile // block_c))
-    _dequantize_kernel[(cdiv(rows, block_r), cdiv(cols, block_c))](
-        data, scale, out, rows, cols, data.stride(0), data.stride(1), scale.stride(0), scale.stride(1),
-        block[0], block[1], BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps_for(block_r * block_c),
+    _dequantize(
+        (cdiv(rows, block_r), cdiv(cols, block_c)),
+        (data, scale, out, rows, cols, data.stride(0), data.stride(1), scale.stride(0), scale.stride(1),
+         block[0], block[1]),
+        dict(BLOCK_R=block_r, BLOCK_C=block_c),
+        dict(num_warps=num_warps_for(block_r * block_c)),
     )
     return out

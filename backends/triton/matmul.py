@@ -25,6 +25,7 @@ import triton.language as tl
 from fp8dispatch.problem import device_capability
 
 from .interpreter import active as interpreting
+from .launch import Launcher
 
 # Up to this M the swapped kernel runs (its narrow side is 16 to 64 wide).
 SMALL_M = 64
@@ -195,6 +196,8 @@ def block_k_for(scale_k: int) -> int:
     return min(128, scale_k & -scale_k)
 
 
+_launchers = {False: Launcher(_scaled_mm_kernel), True: Launcher(_scaled_mm_swap_kernel)}
+
 # Chosen configurations, per (device, shape bucket, dtypes, flags): filled by timing the
 # candidates on a problem's first call (about a second), then one dict lookup per call. Triton's
 # own @autotune wrapper adds Python work to every launch (docs/triton.md has the host costs).
@@ -218,15 +221,16 @@ def matmul(a, b, out_dtype, bias=None, config: dict | None = None):
     )
     flags = dict(SCALE_K=scale_k, HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, BLOCK_K=block_k)
     swap = m <= SMALL_M
-    kernel = _scaled_mm_swap_kernel if swap else _scaled_mm_kernel
+    launcher = _launchers[swap]
 
     def launch(config):
-        config = dict(config)
+        constexprs = dict(config)
+        options = {name: constexprs.pop(name) for name in ("num_warps", "num_stages") if name in constexprs}
         if swap:
-            config.pop("GROUP_M", None)
-            config.setdefault("BLOCK_M", _narrow(m))
-        config["B_TILE_SCALE"] = b.block[1] % config["BLOCK_N"] == 0
-        kernel[_grid(m, n, swap, config)](*args, **flags, **config)
+            constexprs.pop("GROUP_M", None)
+            constexprs.setdefault("BLOCK_M", _narrow(m))
+        constexprs["B_TILE_SCALE"] = b.block[1] % constexprs["BLOCK_N"] == 0
+        launcher(_grid(m, n, swap, constexprs), args, {**flags, **constexprs}, options)
 
     if config is None:
         config = _default_config(a.data.device, swap)

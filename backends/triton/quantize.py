@@ -25,6 +25,7 @@ import triton.language as tl
 from fp8dispatch.blocks import cdiv, scale_shape
 from fp8dispatch.formats import fp8_format
 
+from .launch import Launcher
 from .scaling import finite_abs, saturating_cast, scale_from_amax
 from .tiles import TILE, num_warps_for, sm_count
 
@@ -185,6 +186,12 @@ def _tensor_cast_kernel(
         tl.store(q_ptr + rows[:, None] * C + cols[None, :], q, mask=mask)
 
 
+_groups = Launcher(_groups_kernel)
+_blocks = Launcher(_blocks_kernel)
+_tensor_amax = Launcher(_tensor_amax_kernel)
+_tensor_cast = Launcher(_tensor_cast_kernel)
+
+
 def quantize(x, block, dtype, scale=None, scale_ub=None, pow2_scale=False):
     """The backend's quantize: (data [R, C] contiguous, scale [ceil(R/br), ceil(C/bc)] fp32)."""
     rows, cols = x.shape
@@ -218,11 +225,12 @@ def _quantize_groups(x, group, dtype, scale, scale_ub, pow2_scale):
     groups = min(triton.next_power_of_2(n_groups), max(1, 1024 // g_p2), max(1, tile // g_p2))
     block_r = min(triton.next_power_of_2(rows), max(1, tile // (groups * g_p2)))
     grid = (cdiv(rows, block_r), cdiv(n_groups, groups))
-    _groups_kernel[grid](
-        x, data, s, rows, cols, x.stride(0), x.stride(1), s.stride(0), s.stride(1), n_groups,
-        scale_ub or 0.0, GROUP=group, G_P2=g_p2, GROUPS=groups, BLOCK_R=block_r,
-        **_flags(fp8_format(dtype), scale, scale_ub, pow2_scale),
-        num_warps=num_warps_for(block_r * groups * g_p2),
+    _groups(
+        grid,
+        (x, data, s, rows, cols, x.stride(0), x.stride(1), s.stride(0), s.stride(1), n_groups, scale_ub or 0.0),
+        dict(GROUP=group, G_P2=g_p2, GROUPS=groups, BLOCK_R=block_r, **_flags(fp8_format(dtype), scale, scale_ub,
+                                                                             pow2_scale)),
+        dict(num_warps=num_warps_for(block_r * groups * g_p2)),
     )
     return data, s
 
@@ -234,11 +242,11 @@ def _quantize_blocks(x, block, dtype, scale, scale_ub, pow2_scale):
     tile = TILE()
     chunk_c = min(triton.next_power_of_2(bc), tile)
     chunk_r = min(triton.next_power_of_2(br), max(1, tile // chunk_c))
-    _blocks_kernel[(cdiv(rows, br), cdiv(cols, bc))](
-        x, data, s, rows, cols, x.stride(0), x.stride(1), s.stride(0), s.stride(1), scale_ub or 0.0,
-        BR=br, BC=bc, CHUNK_R=chunk_r, CHUNK_C=chunk_c,
-        **_flags(fp8_format(dtype), scale, scale_ub, pow2_scale),
-        num_warps=num_warps_for(chunk_r * chunk_c),
+    _blocks(
+        (cdiv(rows, br), cdiv(cols, bc)),
+        (x, data, s, rows, cols, x.stride(0), x.stride(1), s.stride(0), s.stride(1), scale_ub or 0.0),
+        dict(BR=br, BC=bc, CHUNK_R=chunk_r, CHUNK_C=chunk_c, **_flags(fp8_format(dtype), scale, scale_ub, pow2_scale)),
+        dict(num_warps=num_warps_for(chunk_r * chunk_c)),
     )
     return data, s
 
@@ -261,10 +269,12 @@ def quantize_tensorwise(x, dtype, scale=None, scale_ub=None, pow2_scale=False):
     common = (rows, cols, x.stride(0), x.stride(1), n_tile_cols, n_tiles)
     warps = num_warps_for(tr * tc)
     if scale is None:
-        _tensor_amax_kernel[(programs,)](x, partials, *common, iters, TR=tr, TC=tc, num_warps=warps)
-    _tensor_cast_kernel[(programs,)](
-        x, data, partials, scales, *common, programs, iters, scale_ub or 0.0, TR=tr, TC=tc,
-        PARTIALS_P2=triton.next_power_of_2(programs),
-        **_flags(fp8_format(dtype), scale, scale_ub, pow2_scale), num_warps=warps,
+        _tensor_amax((programs,), (x, partials, *common, iters), dict(TR=tr, TC=tc), dict(num_warps=warps))
+    _tensor_cast(
+        (programs,),
+        (x, data, partials, scales, *common, programs, iters, scale_ub or 0.0),
+        dict(TR=tr, TC=tc, PARTIALS_P2=triton.next_power_of_2(programs),
+             **_flags(fp8_format(dtype), scale, scale_ub, pow2_scale)),
+        dict(num_warps=warps),
     )
     return data, scales
