@@ -100,6 +100,19 @@ def per_row(scale: torch.Tensor, block_rows: int, rows: int) -> torch.Tensor:
     return scale.contiguous()
 
 
+def pad_rows(data: torch.Tensor, scale: torch.Tensor, multiple: int):
+    """Zero rows (scale 1) appended so M % multiple == 0; slice the product back with [:M].
+
+    Kernels that read the activation scales M-major (column-major (M, K/128), or [K/128, M])
+    need each K block's M floats 16-byte aligned; one copy of A buys that for odd M.
+    """
+    pad = -data.shape[0] % multiple
+    if not pad:
+        return data, scale
+    return (torch.cat([data, data.new_zeros(pad, data.shape[1])]),
+            torch.cat([scale, scale.new_ones(pad, scale.shape[1])]))
+
+
 _scalars: dict[tuple, torch.Tensor] = {}
 
 

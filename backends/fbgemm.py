@@ -25,6 +25,10 @@ OPS = ("quantize_fp8_per_row", "quantize_fp8_per_tensor", "f8f8bf16_rowwise", "f
        "f8f8bf16_groupwise", "f8f8bf16_blockwise")
 # quantize_fp8_per_row keeps a row in shared memory: K >= 24576 fails to launch (24320 works).
 MAX_ROW_K = 24576
+# f8f8bf16_groupwise loads the [K/128, M] activation scales by TMA, whose row strides must be
+# 16-byte multiples: M=17 failed to build the descriptor and poisoned the context (illegal
+# instruction; H100, docs/backends-h100.log). Other M are padded with zero rows to a multiple of 4.
+GROUPWISE_M_MULTIPLE = 4
 # The Triton quantizers clamp amax at 1e-12; any block FBGEMM scaled below this may be a zero block.
 TRITON_TINY_SCALE = 2.0**-40
 
@@ -255,7 +259,8 @@ def matmul(a, b, out_dtype, bias=None):
     m, n = xq.shape[0], wq.shape[0]
     if a.block[1] < xq.shape[1]:
         if a.block[0] == 1:  # groupwise wants both scales MN-major: [K/128, M] and [K/128, N/128]
-            out = ops.f8f8bf16_groupwise(xq, wq, a.scale.t().contiguous(), b.scale.contiguous())
+            xq, xs = lib.pad_rows(xq, a.scale, GROUPWISE_M_MULTIPLE)
+            out = ops.f8f8bf16_groupwise(xq, wq, xs.t().contiguous(), b.scale.contiguous())[:m]
         else:
             out = ops.f8f8bf16_blockwise(xq, wq, a.scale.contiguous(), b.scale.t().contiguous(), 128, 128, 128)
         return lib.add_bias(out, bias)

@@ -134,12 +134,8 @@ def matmul(a, b, out_dtype, bias=None):
 
 def _block_matmul(a, b, out_dtype):
     """1×128 · 128×128 through cuBLASLt: scale_a column-major (M, K/128), scale_b (K/128, N/128)."""
-    data, scale = a.data, a.scale
-    m = data.shape[0]
-    pad = -m % BLOCK_M_MULTIPLE
-    if pad:
-        data = torch.cat([data, data.new_zeros(pad, data.shape[1])])
-        scale = torch.cat([scale, scale.new_ones(pad, scale.shape[1])])
+    m = a.data.shape[0]
+    data, scale = lib.pad_rows(a.data, a.scale, BLOCK_M_MULTIPLE)
     sa = scale.t().contiguous().t()
     w_scale = b.scale.t()  # [N/128, K/128], the weight's own layout
     kb = w_scale.shape[1]
@@ -150,7 +146,7 @@ def _block_matmul(a, b, out_dtype):
         padded[:, :kb] = w_scale
         out = F.scaled_mm(data, b.data, sa, F.ScalingType.BlockWise1x128, padded.t(),
                           F.ScalingType.BlockWise128x128, output_dtype=out_dtype)
-    return out[:m] if pad else out
+    return out[:m] if data.shape[0] != m else out
 
 
 BACKEND = Backend(
