@@ -336,8 +336,9 @@ def _load(device: torch.device) -> _Loaded:
                     if t["environment"]["device"] == name and t["environment"]["capability"] == capability]
         if not same_gpu:
             seen = sorted({t["environment"]["device"] for t in document["tables"]})
+            # A table for the GPU says nothing about CPU calls: only another GPU deserves a warning.
             _warn(source, f"routing table {source.path} ignored: measured on {', '.join(seen) or 'no device'}, "
-                          f"this is {name}")
+                          f"this is {name}", quiet=device.type != "cuda")
             continue
         fresh = [t for t in same_gpu if not _stale(t["environment"]["libraries"], here, not source.shipped)]
         if not fresh:
@@ -355,9 +356,9 @@ def _load(device: torch.device) -> _Loaded:
     return _Loaded(tables)
 
 
-def _warn(source: _Source, message: str, always: bool = False) -> None:
+def _warn(source: _Source, message: str, always: bool = False, quiet: bool = False) -> None:
     """The user's own file warns; a shipped table for another GPU or library series is expected."""
-    if source.shipped and not always:
+    if (source.shipped and not always) or quiet:
         log.info(message)
     else:
         warnings.warn(message, TuningWarning, stacklevel=3)
@@ -422,3 +423,21 @@ def install() -> None:
         registry.routing_hooks.append(lookup)
     if reset not in registry._refresh_hooks:
         registry._refresh_hooks.append(reset)
+
+
+def status(device: torch.device) -> list[str]:
+    """One line per table source and what it means for `device` (for `fp8dispatch info`)."""
+    if not sources():
+        return [f"routing tables off ({ENV_VAR}={os.environ.get(ENV_VAR)})"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = _load(device)
+    lines = []
+    for source in sources():
+        kind = "shipped" if source.shipped else "user"
+        if not source.path.is_file():
+            lines.append(f"{kind} table {source.path}: none")
+    lines += [f"{len(index)} (op, variant, N, K) keys from a table for {device_identity(device)[0]}"
+              for index in loaded.tables]
+    lines += [str(w.message) for w in caught]
+    return lines

@@ -40,7 +40,7 @@ def test_quantize_points_are_measured_once_per_activation():
     assert grid == [bench.Point("quantize", "row", bench.Shape(4, 0, 256))]
 
 
-def test_each_row_has_time_throughput_baseline_ratio_and_error():
+def test_each_row_has_time_throughput_baseline_ratio_and_error(sandbox):
     rows = bench.measure(bench.Point("matmul", "block", bench.Shape(8, 128, 256)), ["reference"], FAST)
     by = {r["backend"]: r for r in rows}
     assert set(by) == {"bf16 matmul", "reference", "auto"}

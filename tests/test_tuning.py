@@ -2,6 +2,7 @@
 
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import fp8dispatch
 from fp8dispatch import Backend, bench, registry, tuning
 from fp8dispatch.backends import reference
 from fp8dispatch.blocks import block_for
+from fp8dispatch.problem import QuantizeProblem
 
 CPU = torch.device("cpu")
 
@@ -185,8 +187,20 @@ def test_stale_and_foreign_tables_are_ignored_with_a_warning(tables):
         assert tuning.lookup(quantize_problem()) is None
     write_table(tables, rows, {**env, "device": "NVIDIA Imaginary 1"})
     fp8dispatch.refresh()
-    with pytest.warns(tuning.TuningWarning, match="measured on NVIDIA Imaginary 1"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a GPU's table says nothing about CPU calls: no warning
         assert tuning.lookup(quantize_problem()) is None
+
+
+def test_a_table_for_another_gpu_warns(tables, monkeypatch):
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setitem(tuning._identities, gpu, ("NVIDIA Imaginary 2", [9, 0]))  # no GPU needed
+    p = QuantizeProblem(gpu, (9, 0), torch.bfloat16, (4, 256), True, (1, 128), torch.float8_e4m3fn,
+                        False, False, False)
+    env = {"device": "NVIDIA Imaginary 1", "capability": [9, 0], "libraries": tuning.libraries()}
+    write_table(tables, rows_for(p, {"reference": (1e-5, 0.0)}), env)
+    with pytest.warns(tuning.TuningWarning, match="measured on NVIDIA Imaginary 1, this is NVIDIA Imaginary 2"):
+        assert tuning.lookup(p) is None
 
 
 def test_a_shipped_table_serves_when_the_user_has_none(tables):
@@ -210,3 +224,12 @@ def test_the_hook_is_installed_once():
     assert registry.routing_hooks.count(tuning.lookup) == 1
     tuning.install()
     assert registry.routing_hooks.count(tuning.lookup) == 1
+
+
+def test_status_says_what_serves_a_device(tables, sandbox):
+    assert any("none" in line for line in tuning.status(CPU))
+    write_table(tables, rows_for(quantize_problem(), {"reference": (1e-5, 0.0)}))
+    fp8dispatch.refresh()
+    assert any("1 (op, variant, N, K) keys" in line for line in tuning.status(CPU))
+    sandbox.env(FP8DISPATCH_TUNING="off")
+    assert tuning.status(CPU) == ["routing tables off (FP8DISPATCH_TUNING=off)"]
