@@ -52,6 +52,11 @@ def run(args) -> int:
         state = "available" if reason is None else f"unavailable: {reason}"
         version = _safe(backend.version) or "-"
         print(f"  {backend.name:<10} {version:<24} {state}")
+    from fp8dispatch import tuning
+
+    print("\nmeasured routing tables (fp8dispatch tune)")
+    for line in tuning.status(device):
+        print(f"  {line}")
     print(f"\nrouting on {device} (M={_M}, N={_N}, K={_K}, bf16 in/out)")
     for label, problem in routing_problems(device):
         try:
