@@ -18,6 +18,7 @@ COLUMNS = {
     "matmul": ("block", "row", "tensor", "mixed"),
 }
 MARKS = {PASSED: "✓", FAILED: "✗", UNSUPPORTED: "–"}
+REASONS_SHOWN = 20  # per backend in the Markdown; reasons that name shapes are many and alike
 
 
 def matrix(run: Run) -> dict:
@@ -107,7 +108,11 @@ def to_markdown(run: Run) -> str:
     for backend, counted in reasons.items():
         lines.append(f"**{backend}**")
         lines.append("")
-        lines += [f"- {n} × {_escape(reason)}" for reason, n in counted.most_common()]
+        common = counted.most_common()
+        lines += [f"- {n} × {_escape(reason)}" for reason, n in common[:REASONS_SHOWN]]
+        if len(common) > REASONS_SHOWN:
+            lines.append(f"- … and {len(common) - REASONS_SHOWN} more distinct reasons "
+                         f"({sum(n for _, n in common[REASONS_SHOWN:])} in all; every one is in the JSON)")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
