@@ -430,6 +430,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="folder for triton-h100.json and .md")
     parser.add_argument("--only", default="correctness,bench", help="comma list of correctness, bench, sweep, qsweep")
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
+    parser.add_argument("--name", default="triton-h100", help="file name of the outputs, without suffix")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -444,8 +445,11 @@ def main(argv=None) -> int:
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     big = [(4096, n, k) for n, k in DEEPSEEK] + [(8192, 8192, 8192)]
     small = [(m, n, k) for m in SMALL_M for n, k in ((7168, 2048), (24576, 1536))]
-    if args.quick:
-        big, small = big[:2] + big[-1:], small[::3]
+    if args.quick:  # a check of the whole pipeline in about a minute and a half
+        global QUANTIZE_SHAPES, MATMUL_SHAPES
+        QUANTIZE_SHAPES = [(7, 300), (4096, 7168)]
+        MATMUL_SHAPES = [(m, n, k) for m in (1, 16, 100, 513, 4096) for n, k in ((2112, 7168), (1000, 1000))]
+        big, small = [(4096, 7168, 2048)], [(m, 7168, 2048) for m in SMALL_M]
     started = time.time()
     steps = [
         ("correctness", "correctness", lambda log: (check_quantize(log), check_launches(log), check_matmul(log))),
@@ -453,7 +457,8 @@ def main(argv=None) -> int:
         ("qsweep", "quantize_sweep", quantize_sweep),
         ("bench", "quantize", lambda log: bench_quantize(log, fbgemm)),
         ("bench", "block_matmul", lambda log: bench_block_matmul(log, fbgemm, big + small)),
-        ("bench", "scaled_matmul", lambda log: bench_scaled_matmul(log, big[:3] + big[-1:] + small[:2])),
+        ("bench", "scaled_matmul", lambda log: bench_scaled_matmul(log, (big[:3] + big[-1:] if len(big) > 1 else big)
+                                                                   + small[:1 if args.quick else 2])),
     ]
     for part, key, step in steps:
         if part not in parts:
@@ -474,8 +479,8 @@ def main(argv=None) -> int:
 
         out = pathlib.Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "triton-h100.json").write_text(json.dumps(report, indent=1, default=str))
-        (out / "triton-h100.md").write_text(text)
+        (out / f"{args.name}.json").write_text(json.dumps(report, indent=1, default=str))
+        (out / f"{args.name}.md").write_text(text)
     return 0
 
 

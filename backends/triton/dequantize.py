@@ -14,7 +14,7 @@ import triton.language as tl
 from fp8dispatch.blocks import cdiv
 
 from .launch import Launcher
-from .tiles import TILE, num_warps_for
+from .tiles import TILE, next_pow2, num_warps_for
 
 
 
@@ -37,15 +37,15 @@ def _dequantize_kernel(
     tl.store(out_ptr + rows[:, None] * C + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-_dequantize = Launcher(_dequantize_kernel)
+_dequantize = Launcher(_dequantize_kernel, tensors=3)
 
 
 def dequantize(data, scale, block, out_dtype):
     rows, cols = data.shape
     out = torch.empty((rows, cols), dtype=out_dtype, device=data.device)
     tile = TILE()
-    block_c = min(triton.next_power_of_2(cols), 1024)
-    block_r = min(triton.next_power_of_2(rows), max(1, tile // block_c))
+    block_c = min(next_pow2(cols), 1024)
+    block_r = min(next_pow2(rows), max(1, tile // block_c))
     _dequantize(
         (cdiv(rows, block_r), cdiv(cols, block_c)),
         (data, scale, out, rows, cols, data.stride(0), data.stride(1), scale.stride(0), scale.stride(1),

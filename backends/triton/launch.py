@@ -18,28 +18,32 @@ import torch
 ENABLED = os.environ.get("FP8DISPATCH_TRITON_FAST_LAUNCH", "1") != "0"
 
 
-def _spec(arg):
-    """What Triton specializes a runtime argument on."""
-    if isinstance(arg, torch.Tensor):
-        return (arg.dtype, arg.data_ptr() % 16 == 0)
-    if isinstance(arg, bool) or not isinstance(arg, int):
-        return type(arg)
-    return (arg == 1, arg % 16 == 0, -(2**31) <= arg < 2**31)
+def static_key(scalars: tuple, constexprs: dict, options: dict) -> tuple:
+    """The non-tensor part of a launch's key: each integer's value (finer than Triton's "equals 1 /
+    divisible by 16", so never too coarse), only the type of floats (Triton does not specialize
+    them), the constexprs and the options. Tensors add their dtype and 16-byte alignment."""
+    return (tuple(v if isinstance(v, int) else type(v) for v in scalars), tuple(constexprs.items()),
+            tuple(options.items()))
 
 
 class Launcher:
-    """`Launcher(kernel)(grid, args, constexprs, options)`: args are the runtime parameters in
-    order, constexprs the remaining ones by name, options num_warps / num_stages."""
+    """`Launcher(kernel, tensors)(grid, args, constexprs, options)`: `args` are the runtime
+    parameters in order (the first `tensors` of them tensors), `constexprs` the remaining
+    parameters by name, `options` num_warps / num_stages."""
 
-    def __init__(self, kernel):
+    def __init__(self, kernel, tensors: int):
         self.kernel = kernel
+        self.tensors = tensors
         self.compiled: dict[tuple, tuple] = {}
 
-    def __call__(self, grid: tuple, args: tuple, constexprs: dict, options: dict) -> None:
+    def __call__(self, grid: tuple, args: tuple, constexprs: dict, options: dict, static: tuple | None = None):
+        """`static`, when given, stands for everything but the tensors (a caller's cached plan)."""
         if not ENABLED or args[0].device.type != "cuda":
             self.kernel[grid](*args, **constexprs, **options)
             return
-        key = (args[0].device.index, tuple(map(_spec, args)), tuple(constexprs.items()), tuple(options.items()))
+        if static is None:
+            static = static_key(args[self.tensors:], constexprs, options)
+        key = (args[0].device.index, static, tuple((t.dtype, t.data_ptr() % 16 == 0) for t in args[:self.tensors]))
         hit = self.compiled.get(key)
         if hit is None:
             compiled = self.kernel[grid](*args, **constexprs, **options)

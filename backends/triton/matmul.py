@@ -18,14 +18,18 @@ M side but takes 8 to 256 on the N side, so computing c.T = b.T @ a.T puts the w
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
+from fp8dispatch.blocks import cdiv
 from fp8dispatch.problem import device_capability
 
 from .interpreter import active as interpreting
-from .launch import Launcher
+from .launch import Launcher, static_key
+from .tiles import next_pow2
 
 # Up to this M the swapped kernel runs (its narrow side is 16 to 64 wide).
 SMALL_M = 64
@@ -196,7 +200,7 @@ def block_k_for(scale_k: int) -> int:
     return min(128, scale_k & -scale_k)
 
 
-_launchers = {False: Launcher(_scaled_mm_kernel), True: Launcher(_scaled_mm_swap_kernel)}
+_launchers = {False: Launcher(_scaled_mm_kernel, tensors=6), True: Launcher(_scaled_mm_swap_kernel, tensors=6)}
 
 # Chosen configurations, per (device, shape bucket, dtypes, flags): filled by timing the
 # candidates on a problem's first call (about a second), then one dict lookup per call. Triton's
@@ -204,49 +208,78 @@ _launchers = {False: Launcher(_scaled_mm_kernel), True: Launcher(_scaled_mm_swap
 _chosen: dict[tuple, dict] = {}
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """Everything about a call that its shapes, strides, blocks and dtypes decide."""
+
+    launcher: Launcher
+    grid: tuple
+    ints: tuple  # the integer arguments after the six tensors
+    constexprs: dict
+    options: dict
+    static: tuple  # the launcher's key for all of the above
+
+
+_plans: dict[tuple, _Plan] = {}
+
+
 def matmul(a, b, out_dtype, bias=None, config: dict | None = None):
     """The backend's matmul. `config` forces one configuration (benchmarks sweep with it)."""
+    da, db, sa, sb = a.data, b.data, a.scale, b.scale
+    key = (da.shape, db.shape, da.stride(), db.stride(), sa.stride(), sb.stride(), a.block, b.block,
+           da.dtype, db.dtype, out_dtype, bias is None, da.device)
+    plan = _plans.get(key) if config is None else None
+    c = torch.empty((da.shape[0], db.shape[1]), dtype=out_dtype, device=da.device)
+    tensors = (da, db, c, sa, sb, bias if bias is not None else sa)
+    if plan is None:
+        plan = _plan(a, b, c, tensors, out_dtype, bias is not None, config)
+        if config is None:
+            _plans[key] = plan
+    plan.launcher(plan.grid, (*tensors, *plan.ints), plan.constexprs, plan.options, plan.static)
+    return c
+
+
+def _plan(a, b, c, tensors, out_dtype, has_bias: bool, config) -> _Plan:
+    """Choose the kernel and its configuration (timing the candidates once on Hopper)."""
     m, k = a.data.shape
     n = b.data.shape[1]
-    c = torch.empty((m, n), dtype=out_dtype, device=a.data.device)
     scale_k = a.block[1] if a.block[1] < k else 0  # recipe_of: "block" iff a's groups split K
     block_k = block_k_for(scale_k)
     sa, sb = a.scale, b.scale
-    args = (
-        a.data, b.data, c, sa, sb, bias if bias is not None else sa,
-        m, n, k,
-        a.data.stride(0), a.data.stride(1), b.data.stride(0), b.data.stride(1), c.stride(0), c.stride(1),
-        sa.stride(0), sa.stride(1), sb.stride(0), sb.stride(1),
-        a.block[0], b.block[1],
-    )
-    flags = dict(SCALE_K=scale_k, HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, BLOCK_K=block_k)
+    ints = (m, n, k, a.data.stride(0), a.data.stride(1), b.data.stride(0), b.data.stride(1), c.stride(0),
+            c.stride(1), sa.stride(0), sa.stride(1), sb.stride(0), sb.stride(1), a.block[0], b.block[1])
+    flags = dict(SCALE_K=scale_k, HAS_BIAS=has_bias, EVEN_K=k % block_k == 0, BLOCK_K=block_k)
     swap = m <= SMALL_M
-    launcher = _launchers[swap]
 
-    def launch(config):
+    def make(config) -> _Plan:
         constexprs = dict(config)
         options = {name: constexprs.pop(name) for name in ("num_warps", "num_stages") if name in constexprs}
         if swap:
             constexprs.pop("GROUP_M", None)
             constexprs.setdefault("BLOCK_M", _narrow(m))
         constexprs["B_TILE_SCALE"] = b.block[1] % constexprs["BLOCK_N"] == 0
-        launcher(_grid(m, n, swap, constexprs), args, {**flags, **constexprs}, options)
+        constexprs = {**flags, **constexprs}
+        return _Plan(_launchers[swap], _grid(m, n, swap, constexprs), ints, constexprs, options,
+                     static_key(ints, constexprs, options))
+
+    def launch(config):
+        plan = make(config)
+        plan.launcher(plan.grid, (*tensors, *plan.ints), plan.constexprs, plan.options, plan.static)
 
     if config is None:
         config = _default_config(a.data.device, swap)
     if config == "tuned":
-        key = (a.data.device, swap, triton.next_power_of_2(m), n, k, a.block[0] == 1, b.block[1], a.dtype,
-               b.dtype, out_dtype, bias is not None, flags["EVEN_K"], scale_k)
+        key = (a.data.device, swap, next_pow2(m), n, k, a.block[0] == 1, b.block[1], a.dtype,
+               b.dtype, out_dtype, has_bias, flags["EVEN_K"], scale_k)
         config = _chosen.get(key)
         if config is None:
             config = _chosen[key] = _tune(launch, _candidates(m, swap, scale_k))
-    launch(config)
-    return c
+    return make(config)
 
 
 def _narrow(m: int) -> int:
     """The swapped kernel's token side: the smallest of 16, 32, 64 that holds M (wgmma's N ≥ 8)."""
-    return max(16, min(64, triton.next_power_of_2(m)))
+    return max(16, min(64, next_pow2(m)))
 
 
 def _kwargs(config: triton.Config) -> dict:
@@ -274,8 +307,8 @@ def _tune(launch, candidates: list[dict]) -> dict:
 
 def _grid(m, n, swap, config):
     if swap:
-        return (triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(m, config["BLOCK_M"]))
-    return (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
+        return (cdiv(n, config["BLOCK_N"]), cdiv(m, config["BLOCK_M"]))
+    return (cdiv(m, config["BLOCK_M"]) * cdiv(n, config["BLOCK_N"]),)
 
 
 def _default_config(device: torch.device, swap: bool):

@@ -27,7 +27,7 @@ from fp8dispatch.formats import fp8_format
 
 from .launch import Launcher
 from .scaling import finite_abs, saturating_cast, scale_from_amax
-from .tiles import TILE, num_warps_for, sm_count
+from .tiles import TILE, next_pow2, num_warps_for, sm_count
 
 # A group wider than this (elements) is quantized by the chunked block kernel: 16384 fp32 values
 # are 32 registers per thread at 16 warps, the most one pass can hold without spilling.
@@ -186,17 +186,17 @@ def _tensor_cast_kernel(
         tl.store(q_ptr + rows[:, None] * C + cols[None, :], q, mask=mask)
 
 
-_groups = Launcher(_groups_kernel)
-_blocks = Launcher(_blocks_kernel)
-_tensor_amax = Launcher(_tensor_amax_kernel)
-_tensor_cast = Launcher(_tensor_cast_kernel)
+_groups = Launcher(_groups_kernel, tensors=3)
+_blocks = Launcher(_blocks_kernel, tensors=3)
+_tensor_amax = Launcher(_tensor_amax_kernel, tensors=2)
+_tensor_cast = Launcher(_tensor_cast_kernel, tensors=4)
 
 
 def quantize(x, block, dtype, scale=None, scale_ub=None, pow2_scale=False):
     """The backend's quantize: (data [R, C] contiguous, scale [ceil(R/br), ceil(C/bc)] fp32)."""
     rows, cols = x.shape
     br, bc = block
-    if br == 1 and triton.next_power_of_2(bc) <= MAX_GROUP:
+    if br == 1 and next_pow2(bc) <= MAX_GROUP:
         return _quantize_groups(x, bc, dtype, scale, scale_ub, pow2_scale)
     if br >= rows and bc >= cols:
         data, scales = quantize_tensorwise(x, dtype, scale, scale_ub, pow2_scale)
@@ -220,10 +220,10 @@ def _quantize_groups(x, group, dtype, scale, scale_ub, pow2_scale):
     rows, cols = x.shape
     data, s = _outputs(x, (1, group), dtype, scale)
     n_groups = cdiv(cols, group)
-    g_p2 = triton.next_power_of_2(group)
+    g_p2 = next_pow2(group)
     tile = TILE()
-    groups = min(triton.next_power_of_2(n_groups), max(1, 1024 // g_p2), max(1, tile // g_p2))
-    block_r = min(triton.next_power_of_2(rows), max(1, tile // (groups * g_p2)))
+    groups = min(next_pow2(n_groups), max(1, 1024 // g_p2), max(1, tile // g_p2))
+    block_r = min(next_pow2(rows), max(1, tile // (groups * g_p2)))
     grid = (cdiv(rows, block_r), cdiv(n_groups, groups))
     _groups(
         grid,
@@ -240,8 +240,8 @@ def _quantize_blocks(x, block, dtype, scale, scale_ub, pow2_scale):
     br, bc = min(block[0], rows), min(block[1], cols)
     data, s = _outputs(x, block, dtype, scale)
     tile = TILE()
-    chunk_c = min(triton.next_power_of_2(bc), tile)
-    chunk_r = min(triton.next_power_of_2(br), max(1, tile // chunk_c))
+    chunk_c = min(next_pow2(bc), tile)
+    chunk_r = min(next_pow2(br), max(1, tile // chunk_c))
     _blocks(
         (cdiv(rows, br), cdiv(cols, bc)),
         (x, data, s, rows, cols, x.stride(0), x.stride(1), s.stride(0), s.stride(1), scale_ub or 0.0),
@@ -259,8 +259,8 @@ def quantize_tensorwise(x, dtype, scale=None, scale_ub=None, pow2_scale=False):
     if scale is not None:
         scales[:1].copy_(scale.reshape(1))  # the cast kernel reads the scale from scales[0]
     tile = TILE()
-    tc = min(triton.next_power_of_2(cols), 1024)
-    tr = min(triton.next_power_of_2(rows), max(1, tile // tc))
+    tc = min(next_pow2(cols), 1024)
+    tr = min(next_pow2(rows), max(1, tile // tc))
     n_tile_cols = cdiv(cols, tc)
     n_tiles = cdiv(rows, tr) * n_tile_cols
     programs = min(n_tiles, MAX_PARTIALS, PARTIALS_PER_SM * sm_count(x.device))
@@ -273,7 +273,7 @@ def quantize_tensorwise(x, dtype, scale=None, scale_ub=None, pow2_scale=False):
     _tensor_cast(
         (programs,),
         (x, data, partials, scales, *common, programs, iters, scale_ub or 0.0),
-        dict(TR=tr, TC=tc, PARTIALS_P2=triton.next_power_of_2(programs),
+        dict(TR=tr, TC=tc, PARTIALS_P2=next_pow2(programs),
              **_flags(fp8_format(dtype), scale, scale_ub, pow2_scale)),
         dict(num_warps=warps),
     )

@@ -19,6 +19,12 @@ def TILE() -> int:  # noqa: N802 - reads like the constant it stands for
     return INTERPRETER_TILE if interpreting() else GPU_TILE
 
 
+def next_pow2(n: int) -> int:
+    """The next power of two ≥ n (≥ 1), in plain Python: `triton.next_power_of_2` is a
+    constexpr function whose host-side call costs several microseconds."""
+    return 1 << (max(n, 1) - 1).bit_length()
+
+
 def num_warps_for(elements: int) -> int:
     """About 32 fp32 values per thread: 4 warps for 4096 elements, 16 at most."""
     return max(1, min(16, elements // 1024))
