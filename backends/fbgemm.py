@@ -27,7 +27,8 @@ OPS = ("quantize_fp8_per_row", "quantize_fp8_per_tensor", "f8f8bf16_rowwise", "f
 MAX_ROW_K = 24576
 # f8f8bf16_groupwise loads the [K/128, M] activation scales by TMA, whose row strides must be
 # 16-byte multiples: M=17 failed to build the descriptor and poisoned the context (illegal
-# instruction; H100, docs/backends-h100-run2-groupwise-crash.log). Other M are padded with zero rows to a multiple of 4.
+# instruction; H100, docs/backends-h100-run2-groupwise-crash.log). Other M are padded with zero
+# rows to a multiple of 4.
 GROUPWISE_M_MULTIPLE = 4
 # The Triton quantizers clamp amax at 1e-12; any block FBGEMM scaled below this may be a zero block.
 TRITON_TINY_SCALE = 2.0**-40

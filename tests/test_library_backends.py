@@ -369,3 +369,14 @@ def test_auto_never_picks_a_library_quantizer():
     for module in (fb, ta):
         for granularity in ("tensor", "row", "group", "block"):
             assert module.BACKEND.priority_for(quantize_problem(granularity)) < 0
+
+
+def test_pad_rows_appends_zero_rows_with_unit_scales_only_when_needed():
+    data = torch.randn(5, 256).to(E4M3)
+    scale = torch.rand(5, 2) + 0.5
+    padded, padded_scale = lib.pad_rows(data, scale, 4)
+    assert padded.shape == (8, 256) and padded_scale.shape == (8, 2)
+    assert torch.equal(padded[:5].view(torch.uint8), data.view(torch.uint8))
+    assert not padded[5:].view(torch.uint8).any() and torch.equal(padded_scale[5:], torch.ones(3, 2))
+    same, same_scale = lib.pad_rows(data[:4], scale[:4], 4)
+    assert same.data_ptr() == data.data_ptr() and same_scale.data_ptr() == scale.data_ptr()
