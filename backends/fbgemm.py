@@ -148,6 +148,9 @@ def _quantize_reasons(p) -> list[str]:
             reasons.append(f"K={cols}: quantize_fp8_per_row needs an even K (odd K is a misaligned access)")
         if granularity == "row" and cols >= MAX_ROW_K:
             reasons.append(f"K={cols}: quantize_fp8_per_row needs K < {MAX_ROW_K} (one row in shared memory)")
+        if granularity == "tensor" and (rows * cols) % 8:
+            reasons.append(f"numel={rows * cols}: quantize_fp8_per_tensor needs numel % 8 == 0 (a 1×1 input "
+                           f"came back with the floor scale and a NaN code on the H100)")
     elif granularity in ("group", "block"):
         reasons += _needs_triton(p)
         if p.fp8_dtype != E4M3:
@@ -164,6 +167,9 @@ def _quantize_reasons(p) -> list[str]:
 
 def _dequantize_reasons(p) -> list[str]:
     reasons = _needs_triton(p)
+    if p.fp8_dtype not in (E4M3, E5M2):
+        reasons.append(f"t: FBGEMM's Triton dequantizers compile for float8_e4m3fn and float8_e5m2 on CUDA, "
+                       f"got {p.fp8_dtype}")
     if p.out_dtype != torch.bfloat16:
         reasons.append(f"dtype: FBGEMM's dequantizers write bf16 only, asked {p.out_dtype}")
     if not p.contiguous:
@@ -188,6 +194,9 @@ def _matmul_reasons(p) -> list[str]:
         reasons.append(f"a, b: FBGEMM's CUDA GEMMs take float8_e4m3fn only, got {p.a_dtype} × {p.b_dtype}")
     if p.out_dtype != torch.bfloat16:
         reasons.append(f"out_dtype: FBGEMM's GEMMs write bf16 only, asked {p.out_dtype}")
+    if p.bias_dtype is not None and p.recipe != "row":
+        reasons.append(f"bias: only f8f8bf16_rowwise adds a bias in its epilogue; adding it to the bf16 "
+                       f"output of {p.recipe} would round twice")
     if p.recipe == "row":
         reasons += _needs_op("f8f8bf16_rowwise")
         if p.capability not in ((9, 0), (10, 0)):
@@ -261,13 +270,11 @@ def matmul(a, b, out_dtype, bias=None):
     if a.block[1] < xq.shape[1]:
         if a.block[0] == 1:  # groupwise wants both scales MN-major: [K/128, M] and [K/128, N/128]
             xq, xs = lib.pad_rows(xq, a.scale, GROUPWISE_M_MULTIPLE)
-            out = ops.f8f8bf16_groupwise(xq, wq, xs.t().contiguous(), b.scale.contiguous())[:m]
-        else:
-            out = ops.f8f8bf16_blockwise(xq, wq, a.scale.contiguous(), b.scale.t().contiguous(), 128, 128, 128)
-        return lib.add_bias(out, bias)
+            return ops.f8f8bf16_groupwise(xq, wq, xs.t().contiguous(), b.scale.contiguous())[:m]
+        return ops.f8f8bf16_blockwise(xq, wq, a.scale.contiguous(), b.scale.t().contiguous(), 128, 128, 128)
     if a.scale.numel() == 1 and b.scale.numel() == 1:
         # f8f8bf16 reads x_scale·w_scale from device memory: no host sync, unlike _tensorwise.
-        return lib.add_bias(ops.f8f8bf16(xq, wq, (a.scale * b.scale).reshape(1), True), bias)
+        return ops.f8f8bf16(xq, wq, (a.scale * b.scale).reshape(1), True)
     xs = lib.per_row(a.scale, a.block[0], m).view(m)
     ws = lib.per_row(b.scale.t(), b.block[1], n).view(n)
     if bias is not None and bias.dtype not in (torch.float32, torch.bfloat16):

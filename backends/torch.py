@@ -90,6 +90,11 @@ def why_not(op: str, p) -> list[str]:
     if p.out_dtype not in OUT_DTYPES:
         reasons.append(f"out_dtype: needs bf16, fp16 or fp32, got {p.out_dtype}")
     reasons += lib.matmul_layout_reasons(p, need_k=16, need_n=16)
+    fused = p.recipe in ("row", "tensor") and p.bias_dtype == p.out_dtype
+    if p.bias_dtype is not None and p.out_dtype != torch.float32 and not fused:
+        reasons.append(f"bias: a {p.bias_dtype} bias with {p.out_dtype} output cannot ride in the epilogue "
+                       f"(it takes the output's dtype, row and tensor recipes), and adding it afterwards "
+                       f"would round twice; fp32 output takes any bias")
     if p.recipe == "block":
         reasons += _block_reasons(p)
     elif p.recipe not in ("row", "tensor"):

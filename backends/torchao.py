@@ -99,6 +99,9 @@ def _quantize_reasons(p) -> list[str]:
 
 def _dequantize_reasons(p) -> list[str]:
     reasons = []
+    if p.fp8_dtype not in (E4M3, torch.float8_e5m2):
+        reasons.append(f"t: TorchAO's Triton dequantizer compiles for float8_e4m3fn and float8_e5m2 on CUDA, "
+                       f"got {p.fp8_dtype}")
     if p.block != BLOCK:
         reasons.append(f"blocks {p.block}: fp8_blockwise_weight_dequant takes 128×128 blocks only")
     if not p.contiguous:
@@ -118,6 +121,8 @@ def _matmul_reasons(p) -> list[str]:
         reasons.append(f"a, b: blockwise_fp8_gemm is verified with float8_e4m3fn only, got {p.a_dtype} × {p.b_dtype}")
     if p.out_dtype != torch.bfloat16:
         reasons.append(f"out_dtype: blockwise_fp8_gemm writes bf16 only, asked {p.out_dtype}")
+    if p.bias_dtype is not None:
+        reasons.append("bias: blockwise_fp8_gemm has no bias epilogue; adding it to the bf16 output would round twice")
     return reasons + lib.matmul_layout_reasons(p, need_k=1, need_n=1)
 
 
@@ -141,9 +146,8 @@ def dequantize(data, scale, block, out_dtype):
 
 
 def matmul(a, b, out_dtype, bias=None):
-    out = _found["module"].blockwise_fp8_gemm(a.data, a.scale.contiguous(), b.data.t(),
-                                              b.scale.t().contiguous(), 128)
-    return lib.add_bias(out, bias)
+    return _found["module"].blockwise_fp8_gemm(a.data, a.scale.contiguous(), b.data.t(),
+                                               b.scale.t().contiguous(), 128)
 
 
 BACKEND = Backend(

@@ -252,11 +252,11 @@ def quantize_problem(granularity, shape=(4096, 7168), *, in_dtype=BF16, contiguo
 
 
 def matmul_problem(recipe, m=4096, n=7168, k=2048, *, a_dtype=E4M3, b_dtype=E4M3, out=BF16, capability=H100,
-                   a_row_major=True, b_col_major=True, blocks=None):
+                   a_row_major=True, b_col_major=True, blocks=None, bias=None):
     a_block, b_block = blocks or {"block": ((1, 128), (128, 128)), "row": ((1, k), (k, 1)),
                                   "tensor": ((m, k), (k, n)), "mixed": ((128, 128), (128, 128))}[recipe]
     return MatmulProblem(CUDA, capability, recipe, a_dtype, b_dtype, m, n, k, a_block, b_block, a_row_major,
-                         b_col_major, out, None)
+                         b_col_major, out, bias)
 
 
 @pytest.fixture
@@ -274,6 +274,8 @@ def found_everything(monkeypatch):
     (fb, "matmul", matmul_problem("block", m=1)), (fb, "matmul", matmul_problem("row", n=200)),
     (fb, "matmul", matmul_problem("tensor")), (fb, "matmul", matmul_problem("mixed")),
     (ta, "matmul", matmul_problem("block", k=400)),
+    (fb, "matmul", matmul_problem("row", bias=torch.float16)), (tb, "matmul", matmul_problem("row", bias=BF16)),
+    (tb, "matmul", matmul_problem("block", out=torch.float32, bias=BF16)),
     (fb, "quantize", quantize_problem("row")), (fb, "quantize", quantize_problem("tensor", scale_ub=True)),
     (fb, "quantize", quantize_problem("group", in_dtype=torch.float32)), (fb, "quantize", quantize_problem("block", (100, 200))),
     (ta, "quantize", quantize_problem("group")), (ta, "quantize", quantize_problem("block")),
@@ -311,7 +313,16 @@ def test_what_each_backend_accepts(module, op, problem):
     (fb, "matmul", matmul_problem("row", a_dtype=E5M2), "FBGEMM's CUDA GEMMs take float8_e4m3fn only"),
     (fb, "matmul", matmul_problem("row", out=torch.float16), "FBGEMM's GEMMs write bf16 only"),
     (fb, "matmul", matmul_problem("block", blocks=((1, 64), (64, 64))), "FBGEMM serves tensor, row, 1×128"),
+    (tb, "matmul", matmul_problem("row", bias=torch.float16), "bias: a torch.float16 bias with torch.bfloat16 output"),
+    (tb, "matmul", matmul_problem("block", bias=BF16), "adding it afterwards would round twice"),
+    (fb, "matmul", matmul_problem("block", bias=BF16), "bias: only f8f8bf16_rowwise adds a bias in its epilogue"),
+    (ta, "matmul", matmul_problem("block", bias=BF16), "bias: blockwise_fp8_gemm has no bias epilogue"),
     # fbgemm quantize / dequantize
+    (fb, "quantize", quantize_problem("tensor", (1, 1)), "numel=1: quantize_fp8_per_tensor needs numel % 8 == 0"),
+    (fb, "dequantize", DequantizeProblem(CUDA, H100, torch.float8_e4m3fnuz, (128, 256), True, (1, 128), BF16),
+     "compile for float8_e4m3fn and float8_e5m2 on CUDA, got torch.float8_e4m3fnuz"),
+    (ta, "dequantize", DequantizeProblem(CUDA, H100, torch.float8_e5m2fnuz, (128, 256), True, (128, 128), BF16),
+     "compiles for float8_e4m3fn and float8_e5m2 on CUDA, got torch.float8_e5m2fnuz"),
     (fb, "quantize", quantize_problem("row", in_dtype=torch.float32), "reads its input as bf16"),
     (fb, "quantize", quantize_problem("row", (8, 7)), "K=7: quantize_fp8_per_row needs an even K"),
     (fb, "quantize", quantize_problem("row", (8, 24576)), "K=24576: quantize_fp8_per_row needs K < 24576"),
