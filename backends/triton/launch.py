@@ -2,10 +2,11 @@
 
 `kernel[grid](...)` re-binds every argument, re-derives its specialization (16-byte alignment of
 pointers; integers equal to 1 or divisible by 16), hashes a cache key and reads several knobs on
-each call: about 40 µs of Python on the H100 test machine's host for our ~25-argument kernels,
-more than a decode GEMM's GPU time. Here the first call with a given specialization goes through
-Triton (compiling if needed) and keeps the `CompiledKernel`; later calls rebuild only our own
-key, the same facts Triton specializes on, and call the compiled launcher directly.
+each call. On the H100 test machine a decode-sized matmul call cost 50-110 µs of host time that
+way, several times its GPU time; with this launcher and the matmul's cached plans, 27-34 µs
+(docs/triton.md). The first call with a given specialization goes through Triton (compiling if
+needed) and keeps the `CompiledKernel`; later calls rebuild only our own key, a superset of what
+Triton specializes on, and call the compiled launcher directly.
 """
 
 from __future__ import annotations
