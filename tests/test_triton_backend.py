@@ -257,3 +257,19 @@ def test_why_not_names_each_limit():
 
     major_minor = tuple(int(p) for p in triton.__version__.split(".")[:2])
     assert bool(why("quantize", fnuz)) == (major_minor < (3, 8))
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "row", "group", "block"])
+def test_blocks_of_denormals(granularity):
+    """A block whose amax is an fp32 denormal has a denormal scale; its codes still match."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.zeros(4, 256)
+    x[0, :128] = torch.randn(128, generator=g) * 1e-39
+    x[1, 5] = 3e-42
+    x[2, 130:] = torch.randn(126, generator=g) * 1e-41
+    block = block_for(granularity, 4, 256, 128)
+    for options in ({}, {"pow2_scale": True}):
+        got = kernels.quantize(x, block, E4M3, **options)
+        want = reference.quantize(x, block, E4M3, **options)
+        assert_same_bits(got[1], want[1])
+        assert_same_bits(got[0], want[0])
