@@ -35,8 +35,10 @@ TRITON_TINY_SCALE = 2.0**-40
 
 _import = importlib.import_module
 _find_spec = importlib.util.find_spec
-# What the probe found: the ops this build registers, the Triton module, the version.
-_found: dict = {"ops": frozenset(), "triton": None, "triton_reason": "not probed", "version": None}
+# What the probe found: the ops this build registers, the Triton module, the version. Until the
+# probe runs (only `fp8dispatch support-matrix` asks why_not before it: dispatch always probes
+# first), why_not describes a complete build.
+_found: dict = {"ops": None, "triton": None, "triton_reason": None, "version": None}
 
 
 def _ops():
@@ -112,11 +114,13 @@ def why_not(op: str, p) -> list[str]:
 
 
 def _needs_op(name: str) -> list[str]:
-    return [] if name in _found["ops"] else [f"torch.ops.fbgemm.{name} is missing from this fbgemm_gpu build"]
+    ops = _found["ops"]
+    return [] if ops is None or name in ops else [f"torch.ops.fbgemm.{name} is missing from this fbgemm_gpu build"]
 
 
 def _needs_triton(p) -> list[str]:
-    reasons = [] if _found["triton"] is not None else [f"FBGEMM's Triton kernels: {_found['triton_reason']}"]
+    missing = _found["triton"] is None and _found["triton_reason"] is not None
+    reasons = [f"FBGEMM's Triton kernels: {_found['triton_reason']}"] if missing else []
     if p.capability < (8, 9):
         reasons.append(f"FBGEMM's Triton FP8 kernels need sm89 or newer, this GPU is {lib.sm(p.capability)}")
     return reasons

@@ -26,7 +26,9 @@ CUBLASLT_BLOCKWISE = 120900
 BLOCK_M_MULTIPLE = 4
 
 # What the probe found: the cuBLASLt version and whether F.scaled_mm (torch >= 2.10) exists.
-_found: dict = {"cublaslt": None, "scaled_mm_v2": False}
+# Until the probe runs (only `fp8dispatch support-matrix` asks why_not before it), why_not
+# describes a complete install: cuBLASLt new enough and F.scaled_mm present.
+_found: dict = {"probed": False, "cublaslt": None, "scaled_mm_v2": False}
 
 
 def _device() -> torch.device:
@@ -40,7 +42,7 @@ def probe() -> str | None:
     if not hasattr(torch, "_scaled_mm"):
         return f"torch {torch.__version__} has no torch._scaled_mm"
     reason = _self_test(_device())
-    _found.update(cublaslt=cublaslt_version(), scaled_mm_v2=hasattr(F, "scaled_mm"))
+    _found.update(probed=True, cublaslt=cublaslt_version(), scaled_mm_v2=hasattr(F, "scaled_mm"))
     return reason
 
 
@@ -110,11 +112,11 @@ def _block_reasons(p) -> list[str]:
     if p.capability is not None and p.capability[0] != 9:
         reasons.append(f"block recipe: torch runs it on sm90 only (cuBLASLt), this GPU is {lib.sm(p.capability)}")
     version = _found["cublaslt"]
-    if version is None or version < CUBLASLT_BLOCKWISE:
+    if _found["probed"] and (version is None or version < CUBLASLT_BLOCKWISE):
         reasons.append(f"block recipe: needs cuBLASLt >= 12.9, found {version or 'unknown'}")
     if (p.a_dtype, p.b_dtype) != (E4M3, E4M3):
         reasons.append("block recipe: needs float8_e4m3fn operands (the only pair verified on the H100)")
-    if cdiv(p.k, 128) % 4 and not _found["scaled_mm_v2"]:
+    if cdiv(p.k, 128) % 4 and _found["probed"] and not _found["scaled_mm_v2"]:
         reasons.append(f"K={p.k}: torch._scaled_mm is silently wrong unless ceil(K/128) % 4 == 0, and "
                        f"F.scaled_mm (torch >= 2.10), which takes padded scales, is missing")
     return reasons

@@ -264,7 +264,7 @@ def found_everything(monkeypatch):
     """The state a successful probe leaves on the H100 (cuBLASLt 13.1, every op, both modules)."""
     monkeypatch.setattr(fb, "_found", dict(fb._found, ops=frozenset(fb.OPS), triton=object()))
     monkeypatch.setattr(ta, "_found", dict(ta._found, module=object()))
-    monkeypatch.setattr(tb, "_found", dict(tb._found, cublaslt=130100, scaled_mm_v2=True))
+    monkeypatch.setattr(tb, "_found", dict(tb._found, probed=True, cublaslt=130100, scaled_mm_v2=True))
 
 
 @pytest.mark.usefixtures("found_everything")
