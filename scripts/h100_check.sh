@@ -10,10 +10,10 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -1
-conformance_s=${1:-300}
+conformance_s=${1:-240}
 nn_s=${2:-200}
 
 fp8dispatch info 2>&1 | tee "$OUT/info.txt"
 fp8dispatch demo 2>&1 | tee "$OUT/demo.txt"
 timeout "$conformance_s" fp8dispatch conformance --quick --report "$OUT/h100.md" 2>&1 | tail -40
-timeout $((nn_s + 30)) python3 scripts/verify_nn_gpu.py "$OUT/nn-h100.md" --budget "$nn_s" --per-backend-timeout 90 2>&1 | tail -40
+timeout $((nn_s + 30)) python3 scripts/verify_nn_gpu.py "$OUT/nn-h100.md" --recipes "${NN_RECIPES:-block}" --budget "$nn_s" --per-backend-timeout 90 2>&1 | tail -40
