@@ -168,6 +168,7 @@ def environment(device: torch.device) -> dict:
         env["gpu"] = f"{props.name}, sm{major}{minor}"
     versions = {}
     for backend in registry.all_backends():
+        registry.probe_result(backend.name)  # versions are what the probe found (cuBLASLt, the library)
         try:
             versions[backend.name] = backend.version()
         except Exception:  # noqa: BLE001 - a version is information, not a requirement
