@@ -70,31 +70,7 @@ def _self_test(module, device) -> str | None:
 def why_not(op: str, p) -> list[str]:
     if p.device.type != "cuda":
         return [f"needs a CUDA tensor, got device {p.device}"]
-    return {"quantize": _quantize_reasons, "dequantize": _dequantize_reasons, "matmul": _matmul_reasons}[op](p)
-
-
-def _quantize_reasons(p) -> list[str]:
-    reasons = []
-    if p.user_scale:
-        reasons.append("scale: TorchAO's blockwise quantizers compute their own scales")
-    if p.scale_ub:
-        reasons.append("scale_ub: TorchAO's blockwise quantizers have no amax cap")
-    if p.pow2_scale:
-        reasons.append("pow2_scale: TorchAO's blockwise quantizers have no power-of-two scales")
-    if p.fp8_dtype != E4M3:
-        reasons.append(f"dtype: TorchAO hard-codes 448 (e4m3fn's max) in its scales, asked {p.fp8_dtype}")
-    if not p.contiguous:
-        reasons.append("x: needs contiguous input")
-    rows, cols = p.shape
-    if p.block == GROUP:
-        if cols % 128:
-            reasons.append(f"K={cols}: fp8_blockwise_act_quant needs K % 128 == 0")
-    elif p.block == BLOCK:
-        if rows % 128 or cols % 128:
-            reasons.append(f"shape {list(p.shape)}: fp8_blockwise_weight_quant needs both dims % 128 == 0")
-    else:
-        reasons.append(f"blocks {p.block}: TorchAO quantizes 1×128 groups and 128×128 blocks only")
-    return reasons
+    return {"dequantize": _dequantize_reasons, "matmul": _matmul_reasons}[op](p)
 
 
 def _dequantize_reasons(p) -> list[str]:
@@ -126,20 +102,6 @@ def _matmul_reasons(p) -> list[str]:
     return reasons + lib.matmul_layout_reasons(p, need_k=1, need_n=1)
 
 
-def quantize(x, block, dtype, scale=None, scale_ub=None, pow2_scale=False):
-    module = _found["module"]
-    if block == GROUP:
-        data, s = module.fp8_blockwise_act_quant(x, 128, dtype)
-    else:
-        data, s = module.fp8_blockwise_weight_quant(x, 128, dtype)
-    # TorchAO has no epsilon: an all-zero block gets scale 0 and 0/0 = NaN codes. The contract
-    # gives it scale 1, and its values (±0, or NaN where the input was NaN) are x itself.
-    zero = s == 0
-    wide = zero.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
-    data = torch.where(wide, x.to(dtype), data)
-    return data, torch.where(zero, 1.0, s)
-
-
 def dequantize(data, scale, block, out_dtype):
     out = _found["module"].fp8_blockwise_weight_dequant(data, scale.contiguous(), 128)
     return out if out.dtype == out_dtype else out.to(out_dtype)
@@ -154,13 +116,13 @@ BACKEND = Backend(
     name="torchao",
     probe=probe,
     why_not=why_not,
-    quantize=quantize,
     dequantize=dequantize,
     matmul=matmul,
     priority=40,
-    # Measured on the H100 (docs/routing.md). Negative: TorchAO's quantizer divides with Triton's
-    # approximate fp32 division, so it is not the contract bit for bit; auto never picks it.
-    priorities={"matmul.block": 80, "quantize": -10, "dequantize": 90},
+    # Measured on the H100 (docs/routing.md). No quantize: TorchAO's blockwise quantizers divide
+    # with Triton's approximate fp32 division, and 0 of 38 H100 cases of plain data were the
+    # contract bit for bit (docs/backends-h100-check-final.log).
+    priorities={"matmul.block": 80, "dequantize": 90},
     version=lambda: _found["version"],
     description="TorchAO blockwise FP8 Triton kernels (1×128 activation, 128×128 weight quant and GEMM)",
 )
