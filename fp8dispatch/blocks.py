@@ -68,7 +68,9 @@ def expand_scale(scale: torch.Tensor, block: Block, shape: tuple[int, int]) -> t
     rows, cols = shape
     if scale.shape == (1, 1):
         return scale.expand(rows, cols)
-    return scale.repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
+    groups_r, groups_c = scale.shape
+    tiled = scale[:, None, :, None].expand(groups_r, block[0], groups_c, block[1])
+    return tiled.reshape(groups_r * block[0], groups_c * block[1])[:rows, :cols]
 
 
 def blockwise_amax(x: torch.Tensor, block: Block) -> torch.Tensor:
