@@ -13,7 +13,6 @@ import importlib.util
 import torch
 
 from fp8dispatch.backends import _library as lib
-from fp8dispatch.formats import fp8_format
 from fp8dispatch.registry import Backend
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2

@@ -20,7 +20,7 @@ import time
 import torch
 
 import fp8dispatch
-from fp8dispatch import Fp8Tensor, Unsupported, registry
+from fp8dispatch import Unsupported, registry
 from fp8dispatch.timing import time_cuda
 
 LIBRARIES = ("fbgemm", "torchao", "torch")

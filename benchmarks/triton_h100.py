@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import sys
 import time
@@ -26,7 +25,6 @@ from fp8dispatch.backends.triton import kernels
 from fp8dispatch.backends.triton import matmul as mm
 from fp8dispatch.backends.triton.quantize import quantize_tensorwise
 from fp8dispatch.blocks import block_for
-from fp8dispatch.formats import fp8_format
 from fp8dispatch.tensor import Fp8Tensor
 from fp8dispatch.timing import time_cuda
 

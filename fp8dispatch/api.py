@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from fp8dispatch import registry
-from fp8dispatch.blocks import RECIPES, Block, block_for, cdiv, expand_scale, scale_shape
+from fp8dispatch.blocks import RECIPES, Block, block_for, expand_scale, scale_shape
 from fp8dispatch.errors import (
     Fp8DispatchError,
     Fp8TypeError,

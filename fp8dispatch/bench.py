@@ -37,8 +37,6 @@ OPS = ("matmul", "quantize", "linear")
 # The conformance bound of DESIGN.md for matmul, 1 - 2Σxy/Σ(x²+y²) < 1e-3, applied to every op
 # (for quantize, on the dequantized values against the reference's).
 ERROR_LIMIT = 1e-3
-# The granularity a recipe quantizes activations with, and the blocks of its two operands.
-ACTIVATION = {"block": "group", "row": "row", "tensor": "tensor"}
 E4M3 = torch.float8_e4m3fn
 BF16 = torch.bfloat16
 

@@ -78,7 +78,6 @@ def routes(layer, x2d, name: str) -> str:
 
 
 def run_one(name, recipe, model, x, ref, device, timing) -> dict:
-    import fp8dispatch
     from fp8dispatch import registry
     from fp8dispatch.nn import convert
 

@@ -8,7 +8,6 @@ from torch import nn
 
 import fp8dispatch
 from fp8dispatch import ops
-from fp8dispatch.nn import Fp8Linear
 
 
 @pytest.fixture(autouse=True)
