@@ -23,15 +23,19 @@ import triton
 import triton.language as tl
 
 from fp8dispatch.blocks import cdiv, scale_shape
+from fp8dispatch.errors import Fp8ValueError
 from fp8dispatch.formats import fp8_format
 
 from .launch import Launcher
 from .scaling import finite_abs, saturating_cast, scale_from_amax
-from .tiles import TILE, next_pow2, num_warps_for, sm_count
+from .tiles import TILE, next_pow2, num_warps_for, sm_count, wide_groups_plan
 
 # A group wider than this (elements) is quantized by the chunked block kernel: 16384 fp32 values
 # are 32 registers per thread at 16 warps, the most one pass can hold without spilling.
 MAX_GROUP = 16384
+# Groups (rows) at least this wide that are not a power of two are swept by `_wide_groups_kernel`
+# instead of padded to a power-of-two tile; see `swept`.
+SWEEP_MIN_GROUP = 1024
 # The tensorwise grid: enough programs to fill the GPU a few times over, and few enough partial
 # amaxes that every program of launch 2 can reduce them all (4 KB).
 PARTIALS_PER_SM = 4
@@ -71,6 +75,60 @@ def _groups_kernel(
         tl.store(s_ptrs, scale, mask=s_mask)
     q = saturating_cast(x, scale[:, :, None], FP8_MAX, q_ptr.dtype.element_ty)
     tl.store(q_ptr + rows[:, None, None] * C + cols[None, :, :], q, mask=mask)
+
+
+@triton.jit
+def _wide_groups_kernel(
+    x_ptr, q_ptr, s_ptr,
+    R, C,
+    stride_xr, stride_xc,
+    stride_sr, stride_sc,  # of the scale tensor, [R, n_groups]; a user scale may be a view
+    scale_ub,
+    GROUP: tl.constexpr,  # g, the block width (a row: g = C), any integer
+    BLOCK_R: tl.constexpr,  # rows per program, each with its own scale
+    CHUNK: tl.constexpr,  # columns per step of a sweep (a power of two)
+    EVEN: tl.constexpr,  # every chunk lies inside its group and inside C: no column mask
+    AMAX_EVICT: tl.constexpr, CAST_EVICT: tl.constexpr,  # cache hints of the two sweeps ("" = none)
+    FP8_MAX: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_UB: tl.constexpr, POW2: tl.constexpr,
+):
+    # A program owns BLOCK_R rows of one group, [c_start, c_end), and sweeps it CHUNK columns at a
+    # time, twice: a running elementwise max of |x| over [BLOCK_R, CHUNK] reduced to one amax per
+    # row, then the cast. The second sweep's reads hit L1/L2 (BLOCK_R * g * 2 bytes per program for
+    # bf16, far below the L2), so HBM sees each element once. Unlike `_groups_kernel`, no lane is
+    # padded: g = 7168 is 7 chunks of 1024, not an 8192-lane tile with 12.5 % of it masked.
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c_start = tl.program_id(1) * GROUP
+    c_end = tl.minimum(c_start + GROUP, C)
+    if EVEN:
+        c_end = c_start + GROUP  # a constant trip count
+    row_ok = rows < R
+    x_rows = x_ptr + rows[:, None] * stride_xr
+    q_rows = q_ptr + rows[:, None] * C
+    s_ptrs = s_ptr + rows * stride_sr + tl.program_id(1) * stride_sc
+    if HAS_SCALE:
+        scale = tl.load(s_ptrs, mask=row_ok, other=1.0)
+    else:
+        amax = tl.zeros([BLOCK_R, CHUNK], tl.float32)
+        for c0 in range(c_start, c_end, CHUNK):
+            cols = c0 + tl.arange(0, CHUNK)
+            if EVEN:
+                mask = row_ok[:, None]
+            else:
+                mask = row_ok[:, None] & (cols < c_end)[None, :]
+            x = tl.load(x_rows + cols[None, :] * stride_xc, mask=mask, other=0.0, eviction_policy=AMAX_EVICT)
+            amax = tl.maximum(amax, finite_abs(x.to(tl.float32)))
+        scale = scale_from_amax(tl.max(amax, axis=1), scale_ub, FP8_MAX, HAS_UB, POW2)
+        tl.store(s_ptrs, scale, mask=row_ok)
+    for c0 in range(c_start, c_end, CHUNK):
+        cols = c0 + tl.arange(0, CHUNK)
+        if EVEN:
+            mask = row_ok[:, None]
+        else:
+            mask = row_ok[:, None] & (cols < c_end)[None, :]
+        x = tl.load(x_rows + cols[None, :] * stride_xc, mask=mask, other=0.0, eviction_policy=CAST_EVICT)
+        q = saturating_cast(x.to(tl.float32), scale[:, None], FP8_MAX, q_ptr.dtype.element_ty)
+        tl.store(q_rows + cols[None, :], q, mask=mask)
 
 
 @triton.jit
@@ -187,6 +245,7 @@ def _tensor_cast_kernel(
 
 
 _groups = Launcher(_groups_kernel, tensors=3)
+_wide_groups = Launcher(_wide_groups_kernel, tensors=3)
 _blocks = Launcher(_blocks_kernel, tensors=3)
 _tensor_amax = Launcher(_tensor_amax_kernel, tensors=2)
 _tensor_cast = Launcher(_tensor_cast_kernel, tensors=4)
@@ -196,12 +255,21 @@ def quantize(x, block, dtype, scale=None, scale_ub=None, pow2_scale=False):
     """The backend's quantize: (data [R, C] contiguous, scale [ceil(R/br), ceil(C/bc)] fp32)."""
     rows, cols = x.shape
     br, bc = block
-    if br == 1 and next_pow2(bc) <= MAX_GROUP:
-        return _quantize_groups(x, bc, dtype, scale, scale_ub, pow2_scale)
+    if br == 1 and swept(min(bc, cols)):
+        return _quantize_wide_groups(x, bc, dtype, scale, scale_ub, pow2_scale)
+    if br == 1:
+        return _quantize_groups(x, min(bc, cols), dtype, scale, scale_ub, pow2_scale)
     if br >= rows and bc >= cols:
         data, scales = quantize_tensorwise(x, dtype, scale, scale_ub, pow2_scale)
         return data, scales[:1].view(1, 1)
     return _quantize_blocks(x, block, dtype, scale, scale_ub, pow2_scale)
+
+
+def swept(group: int) -> bool:
+    """Whether a 1×g group (a row: g = C) goes to the two-sweep kernel rather than the one-pass tile:
+    when it is too wide for one tile, or wide and not a power of two, where the tile would pad it
+    (7168 -> 8192 lanes: 12.5 % masked, and one row per program)."""
+    return group > MAX_GROUP or (group >= SWEEP_MIN_GROUP and group & (group - 1) != 0)
 
 
 def _outputs(x, block, dtype, scale):
@@ -216,13 +284,22 @@ def _flags(fmt, scale, scale_ub, pow2_scale) -> dict:
                 POW2=pow2_scale)
 
 
-def _quantize_groups(x, group, dtype, scale, scale_ub, pow2_scale):
+def _pow2(name: str, value: int | None) -> None:
+    if value is not None and (value < 1 or value & (value - 1)):
+        raise Fp8ValueError(f"{name}: expected a power of two ≥ 1, got {value}")
+
+
+def _quantize_groups(x, group, dtype, scale, scale_ub, pow2_scale, tile=None, groups=None, num_warps=None):
+    """1×g groups in one pass. `tile` (elements per program), `groups` (per program, a power of
+    two) and `num_warps` default to today's choice; the benchmark's sweep passes others."""
+    _pow2("groups", groups)
     rows, cols = x.shape
     data, s = _outputs(x, (1, group), dtype, scale)
     n_groups = cdiv(cols, group)
     g_p2 = next_pow2(group)
-    tile = TILE()
-    groups = min(next_pow2(n_groups), max(1, 1024 // g_p2), max(1, tile // g_p2))
+    tile = tile or TILE()
+    if groups is None:
+        groups = min(next_pow2(n_groups), max(1, 1024 // g_p2), max(1, tile // g_p2))
     block_r = min(next_pow2(rows), max(1, tile // (groups * g_p2)))
     grid = (cdiv(rows, block_r), cdiv(n_groups, groups))
     _groups(
@@ -230,23 +307,48 @@ def _quantize_groups(x, group, dtype, scale, scale_ub, pow2_scale):
         (x, data, s, rows, cols, x.stride(0), x.stride(1), s.stride(0), s.stride(1), n_groups, scale_ub or 0.0),
         dict(GROUP=group, G_P2=g_p2, GROUPS=groups, BLOCK_R=block_r, **_flags(fp8_format(dtype), scale, scale_ub,
                                                                              pow2_scale)),
-        dict(num_warps=num_warps_for(block_r * groups * g_p2)),
+        dict(num_warps=num_warps or num_warps_for(block_r * groups * g_p2)),
     )
     return data, s
 
 
-def _quantize_blocks(x, block, dtype, scale, scale_ub, pow2_scale):
+def _quantize_wide_groups(x, group, dtype, scale, scale_ub, pow2_scale, block_r=None, chunk=None, num_warps=None,
+                          evict=False):
+    """1×g groups (rows when g ≥ C) swept twice by `_wide_groups_kernel`. `block_r` rows per
+    program and `chunk` columns per step (powers of two), `num_warps`, and `evict` (hint the amax
+    sweep's lines to stay in cache and the cast sweep's to go) default to `tiles.wide_groups_plan`."""
+    _pow2("block_r", block_r)
+    _pow2("chunk", chunk)
+    rows, cols = x.shape
+    g = min(group, cols)
+    data, s = _outputs(x, (1, group), dtype, scale)
+    plan = wide_groups_plan(rows, g)
+    block_r, chunk = block_r or plan[0], chunk or plan[1]
+    num_warps = num_warps or plan[2]
+    even = g % chunk == 0 and cols % g == 0
+    _wide_groups(
+        (cdiv(rows, block_r), cdiv(cols, g)),
+        (x, data, s, rows, cols, x.stride(0), x.stride(1), s.stride(0), s.stride(1), scale_ub or 0.0),
+        dict(GROUP=g, BLOCK_R=block_r, CHUNK=chunk, EVEN=even, AMAX_EVICT="evict_last" if evict else "",
+             CAST_EVICT="evict_first" if evict else "", **_flags(fp8_format(dtype), scale, scale_ub, pow2_scale)),
+        dict(num_warps=num_warps),
+    )
+    return data, s
+
+
+def _quantize_blocks(x, block, dtype, scale, scale_ub, pow2_scale, tile=None, num_warps=None):
+    """One program per block; `tile` (elements per sweep step) and `num_warps` default to today's."""
     rows, cols = x.shape
     br, bc = min(block[0], rows), min(block[1], cols)
     data, s = _outputs(x, block, dtype, scale)
-    tile = TILE()
+    tile = tile or TILE()
     chunk_c = min(next_pow2(bc), tile)
     chunk_r = min(next_pow2(br), max(1, tile // chunk_c))
     _blocks(
         (cdiv(rows, br), cdiv(cols, bc)),
         (x, data, s, rows, cols, x.stride(0), x.stride(1), s.stride(0), s.stride(1), scale_ub or 0.0),
         dict(BR=br, BC=bc, CHUNK_R=chunk_r, CHUNK_C=chunk_c, **_flags(fp8_format(dtype), scale, scale_ub, pow2_scale)),
-        dict(num_warps=num_warps_for(chunk_r * chunk_c)),
+        dict(num_warps=num_warps or num_warps_for(chunk_r * chunk_c)),
     )
     return data, s
 

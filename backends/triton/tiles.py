@@ -19,6 +19,22 @@ def TILE() -> int:  # noqa: N802 - reads like the constant it stands for
     return INTERPRETER_TILE if interpreting() else GPU_TILE
 
 
+# The two-sweep 1×g kernel (rows wider than a tile, or not a power of two): rows per program,
+# columns per step, warps. 1024 bf16 columns over 4 warps is one 16-byte load per thread per step;
+# a guess until benchmarks/quantize_variants.py has run on the H100.
+WIDE_BLOCK_R = 1
+WIDE_CHUNK = 1024
+WIDE_WARPS = 4
+
+
+def wide_groups_plan(rows: int, group: int) -> tuple[int, int, int]:
+    """(rows per program, chunk, num_warps) for `_wide_groups_kernel` on groups `group` wide."""
+    chunk = min(WIDE_CHUNK, next_pow2(group))
+    if interpreting():  # few, large programs: the interpreter pays per program and per step
+        return min(next_pow2(rows), max(1, INTERPRETER_TILE // (8 * chunk))), chunk, 1
+    return WIDE_BLOCK_R, chunk, max(1, min(WIDE_WARPS, chunk // 256))
+
+
 def next_pow2(n: int) -> int:
     """The next power of two ≥ n (≥ 1), in plain Python: `triton.next_power_of_2` is a
     constexpr function whose host-side call costs several microseconds."""
