@@ -126,6 +126,102 @@ def test_wide_rows_take_the_chunked_path():
     assert_same_bits(got[0], want[0])
 
 
+
+# The two-sweep 1×g kernel, called directly with plans that force every case: chunks that divide
+# the group or leave a tail, rows per program that leave a tail, several groups per row, a last
+# group cut short by C. (shape, g, block_r, chunk)
+WIDE_CASES = [
+    ((37, 7168), 7168, None, None),  # a DeepSeek-width row, the default plan
+    ((5, 7168), 7168, 2, 2048),  # 7168 = 3.5 chunks of 2048: a masked last chunk
+    ((5, 300), 300, 4, 128),
+    ((9, 300), 100, 2, 64),  # three groups per row, each 1.6 chunks
+    ((6, 250), 100, 4, 32),  # the last group is 50 wide
+    ((4, 512), 256, 1, 64),  # every chunk full: no column mask
+]
+
+
+@pytest.mark.parametrize("fp8", [E4M3, E5M2])
+@pytest.mark.parametrize("case", WIDE_CASES, ids=lambda c: f"{c[0][0]}x{c[0][1]}_g{c[1]}_r{c[2]}_c{c[3]}")
+def test_wide_groups_bit_identical(fp8, case):
+    from fp8dispatch.backends.triton import quantize as q
+
+    shape, g, block_r, chunk = case
+    for in_dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = special_values(*shape, in_dtype, seed=8)
+        got = q._quantize_wide_groups(x, g, fp8, None, None, False, block_r=block_r, chunk=chunk,
+                                      evict=block_r == 2)
+        want = reference.quantize(x, (1, g), fp8)
+        assert_same_bits(got[1], want[1])
+        assert_same_bits(got[0], want[0])
+
+
+@pytest.mark.parametrize("options", [{"pow2_scale": True}, {"scale_ub": 30.0}, {"user": True}],
+                         ids=["pow2", "scale_ub", "user_scale"])
+@pytest.mark.parametrize("fp8", [E4M3, E5M2])
+def test_wide_rows_options_bit_identical(options, fp8):
+    """Through `quantize`: a 1100-wide row is swept (≥ 1024, not a power of two)."""
+    x = special_values(20, 1100, torch.bfloat16, seed=9)
+    options = dict(options)
+    if options.pop("user", False):
+        options["scale"] = reference.quantize(x, (1, 1100), fp8)[1] * 0.5
+    got = kernels.quantize(x, (1, 1100), fp8, **options)
+    want = reference.quantize(x, (1, 1100), fp8, **options)
+    assert_same_bits(got[1], want[1])
+    assert_same_bits(got[0], want[0])
+
+
+def test_wide_rows_strided_input():
+    from fp8dispatch.backends.triton import quantize as q
+
+    x = special_values(1100, 6, seed=10).t()  # [6, 1100], column-major
+    got = q._quantize_wide_groups(x, 1100, E4M3, None, None, False, block_r=4, chunk=256)
+    want = reference.quantize(x, (1, 1100), E4M3)
+    assert_same_bits(got[1], want[1])
+    assert_same_bits(got[0], want[0])
+
+
+def test_which_rows_are_swept(monkeypatch):
+    from fp8dispatch.backends.triton import quantize as q
+
+    assert [q.swept(g) for g in (100, 300, 1024, 1100, 7168, 8192, 16384, 20000)] == \
+        [False, False, False, True, True, False, False, True]
+    calls = []
+    for name in ("_groups", "_wide_groups", "_blocks"):
+        monkeypatch.setattr(q, name, _Counting(getattr(q, name), calls))
+    x = special_values(3, 7168, torch.bfloat16, seed=11)
+    q.quantize(x, (1, 7168), E4M3)
+    q.quantize(x[:, :4096], (1, 4096), E4M3)
+    q.quantize(x, (1, 128), E4M3)
+    assert calls == [q._wide_groups_kernel, q._groups_kernel, q._groups_kernel]
+
+
+@pytest.mark.parametrize("path, knobs", [
+    ("groups", dict(tile=2048, groups=1, num_warps=2)),
+    ("groups", dict(tile=4096, groups=4, num_warps=8)),
+    ("blocks", dict(tile=1024, num_warps=2)),  # 128×128 blocks swept in 16 chunks of 8×128
+    ("blocks", dict(tile=32768, num_warps=16)),
+])
+def test_tunable_tiles_bit_identical(path, knobs):
+    """The knobs the GPU sweep turns change the work split, never the bits."""
+    from fp8dispatch.backends.triton import quantize as q
+
+    x = special_values(130, 300, torch.bfloat16, seed=12)
+    block = (1, 128) if path == "groups" else (128, 128)
+    fn = q._quantize_groups if path == "groups" else q._quantize_blocks
+    got = fn(x, block[1] if path == "groups" else block, E4M3, None, None, False, **knobs)
+    want = reference.quantize(x, block, E4M3)
+    assert_same_bits(got[1], want[1])
+    assert_same_bits(got[0], want[0])
+
+
+@pytest.mark.parametrize("knob", ["block_r", "chunk"])
+def test_wide_groups_knobs_must_be_powers_of_two(knob):
+    from fp8dispatch.backends.triton import quantize as q
+    from fp8dispatch.errors import Fp8ValueError
+
+    with pytest.raises(Fp8ValueError, match=f"{knob}: expected a power of two"):
+        q._quantize_wide_groups(torch.zeros(2, 1100), 1100, E4M3, None, None, False, **{knob: 100})
+
 def test_quantize_strided_input():
     x = special_values(300, 64, seed=4).t()  # [64, 300], column-major
     got = kernels.quantize(x, (1, 128), E4M3)

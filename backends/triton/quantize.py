@@ -1,4 +1,4 @@
-"""Quantize kernels: 1×g groups and rows in one pass, b×b blocks one program each, tensorwise in two.
+"""Quantize kernels: 1×g groups and rows in one pass or two sweeps, b×b blocks one program each, tensorwise in two.
 
 Every kernel reads `x` [R, C] (any strides; fp32, fp16 or bf16) once per element, computes each
 block's scale with the helpers of `scaling.py`, and writes contiguous FP8 data plus an fp32 scale
@@ -8,8 +8,11 @@ Three shapes of work:
 - groups (br == 1, bc = g, rows are the g = C case): a program owns BLOCK_R rows × GROUPS groups,
   viewed as a [BLOCK_R, GROUPS, G_P2] tile (G_P2 = next power of two ≥ g, masked), so the amax is a
   reduction over the last axis and each element is loaded once;
-- blocks (br > 1, or groups too wide for one tile): one program per block, a single load when the
-  block fits a tile, else an amax sweep then a cast sweep over chunks (the second hits L2);
+- wide groups (1×g with g > MAX_GROUP, or g ≥ SWEEP_MIN_GROUP and not a power of two, rows
+  included): a program owns BLOCK_R rows of one group and sweeps it CHUNK columns at a time,
+  amax then cast (the second sweep hits L1/L2), so a 7168-wide row is 7 unpadded chunks;
+- blocks (br > 1): one program per block, a single load when the block fits a tile, else an
+  amax sweep then a cast sweep over chunks (the second hits L2);
 - tensor: launch 1 writes one partial amax per program of a persistent grid; launch 2 reduces the
   partials in every program (a few KB from L2), computes the scale, casts, and program 0 stores
   the scale and its reciprocal. Launch 2 walks the tiles in reverse so the tiles launch 1 touched
