@@ -1,8 +1,8 @@
-"""The `fbgemm` backend: FBGEMM GenAI's CUTLASS FP8 GEMMs and its CUDA and Triton quantizers.
+"""The `fbgemm` backend: FBGEMM GenAI's CUTLASS FP8 GEMMs and its Triton dequantizers.
 
 Every quirk of fbgemm-gpu-genai 1.6 that docs/backends.md lists is translated here or declared in
-`why_not`: MN-major groupwise scales, bf16-only reads, the 1/(448·512) scale floor, sm_90a-only
-cubins, alignment rules that CUTLASS does not check.
+`why_not`: MN-major groupwise scales, bf16-only reads, sm_90a-only cubins, alignment rules that
+CUTLASS does not check. Its quantizers are declined: none is the contract (docs/backends.md).
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ GENAI = "fbgemm_gpu.experimental.gen_ai"
 TRITON = "fbgemm_gpu.experimental.gemm.triton_gemm.fp8_gemm"
 OPS = ("quantize_fp8_per_row", "quantize_fp8_per_tensor", "f8f8bf16_rowwise", "f8f8bf16",
        "f8f8bf16_groupwise", "f8f8bf16_blockwise")
-# quantize_fp8_per_row keeps a row in shared memory: K >= 24576 fails to launch (24320 works).
-MAX_ROW_K = 24576
 # f8f8bf16_groupwise loads the [K/128, M] activation scales by TMA, whose row strides must be
 # 16-byte multiples: M=17 failed to build the descriptor and poisoned the context (illegal
 # instruction; H100, docs/backends-h100-run2-groupwise-crash.log). Other M are padded with zero
@@ -127,39 +125,14 @@ def _pow2(n: int) -> bool:
 
 
 def _quantize_reasons(p) -> list[str]:
-    reasons = []
-    if p.user_scale:
-        reasons.append("scale: FBGEMM's quantizers compute their own scales; a given scale is not taken")
-    if p.pow2_scale:
-        reasons.append("pow2_scale: FBGEMM's quantizers have no power-of-two scales")
-    if not p.contiguous:
-        reasons.append("x: needs contiguous input (the CUDA quantizers ignore strides)")
-    rows, cols = p.shape
-    granularity = p.granularity
-    if granularity in ("row", "tensor"):
-        op = "quantize_fp8_per_row" if granularity == "row" else "quantize_fp8_per_tensor"
-        reasons += _needs_op(op)
-        if p.in_dtype != torch.bfloat16:
-            reasons.append(f"x: {op} reads its input as bf16 (other dtypes give garbage), got {p.in_dtype}")
-        allowed = (E4M3, E5M2) if granularity == "row" else (E4M3,)
-        if p.fp8_dtype not in allowed:
-            reasons.append(f"dtype: {op} writes {' or '.join(str(d) for d in allowed)}, asked {p.fp8_dtype}")
-        if granularity == "row" and cols % 2:
-            reasons.append(f"K={cols}: quantize_fp8_per_row needs an even K (odd K is a misaligned access)")
-        if granularity == "row" and cols >= MAX_ROW_K:
-            reasons.append(f"K={cols}: quantize_fp8_per_row needs K < {MAX_ROW_K} (one row in shared memory)")
-        if granularity == "tensor" and (rows * cols) % 8:
-            reasons.append(f"numel={rows * cols}: quantize_fp8_per_tensor needs numel % 8 == 0 (a 1×1 input "
-                           f"came back with the floor scale and a NaN code on the H100)")
-    elif granularity in ("group", "block"):
-        # quantize_fp8_group/_block divide with Triton's approximate fp32 division: on the H100
-        # 0 of 26 group and 4 of 27 block cases of plain bf16 data were the contract bit for bit
-        # (scales 1 ulp off; docs/backends-h100-check-final.log). The triton backend serves these.
-        reasons.append(f"granularity {granularity}: FBGEMM's Triton quantizers are not amax / fp8_max "
-                       f"correctly rounded (scales 1 ulp off on ordinary data); use the triton backend")
-    else:
-        reasons.append(f"granularity {granularity}: FBGEMM has no quantizer for blocks {p.block} on {list(p.shape)}")
-    return reasons
+    # Measured on the H100 (docs/backends.md): the CUDA row and tensor quantizers let ±inf into
+    # the amax (the scale becomes inf and the row's codes 0 or NaN), a NaN resets their running
+    # max, and they floor the scale at 1/(fp8_max·512); the Triton group and block quantizers
+    # divide approximately (0 of 26 group cases bit for bit). None is the contract, and the
+    # differences hide in values why_not cannot see, so none is offered: the triton backend
+    # quantizes every granularity bit for bit.
+    return ["FBGEMM's quantizers are not offered: they depart from the contract on values why_not cannot "
+            "see (±inf in the amax, NaN resetting it, a scale floor, approximate division); use triton"]
 
 
 def _dequantize_reasons(p) -> list[str]:
@@ -219,34 +192,6 @@ def _matmul_reasons(p) -> list[str]:
 # --- the ops --------------------------------------------------------------------------------
 
 
-def quantize(x, block, dtype, scale=None, scale_ub=None, pow2_scale=False):
-    rows, cols = x.shape
-    ub = None if scale_ub is None else lib.device_scalar(scale_ub, x.device)
-    if block[0] == 1 and block[1] >= cols:
-        data, s = torch.ops.fbgemm.quantize_fp8_per_row(x, None, ub, dtype)
-        s = s.view(rows, 1)
-        return data, torch.where(_zero_rows(data), 1.0, s)
-    if block[0] >= rows and block[1] >= cols:
-        data, s = torch.ops.fbgemm.quantize_fp8_per_tensor(x, None, ub)
-        s = s.view(1, 1)
-        return data, torch.where(_zero_rows(data.view(1, -1)), 1.0, s)
-    raise AssertionError(f"why_not admits row and tensor blocks only, got {block}")
-
-
-def _nonzero_codes(data: torch.Tensor) -> torch.Tensor:
-    """uint8 codes with the sign bit shifted out: zero exactly where the value is ±0."""
-    return data.view(torch.uint8) << 1
-
-
-def _zero_rows(data: torch.Tensor) -> torch.Tensor:
-    """[rows, 1] True where a row's codes are all ±0: FBGEMM floored its scale; the contract says 1.
-
-    Only an all-zero input row quantizes to all ±0 at FBGEMM's floor scale 1/(fp8_max·512),
-    except rows below ~4e-9, which the floor makes differ anyway (docs/backends.md).
-    """
-    return _nonzero_codes(data).amax(dim=1, keepdim=True) == 0
-
-
 def dequantize(data, scale, block, out_dtype):
     triton = _found["triton"]
     if block[0] == 1 and block[1] >= data.shape[1]:
@@ -281,15 +226,12 @@ BACKEND = Backend(
     name="fbgemm",
     probe=probe,
     why_not=why_not,
-    quantize=quantize,
     dequantize=dequantize,
     matmul=matmul,
     priority=50,
-    # Measured on the H100 (docs/routing.md): 100 fastest, 90 second, 80 third. Quantize is
-    # negative: FBGEMM's scale floor, reciprocal scales and non-finite handling depart from the
-    # contract on values why_not cannot see, so auto never picks it (backend="fbgemm" still can).
+    # Measured on the H100 (docs/routing.md): 100 fastest, 90 second, 80 third.
     priorities={"matmul.row": 100, "matmul.tensor": 90, "matmul.block": 90, "matmul.mixed": 100,
-                "quantize": -10, "dequantize": 100},
+                "dequantize": 100},
     version=_version,
-    description="fbgemm-gpu-genai: CUTLASS rowwise/groupwise/blockwise FP8 GEMMs, CUDA and Triton quantizers",
+    description="fbgemm-gpu-genai: CUTLASS rowwise/groupwise/blockwise FP8 GEMMs and Triton dequantizers",
 )

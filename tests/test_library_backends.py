@@ -129,7 +129,8 @@ def test_fbgemm_missing_one_op_is_declared_per_problem(fbgemm_fakes):
     assert fb._found["ops"] == {"quantize_fp8_per_row"}
     assert "torch.ops.fbgemm.f8f8bf16_rowwise is missing from this fbgemm_gpu build" in fb.why_not(
         "matmul", matmul_problem("row"))
-    assert fb.why_not("quantize", quantize_problem("row")) == []
+    assert fb.why_not("matmul", matmul_problem("tensor")) == [
+        "torch.ops.fbgemm.f8f8bf16 is missing from this fbgemm_gpu build"]
 
 
 @pytest.mark.parametrize("wrong, raises, expected", [
@@ -276,7 +277,6 @@ def found_everything(monkeypatch):
     (ta, "matmul", matmul_problem("block", k=400)),
     (fb, "matmul", matmul_problem("row", bias=torch.float16)), (tb, "matmul", matmul_problem("row", bias=BF16)),
     (tb, "matmul", matmul_problem("block", out=torch.float32, bias=BF16)),
-    (fb, "quantize", quantize_problem("row")), (fb, "quantize", quantize_problem("tensor", scale_ub=True)),
     (fb, "dequantize", DequantizeProblem(CUDA, H100, E4M3, (4096, 7168), True, (128, 128), BF16)),
     (ta, "dequantize", DequantizeProblem(CUDA, H100, E5M2, (300, 200), True, (128, 128), torch.float16)),
 ])
@@ -316,18 +316,10 @@ def test_what_each_backend_accepts(module, op, problem):
     (fb, "matmul", matmul_problem("block", bias=BF16), "bias: only f8f8bf16_rowwise adds a bias in its epilogue"),
     (ta, "matmul", matmul_problem("block", bias=BF16), "bias: blockwise_fp8_gemm has no bias epilogue"),
     # fbgemm quantize / dequantize
-    (fb, "quantize", quantize_problem("tensor", (1, 1)), "numel=1: quantize_fp8_per_tensor needs numel % 8 == 0"),
     (fb, "dequantize", DequantizeProblem(CUDA, H100, torch.float8_e4m3fnuz, (128, 256), True, (1, 128), BF16),
      "compile for float8_e4m3fn and float8_e5m2 on CUDA, got torch.float8_e4m3fnuz"),
     (ta, "dequantize", DequantizeProblem(CUDA, H100, torch.float8_e5m2fnuz, (128, 256), True, (128, 128), BF16),
      "compiles for float8_e4m3fn and float8_e5m2 on CUDA, got torch.float8_e5m2fnuz"),
-    (fb, "quantize", quantize_problem("row", in_dtype=torch.float32), "reads its input as bf16"),
-    (fb, "quantize", quantize_problem("row", (8, 7)), "K=7: quantize_fp8_per_row needs an even K"),
-    (fb, "quantize", quantize_problem("row", (8, 24576)), "K=24576: quantize_fp8_per_row needs K < 24576"),
-    (fb, "quantize", quantize_problem("row", contiguous=False), "x: needs contiguous input"),
-    (fb, "quantize", quantize_problem("row", user_scale=True), "a given scale is not taken"),
-    (fb, "quantize", quantize_problem("row", pow2=True), "no power-of-two scales"),
-    (fb, "quantize", quantize_problem("tensor", fp8=E5M2), "quantize_fp8_per_tensor writes torch.float8_e4m3fn"),
     (fb, "dequantize", DequantizeProblem(CUDA, H100, E4M3, (100, 64), True, (1, 64), BF16),
      "rows=100: dequantize_fp8_row reads scales in tiles of 16 rows"),
     (fb, "dequantize", DequantizeProblem(CUDA, H100, E4M3, (128, 64), True, (1, 64), torch.float32),
@@ -338,8 +330,10 @@ def test_what_each_backend_accepts(module, op, problem):
     (ta, "matmul", matmul_problem("row"), "tensor and row go to torch._scaled_mm (backend torch)"),
     (ta, "matmul", matmul_problem("block", out=torch.float32), "blockwise_fp8_gemm writes bf16 only"),
     (ta, "matmul", matmul_problem("block", b_dtype=E5M2), "verified with float8_e4m3fn only"),
-    (fb, "quantize", quantize_problem("group"), "FBGEMM's Triton quantizers are not amax / fp8_max correctly rounded"),
-    (fb, "quantize", quantize_problem("block"), "use the triton backend"),
+    (fb, "quantize", quantize_problem("row"), "±inf in the amax"),
+    (fb, "quantize", quantize_problem("tensor"), "FBGEMM's quantizers are not offered"),
+    (fb, "quantize", quantize_problem("group"), "approximate division"),
+    (fb, "quantize", quantize_problem("block"), "use triton"),
     (ta, "dequantize", DequantizeProblem(CUDA, H100, E4M3, (128, 128), True, (1, 128), BF16),
      "fp8_blockwise_weight_dequant takes 128×128 blocks only"),
 ])
@@ -366,13 +360,10 @@ def test_cpu_tensors_are_declined_before_anything_else(module):
     assert module.why_not("matmul", cpu) == ["needs a CUDA tensor, got device cpu"]
 
 
-def test_library_quantizers_are_opt_in_or_absent():
-    """FBGEMM's CUDA row/tensor quantizers differ from the contract only on values why_not cannot
-    see (amax below 2^-9, ±inf), so auto never picks them; the quantizers that differ on ordinary
-    data (FBGEMM's Triton group/block, TorchAO's) are not offered at all (docs/backends.md)."""
-    for granularity in ("tensor", "row"):
-        assert fb.BACKEND.priority_for(quantize_problem(granularity)) < 0
-    assert ta.BACKEND.quantize is None
+def test_library_quantizers_are_not_offered():
+    """No library quantizer is the contract: FBGEMM's CUDA ones take ±inf into the amax and floor
+    the scale, its Triton ones and TorchAO's divide approximately (docs/backends.md)."""
+    assert fb.BACKEND.quantize is None and ta.BACKEND.quantize is None
 
 
 def test_pad_rows_appends_zero_rows_with_unit_scales_only_when_needed():
