@@ -37,6 +37,9 @@ from fp8dispatch.tensor import Fp8Tensor
 from fp8dispatch import ops as _ops  # noqa: E402
 
 OVERFLOW_MODES = ("saturate", "error", "rescale")
+_E4M3, _BLOCK_SIZE, _SATURATE, _AUTO = torch.float8_e4m3fn, 128, "saturate", "auto"  # quantize's defaults
+_is_compiling = torch.compiler.is_compiling  # bound once: dynamo folds the same function to True
+_trusted = Fp8Tensor._trusted
 RESCALE_ATTEMPTS = 3
 
 _plans: dict[tuple, object] = {}
@@ -83,25 +86,80 @@ def quantize(
     (`scale_ub` caps amax; `pow2_scale` rounds scales up to powers of two). A user `scale` must
     have the block's scale shape; `overflow` decides what values beyond the range then do.
     """
-    if torch.compiler.is_compiling():
+    if _is_compiling():
         return _ops.traced_quantize(x, granularity, dtype, block_size, scale, scale_ub, pow2_scale, overflow, backend)
+    # Every option at its default, tested by identity (CPython shares small ints and interns
+    # identifier-like literals, so `quantize(x, "group", backend="auto")` passes too; an equal
+    # value that is another object just takes the general path): a 5-field key, starting with a
+    # dtype where every other key starts with a string, whose plan takes x alone.
+    if (scale is None and scale_ub is None and dtype is _E4M3 and block_size is _BLOCK_SIZE
+            and pow2_scale is False and overflow is _SATURATE and backend is _AUTO):
+        try:
+            run = _plans[(x.dtype, x.shape, x.device, x.is_contiguous(), granularity)]
+        except (KeyError, TypeError, AttributeError):  # the first call, or an argument to reject
+            return _quantize_planned(x, granularity, dtype, block_size, scale, scale_ub, pow2_scale, overflow,
+                                     backend, defaults=True)
+        return run(x)
+    return _quantize_planned(x, granularity, dtype, block_size, scale, scale_ub, pow2_scale, overflow, backend)
+
+
+def _quantize_planned(x, granularity, dtype, block_size, scale, scale_ub, pow2_scale, overflow, backend,
+                      defaults=False):
+    """Any options: look the plan up by every option (planning it on the first call), then run it."""
     try:
-        key = ("q", x.dtype, x.shape, x.device, x.is_contiguous(), granularity, dtype, block_size,
-               scale is None, scale_ub is None, pow2_scale, overflow, backend)
+        fast = (x.dtype, x.shape, x.device, x.is_contiguous(), granularity)
     except AttributeError:
         raise Fp8TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}") from None
+    # Values equal to valid ones but of another type (1 for True, 128.0 for 128) must not find
+    # a valid call's plan: the key holds the types too, so they reach the planner and its error.
+    key = ("q", *fast, dtype, block_size if type(block_size) is int else repr(block_size), scale is None,
+           scale_ub is None, pow2_scale is True, pow2_scale is False, overflow, backend)
     try:
-        plan = _plans[key]
-    except (KeyError, TypeError):  # a new signature, or an unhashable argument the planner names
-        plan = _cached(key, lambda: _plan_quantize(x, granularity, dtype, block_size, scale, scale_ub,
-                                                   pow2_scale, overflow, backend))
-    x2d = x.reshape(plan.shape2d) if plan.flatten else x
-    if scale is not None:
-        scale = _user_scale(x2d, scale, plan.block, dtype, overflow)
-    if scale_ub is not None:
-        scale_ub = _scale_ub(scale_ub)
-    data, s = plan.run(x2d, plan.block, dtype, scale, scale_ub, pow2_scale)
-    return Fp8Tensor._trusted(data.view(x.shape) if plan.flatten else data, s, plan.block)
+        run = _plans[key]
+    except KeyError:
+        run = _plans[key] = _quantize_runner(_plan_quantize(x, granularity, dtype, block_size, scale, scale_ub,
+                                                            pow2_scale, overflow, backend), dtype, overflow)
+    except TypeError:  # an unhashable argument: the planner names it
+        run = _quantize_runner(_plan_quantize(x, granularity, dtype, block_size, scale, scale_ub, pow2_scale,
+                                              overflow, backend), dtype, overflow)
+    if defaults:
+        try:
+            _plans[fast] = _default_runner(run.plan)
+        except TypeError:
+            pass
+    return run(x, scale, scale_ub, pow2_scale)
+
+
+def _quantize_runner(plan: _QuantizePlan, dtype: torch.dtype, overflow: str) -> Callable:
+    """`(x, scale, scale_ub, pow2_scale) -> Fp8Tensor` for a plan: checks the per-call values."""
+    run, block, shape2d, flatten = plan.run, plan.block, plan.shape2d, plan.flatten
+
+    def quantize_with(x, scale, scale_ub, pow2_scale):
+        x2d = x.reshape(shape2d) if flatten else x
+        if scale is not None:
+            scale = _user_scale(x2d, scale, block, dtype, overflow)
+        if scale_ub is not None:
+            scale_ub = _scale_ub(scale_ub)
+        data, s = run(x2d, block, dtype, scale, scale_ub, pow2_scale)
+        return _trusted(data.view(x.shape) if flatten else data, s, block)
+
+    quantize_with.plan = plan
+    return quantize_with
+
+
+def _default_runner(plan: _QuantizePlan) -> Callable:
+    """`x -> Fp8Tensor` for a plan of default options, with nothing left to check or branch on."""
+    run, block, shape2d = plan.run, plan.block, plan.shape2d
+
+    if plan.flatten:
+        def quantize_default(x):
+            data, s = run(x.reshape(shape2d), block, _E4M3, None, None, False)
+            return _trusted(data.view(x.shape), s, block)
+    else:
+        def quantize_default(x):
+            data, s = run(x, block, _E4M3, None, None, False)
+            return _trusted(data, s, block)
+    return quantize_default
 
 
 def _plan_quantize(x, granularity, dtype, block_size, scale, scale_ub, pow2_scale, overflow, backend):
