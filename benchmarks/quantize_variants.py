@@ -33,16 +33,23 @@ E4M3 = torch.float8_e4m3fn
 SHAPES = [(8192, 8192), (4096, 7168)]
 SMOKE_SHAPES = [(130, 1024), (9, 7168)]
 GROUP = 128
-# (block_r, chunk, num_warps, cache hints) of the two-sweep row kernel: one 16-byte load per thread
-# per step at chunk = 1024 × 4 warps (bf16), and the neighbours on each axis.
-WIDE = [(1, 512, 2, False), (1, 512, 4, False), (1, 1024, 2, False), (1, 1024, 4, False), (1, 1024, 8, False),
-        (1, 2048, 4, False), (1, 2048, 8, False), (1, 4096, 8, False), (2, 512, 4, False), (2, 1024, 4, False),
-        (2, 1024, 8, False), (2, 2048, 8, False), (4, 1024, 8, False), (4, 2048, 16, False),
-        (1, 1024, 4, True), (1, 2048, 8, True), (2, 1024, 8, True)]
+# (block_r, chunk, num_warps, cache hints, unroll) of the two-sweep row kernel: one 16-byte load per
+# thread per step at chunk = 1024 × 4 warps (bf16), and the neighbours on each axis. The compiler
+# unrolls a constant trip count's amax sweep by itself (7 loads in flight at 7168 / 1024) but not
+# the cast sweep, nor a masked (uneven) sweep; unroll asks for it.
+WIDE = [(1, 512, 2, False, None), (1, 512, 4, False, None), (1, 1024, 2, False, None), (1, 1024, 4, False, None),
+        (1, 1024, 8, False, None), (1, 2048, 4, False, None), (1, 2048, 8, False, None), (1, 4096, 8, False, None),
+        (2, 512, 4, False, None), (2, 1024, 4, False, None), (2, 1024, 8, False, None), (2, 2048, 8, False, None),
+        (4, 1024, 8, False, None), (4, 2048, 16, False, None),
+        (1, 1024, 4, True, None), (1, 2048, 8, True, None), (2, 1024, 8, True, None),
+        (1, 1024, 4, False, 4), (1, 512, 4, False, 8), (1, 2048, 8, False, 4), (2, 1024, 8, False, 4),
+        (1, 1024, 4, True, 4)]
 # (tile elements, groups per program, num_warps) of the one-pass group kernel; None = today's rule
 # (tile 8192 on a GPU: [8 rows, 8 groups, 128], 8 warps).
 GROUPS = [(None, None, None), (4096, 4, 4), (4096, 8, 4), (8192, 4, 8), (8192, 8, 4), (8192, 16, 8),
           (8192, 64, 8), (16384, 8, 16), (16384, 8, 8), (2048, 2, 2)]
+# (block_r, num_warps) of the two-sweep kernel on 1×128 groups, one chunk per group.
+WIDE_GROUPS = [(32, 4), (64, 8)]
 # (tile elements, num_warps) of the block kernel on 128×128 blocks; None = today's rule (tile 8192:
 # two 64×128 chunks per block, swept twice, 8 warps). 16384 holds the block in one pass.
 BLOCKS = [(None, None), (16384, 16), (16384, 8), (8192, 4), (4096, 4), (4096, 8), (2048, 4)]
@@ -77,15 +84,19 @@ def variants(q, rows: int, cols: int):
             lambda x: q._quantize_groups(x, cols, E4M3, None, None, False)),
            ("row", f"row: quantize() now ({'swept' if q.swept(cols) else 'one-pass'})", (1, cols),
             lambda x: q.quantize(x, (1, cols), E4M3))]
-    for r, c, w, hints in WIDE:
-        out.append(("row", f"row: sweep r{r} c{c} w{w}{' evict' if hints else ''}", (1, cols),
-                    lambda x, r=r, c=c, w=w, h=hints: q._quantize_wide_groups(
-                        x, cols, E4M3, None, None, False, block_r=r, chunk=c, num_warps=w, evict=h)))
+    for r, c, w, hints, unroll in WIDE:
+        name = f"row: sweep r{r} c{c} w{w}{' evict' if hints else ''}{f' unroll {unroll}' if unroll else ''}"
+        out.append(("row", name, (1, cols), lambda x, r=r, c=c, w=w, h=hints, u=unroll: q._quantize_wide_groups(
+            x, cols, E4M3, None, None, False, block_r=r, chunk=c, num_warps=w, evict=h, unroll=u)))
     for tile, groups, w in GROUPS:
         name = "group: default" if tile is None else f"group: tile {tile} groups {groups} w{w}"
         out.append(("group", name, (1, GROUP),
                     lambda x, t=tile, g=groups, w=w: q._quantize_groups(x, GROUP, E4M3, None, None, False,
                                                                         tile=t, groups=g, num_warps=w)))
+    for r, w in WIDE_GROUPS:  # the two-sweep kernel on 1×128 groups: the second read hits L1
+        out.append(("group", f"group: sweep r{r} c{GROUP} w{w}", (1, GROUP),
+                    lambda x, r=r, w=w: q._quantize_wide_groups(x, GROUP, E4M3, None, None, False, block_r=r,
+                                                                chunk=GROUP, num_warps=w)))
     for tile, w in BLOCKS:
         name = "block: default" if tile is None else f"block: tile {tile} w{w}"
         out.append(("block", name, (GROUP, GROUP),

@@ -92,6 +92,7 @@ def _wide_groups_kernel(
     CHUNK: tl.constexpr,  # columns per step of a sweep (a power of two)
     EVEN: tl.constexpr,  # every chunk lies inside its group and inside C: no column mask
     AMAX_EVICT: tl.constexpr, CAST_EVICT: tl.constexpr,  # cache hints of the two sweeps ("" = none)
+    UNROLL: tl.constexpr,  # steps per loop trip (None: the compiler's choice, which unrolls a constant trip count)
     FP8_MAX: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_UB: tl.constexpr, POW2: tl.constexpr,
 ):
@@ -113,7 +114,7 @@ def _wide_groups_kernel(
         scale = tl.load(s_ptrs, mask=row_ok, other=1.0)
     else:
         amax = tl.zeros([BLOCK_R, CHUNK], tl.float32)
-        for c0 in range(c_start, c_end, CHUNK):
+        for c0 in tl.range(c_start, c_end, CHUNK, loop_unroll_factor=UNROLL):
             cols = c0 + tl.arange(0, CHUNK)
             if EVEN:
                 mask = row_ok[:, None]
@@ -123,7 +124,7 @@ def _wide_groups_kernel(
             amax = tl.maximum(amax, finite_abs(x.to(tl.float32)))
         scale = scale_from_amax(tl.max(amax, axis=1), scale_ub, FP8_MAX, HAS_UB, POW2)
         tl.store(s_ptrs, scale, mask=row_ok)
-    for c0 in range(c_start, c_end, CHUNK):
+    for c0 in tl.range(c_start, c_end, CHUNK, loop_unroll_factor=UNROLL):
         cols = c0 + tl.arange(0, CHUNK)
         if EVEN:
             mask = row_ok[:, None]
@@ -316,10 +317,11 @@ def _quantize_groups(x, group, dtype, scale, scale_ub, pow2_scale, tile=None, gr
 
 
 def _quantize_wide_groups(x, group, dtype, scale, scale_ub, pow2_scale, block_r=None, chunk=None, num_warps=None,
-                          evict=False):
+                          evict=False, unroll=None):
     """1×g groups (rows when g ≥ C) swept twice by `_wide_groups_kernel`. `block_r` rows per
-    program and `chunk` columns per step (powers of two), `num_warps`, and `evict` (hint the amax
-    sweep's lines to stay in cache and the cast sweep's to go) default to `tiles.wide_groups_plan`."""
+    program and `chunk` columns per step (powers of two) and `num_warps` default to
+    `tiles.wide_groups_plan`; `evict` hints the amax sweep's lines to stay in cache and the cast
+    sweep's to go; `unroll` sets the steps per loop trip (None: the compiler's choice)."""
     _pow2("block_r", block_r)
     _pow2("chunk", chunk)
     rows, cols = x.shape
@@ -333,7 +335,7 @@ def _quantize_wide_groups(x, group, dtype, scale, scale_ub, pow2_scale, block_r=
         (cdiv(rows, block_r), cdiv(cols, g)),
         (x, data, s, rows, cols, x.stride(0), x.stride(1), s.stride(0), s.stride(1), scale_ub or 0.0),
         dict(GROUP=g, BLOCK_R=block_r, CHUNK=chunk, EVEN=even, AMAX_EVICT="evict_last" if evict else "",
-             CAST_EVICT="evict_first" if evict else "", **_flags(fp8_format(dtype), scale, scale_ub, pow2_scale)),
+             CAST_EVICT="evict_first" if evict else "", UNROLL=unroll, **_flags(fp8_format(dtype), scale, scale_ub, pow2_scale)),
         dict(num_warps=num_warps),
     )
     return data, s
