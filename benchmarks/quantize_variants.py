@@ -1,4 +1,4 @@
-"""Quantize variants of the triton backend, each checked bit for bit against the reference and timed against a bf16 copy.
+"""Quantize variants of the triton backend, checked bit for bit against the reference and timed against a bf16 copy.
 
     python benchmarks/quantize_variants.py --out docs/benchmarks/quantize-variants.json   # GPU, < 3 min
     python benchmarks/quantize_variants.py --smoke                                         # CPU interpreter

@@ -33,8 +33,8 @@ from .launch import Launcher
 from .scaling import finite_abs, saturating_cast, scale_from_amax
 from .tiles import TILE, next_pow2, num_warps_for, sm_count, wide_groups_plan
 
-# A group wider than this (elements) is quantized by the chunked block kernel: 16384 fp32 values
-# are 32 registers per thread at 16 warps, the most one pass can hold without spilling.
+# A group wider than this (elements) is swept by `_wide_groups_kernel`: 16384 fp32 values are 32
+# registers per thread at 16 warps, the most one pass can hold without spilling.
 MAX_GROUP = 16384
 # Groups (rows) at least this wide that are not a power of two are swept by `_wide_groups_kernel`
 # instead of padded to a power-of-two tile; see `swept`.
@@ -92,7 +92,7 @@ def _wide_groups_kernel(
     CHUNK: tl.constexpr,  # columns per step of a sweep (a power of two)
     EVEN: tl.constexpr,  # every chunk lies inside its group and inside C: no column mask
     AMAX_EVICT: tl.constexpr, CAST_EVICT: tl.constexpr,  # cache hints of the two sweeps ("" = none)
-    UNROLL: tl.constexpr,  # steps per loop trip (None: the compiler's choice, which unrolls a constant trip count)
+    UNROLL: tl.constexpr,  # steps per loop trip; None: the compiler's (it unrolls a constant trip count)
     FP8_MAX: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_UB: tl.constexpr, POW2: tl.constexpr,
 ):
@@ -335,7 +335,8 @@ def _quantize_wide_groups(x, group, dtype, scale, scale_ub, pow2_scale, block_r=
         (cdiv(rows, block_r), cdiv(cols, g)),
         (x, data, s, rows, cols, x.stride(0), x.stride(1), s.stride(0), s.stride(1), scale_ub or 0.0),
         dict(GROUP=g, BLOCK_R=block_r, CHUNK=chunk, EVEN=even, AMAX_EVICT="evict_last" if evict else "",
-             CAST_EVICT="evict_first" if evict else "", UNROLL=unroll, **_flags(fp8_format(dtype), scale, scale_ub, pow2_scale)),
+             CAST_EVICT="evict_first" if evict else "", UNROLL=unroll,
+             **_flags(fp8_format(dtype), scale, scale_ub, pow2_scale)),
         dict(num_warps=num_warps),
     )
     return data, s
