@@ -161,3 +161,54 @@ def test_a_cached_call_plans_nothing_new(sandbox):
         fp8dispatch.quantize(x, "group")
     assert calls.count("why_not") == 1 and calls.count("quantize") == 4
     assert api._plans.keys() == plans.keys() and all(api._plans[k] is v for k, v in plans.items())
+
+
+def _operands(kind):
+    a, w = _x(2, 3, 256), _x(64, 256)
+    a2 = a.reshape(6, 256)
+    return {
+        "bf16 @ bf16": (a2, w.t(), None),
+        "3-d bf16 @ bf16, bias": (a, w.t(), _x(64)),
+        "bf16 @ fp8": (a2, fp8dispatch.quantize(w, "block").t(), None),
+        "3-d bf16 @ fp8": (a, fp8dispatch.quantize(w, "block").t(), None),
+        "fp8 @ bf16": (fp8dispatch.quantize(a2, "group"), w.t(), None),
+        "3-d fp8 @ fp8, bias": (fp8dispatch.quantize(a, "group"), fp8dispatch.quantize(w, "block").t(), _x(64)),
+        "row fp8 @ fp8": (fp8dispatch.quantize(a2, "row"), fp8dispatch.quantize(w, "row").t(), None),
+        "empty M": (_x(0, 256), w.t(), _x(64)),
+        "K = 0": (_x(6, 0), _x(0, 64), _x(64)),
+    }[kind]
+
+
+@pytest.mark.parametrize("kind", ["bf16 @ bf16", "3-d bf16 @ bf16, bias", "bf16 @ fp8", "3-d bf16 @ fp8",
+                                  "fp8 @ bf16", "3-d fp8 @ fp8, bias", "row fp8 @ fp8", "empty M", "K = 0"])
+def test_cached_matmul_and_linear_equal_fresh_planning(sandbox, kind):
+    a, b, bias = _operands(kind)
+    want = _fresh(lambda: fp8dispatch.matmul(a, b, bias=bias))
+    want_linear = _fresh(lambda: fp8dispatch.linear(a, b.t(), bias, out_dtype=torch.float32))
+    assert want.dtype == torch.bfloat16 and want_linear.dtype == torch.float32
+    assert want.shape == want_linear.shape == (*a.shape[:-1], b.shape[1])
+    for _ in range(2):
+        assert torch.equal(fp8dispatch.matmul(a, b, bias=bias), want)
+        assert torch.equal(fp8dispatch.linear(a, b.t(), bias, out_dtype=torch.float32), want_linear)
+
+
+def test_linear_out_dtype_follows_x_on_the_cached_path(sandbox):
+    x, w = _x(4, 256, dtype=torch.float32), fp8dispatch.quantize(_x(64, 256), "block")
+    for _ in range(2):
+        assert fp8dispatch.linear(x, w).dtype == torch.float32
+        assert fp8dispatch.linear(x.half(), w).dtype == torch.float16
+        assert fp8dispatch.linear(fp8dispatch.quantize(x, "group"), w).dtype == torch.bfloat16
+
+
+def test_matmul_bad_input_after_a_good_call(sandbox):
+    x, w = _x(4, 256), _x(32, 256)
+    for _ in range(2):
+        fp8dispatch.matmul(x, w.t())
+        with pytest.raises(Fp8ValueError, match=r"b: expected 256 rows"):
+            fp8dispatch.matmul(x, _x(200, 8))
+        with pytest.raises(Fp8ValueError, match=r"bias: expected shape \(32,\)"):
+            fp8dispatch.matmul(x, w.t(), bias=_x(31))
+        with pytest.raises(Fp8TypeError, match=r"b: expected a torch.Tensor or Fp8Tensor, got str"):
+            fp8dispatch.matmul(x, "w")
+        with pytest.raises(Fp8ValueError, match=r"recipe: expected one of"):
+            fp8dispatch.matmul(x, w.t(), recipe=["block"])
