@@ -83,24 +83,31 @@ def null_backend(device) -> Backend:
 
 
 def breakdown() -> dict:
-    """The pieces of a cached `quantize` call, each timed alone (timeit, best of 7), in µs."""
+    """The pieces of a cached `quantize(x, "group")` call, each timed alone (timeit, best of 7), in µs."""
     import timeit
 
     x = torch.randn(1, 256, dtype=torch.bfloat16)
     e4m3 = torch.float8_e4m3fn
-    key = ("q", x.dtype, x.shape, x.device, x.is_contiguous(), "group", e4m3, 128, True, True, False,
-           "saturate", "auto")
-    plans = {key: None}
+    scale = scale_ub = None
+    block_size, pow2_scale, overflow, backend = 128, False, "saturate", "auto"
+    short = (x.dtype, x.shape, x.device, x.is_contiguous(), "group")
+    full = ("q", *short, e4m3, 128, True, True, False, True, "saturate", "auto")
+    plans = {short: None, full: None}
 
     def nine_kwargs(x, granularity="row", *, dtype=e4m3, block_size=128, scale=None, scale_ub=None,
                     pow2_scale=False, overflow="saturate", backend="auto"):
         return None
 
     pieces = {
-        "torch.compiler.is_compiling()": lambda: torch.compiler.is_compiling(),
-        "build the 13-field plan key": lambda: ("q", x.dtype, x.shape, x.device, x.is_contiguous(), "group", e4m3,
-                                                128, True, True, False, "saturate", "auto"),
-        "look the key up (hashes Size, device)": lambda: plans[key],
+        "torch.compiler.is_compiling()": lambda: api._is_compiling(),
+        "test the 7 options against their defaults": lambda: (
+            scale is None and scale_ub is None and e4m3 is api._E4M3 and block_size is api._BLOCK_SIZE
+            and pow2_scale is False and overflow is api._SATURATE and backend is api._AUTO),
+        "build + look up the 5-field default key": lambda: plans[(x.dtype, x.shape, x.device, x.is_contiguous(),
+                                                                  "group")],
+        "(any other option: the 14-field key)": lambda: plans[("q", x.dtype, x.shape, x.device, x.is_contiguous(),
+                                                               "group", e4m3, 128, True, True, False, True,
+                                                               "saturate", "auto")],
         "call a function of 9 defaulted args": lambda: nine_kwargs(x, "group"),
         "Fp8Tensor._trusted(data, scale, block)": lambda: Fp8Tensor._trusted(x, x, (1, 128)),
         "empty lambda (loop cost, subtracted)": lambda: None,
@@ -130,6 +137,9 @@ def cpu_section(calls: int, repeats: int) -> list[dict]:
         wt = wq.t()
         assert registry.choose(bench.quantize_problem(device, (1, 256), (1, 128))).name == "null"
         rows.append(compare("null: quantize(x[1,256], 'group')", lambda: fp8dispatch.quantize(x, "group"),
+                            lambda: null.quantize(x, (1, 128), torch.float8_e4m3fn, None, None, False), calls, repeats))
+        rows.append(compare("null: quantize(x, 'group', backend='null')",
+                            lambda: fp8dispatch.quantize(x, "group", backend="null"),
                             lambda: null.quantize(x, (1, 128), torch.float8_e4m3fn, None, None, False), calls, repeats))
         rows.append(compare("null: matmul(xq, wq.t())", lambda: fp8dispatch.matmul(xq, wt),
                             lambda: null.matmul(xq, wt, torch.bfloat16, None), calls, repeats))
