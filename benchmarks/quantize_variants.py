@@ -87,7 +87,7 @@ def variants(q, rows: int, cols: int):
     for r, c, w, hints, unroll in WIDE:
         name = f"row: sweep r{r} c{c} w{w}{' evict' if hints else ''}{f' unroll {unroll}' if unroll else ''}"
         out.append(("row", name, (1, cols), lambda x, r=r, c=c, w=w, h=hints, u=unroll: q._quantize_wide_groups(
-            x, cols, E4M3, None, None, False, block_r=r, chunk=c, num_warps=w, evict=h, unroll=u)))
+            x, cols, E4M3, None, None, False, block_r=r, chunk=c, num_warps=w, evict=h, unroll=u or 0)))
     for tile, groups, w in GROUPS:
         name = "group: default" if tile is None else f"group: tile {tile} groups {groups} w{w}"
         out.append(("group", name, (1, GROUP),
@@ -96,13 +96,14 @@ def variants(q, rows: int, cols: int):
     for r, w in WIDE_GROUPS:  # the two-sweep kernel on 1×128 groups: the second read hits L1
         out.append(("group", f"group: sweep r{r} c{GROUP} w{w}", (1, GROUP),
                     lambda x, r=r, w=w: q._quantize_wide_groups(x, GROUP, E4M3, None, None, False, block_r=r,
-                                                                chunk=GROUP, num_warps=w)))
+                                                                chunk=GROUP, num_warps=w, evict=False, unroll=0)))
     for tile, w in BLOCKS:
         name = "block: default" if tile is None else f"block: tile {tile} w{w}"
         out.append(("block", name, (GROUP, GROUP),
                     lambda x, t=tile, w=w: q._quantize_blocks(x, (GROUP, GROUP), E4M3, None, None, False,
                                                               tile=t, num_warps=w)))
-    return out
+    # Baselines first, so that a run cut short by --budget-s loses only exploratory variants.
+    return sorted(out, key=lambda v: not v[1].endswith(("default", "padded)")) and "quantize() now" not in v[1])
 
 
 def mismatch(got, want) -> str | None:
@@ -156,7 +157,7 @@ def run(args) -> tuple[dict, int]:
             copy_bw.append(4 * x.numel() / time_graph(lambda: y.copy_(x), time_cuda) / 1e12)
         wants = {}
         todo = variants(q, rows, cols)
-        defaults = [v for v in todo if v[1].endswith("default") or "quantize() now" in v[1]]
+        defaults = [v for v in todo if v[1].endswith(("default", "padded)")) or "quantize() now" in v[1]]
         for gran, name, block, fn in todo + [(g, n + " (again)", b, f) for g, n, b, f in defaults]:
             if time.perf_counter() > deadline:
                 skipped.append(f"{shape} {name}")

@@ -317,27 +317,28 @@ def _quantize_groups(x, group, dtype, scale, scale_ub, pow2_scale, tile=None, gr
 
 
 def _quantize_wide_groups(x, group, dtype, scale, scale_ub, pow2_scale, block_r=None, chunk=None, num_warps=None,
-                          evict=False, unroll=None):
-    """1×g groups (rows when g ≥ C) swept twice by `_wide_groups_kernel`. `block_r` rows per
-    program and `chunk` columns per step (powers of two) and `num_warps` default to
-    `tiles.wide_groups_plan`; `evict` hints the amax sweep's lines to stay in cache and the cast
-    sweep's to go; `unroll` sets the steps per loop trip (None: the compiler's choice)."""
-    _pow2("block_r", block_r)
-    _pow2("chunk", chunk)
+                          evict=None, unroll=None):
+    """1×g groups (rows when g ≥ C) swept twice by `_wide_groups_kernel`. Each knob left None takes
+    `tiles.wide_groups_plan`'s value: `block_r` rows per program and `chunk` columns per step
+    (powers of two), `num_warps`, `evict` (hint the amax sweep's lines to stay in cache, the cast
+    sweep's to go) and `unroll` (steps per loop trip; 0: the compiler's choice)."""
     rows, cols = x.shape
     g = min(group, cols)
-    data, s = _outputs(x, (1, group), dtype, scale)
     plan = wide_groups_plan(rows, g)
-    block_r, chunk = block_r or plan[0], chunk or plan[1]
-    num_warps = num_warps or plan[2]
+    given = dict(block_r=block_r, chunk=chunk, num_warps=num_warps, evict=evict, unroll=unroll)
+    plan.update((k, v) for k, v in given.items() if v is not None)
+    block_r, chunk, evict = plan["block_r"], plan["chunk"], plan["evict"]
+    _pow2("block_r", block_r)
+    _pow2("chunk", chunk)
+    data, s = _outputs(x, (1, group), dtype, scale)
     even = g % chunk == 0 and cols % g == 0
     _wide_groups(
         (cdiv(rows, block_r), cdiv(cols, g)),
         (x, data, s, rows, cols, x.stride(0), x.stride(1), s.stride(0), s.stride(1), scale_ub or 0.0),
         dict(GROUP=g, BLOCK_R=block_r, CHUNK=chunk, EVEN=even, AMAX_EVICT="evict_last" if evict else "",
-             CAST_EVICT="evict_first" if evict else "", UNROLL=unroll,
+             CAST_EVICT="evict_first" if evict else "", UNROLL=plan["unroll"] or None,
              **_flags(fp8_format(dtype), scale, scale_ub, pow2_scale)),
-        dict(num_warps=num_warps),
+        dict(num_warps=plan["num_warps"]),
     )
     return data, s
 

@@ -20,19 +20,24 @@ def TILE() -> int:  # noqa: N802 - reads like the constant it stands for
 
 
 # The two-sweep 1×g kernel (rows wider than a tile, or not a power of two): rows per program,
-# columns per step, warps. 1024 bf16 columns over 4 warps is one 16-byte load per thread per step;
-# a guess until benchmarks/quantize_variants.py has run on the H100.
+# columns per step, warps, cache hints, unroll (0: the compiler's choice). 1024 bf16 columns over
+# 4 warps is one 16-byte load per thread per step; a guess until benchmarks/quantize_variants.py
+# has run on the H100.
 WIDE_BLOCK_R = 1
 WIDE_CHUNK = 1024
 WIDE_WARPS = 4
+WIDE_EVICT = False
+WIDE_UNROLL = 0
 
 
-def wide_groups_plan(rows: int, group: int) -> tuple[int, int, int]:
-    """(rows per program, chunk, num_warps) for `_wide_groups_kernel` on groups `group` wide."""
+def wide_groups_plan(rows: int, group: int) -> dict:
+    """block_r, chunk, num_warps, evict and unroll for `_wide_groups_kernel` on groups `group` wide."""
     chunk = min(WIDE_CHUNK, next_pow2(group))
     if interpreting():  # few, large programs: the interpreter pays per program and per step
-        return min(next_pow2(rows), max(1, INTERPRETER_TILE // (8 * chunk))), chunk, 1
-    return WIDE_BLOCK_R, chunk, max(1, min(WIDE_WARPS, chunk // 256))
+        block_r = min(next_pow2(rows), max(1, INTERPRETER_TILE // (8 * chunk)))
+        return dict(block_r=block_r, chunk=chunk, num_warps=1, evict=False, unroll=0)
+    return dict(block_r=WIDE_BLOCK_R, chunk=chunk, num_warps=max(1, min(WIDE_WARPS, chunk // 256)),
+                evict=WIDE_EVICT, unroll=WIDE_UNROLL)
 
 
 def next_pow2(n: int) -> int:
