@@ -1,6 +1,8 @@
 """The cached hot path of the public ops: same results and errors as planning afresh, and a cached
 plan only ever serves the options it was planned for."""
 
+from unittest import mock
+
 import pytest
 import torch
 
@@ -149,16 +151,21 @@ def test_the_default_path_follows_the_environment_after_refresh(sandbox):
     assert calls.count("quantize") == 2
 
 
-def test_a_cached_call_plans_nothing_new(sandbox):
+@pytest.mark.parametrize("options", [
+    dict(), dict(backend="counted"), dict(backend=AUTO), dict(pow2_scale=True), dict(scale_ub=0.5),
+    dict(block_size=(1, 64)), dict(block_size=64), dict(scale=torch.ones(8, 2)), dict(dtype=E5M2),
+])
+def test_a_cached_call_plans_nothing_new(sandbox, options):
     calls = []
     fp8dispatch.register_backend(counting_backend("counted", calls))
+    sandbox.env(FP8DISPATCH_QUANTIZE_BACKEND="counted")
     x = _x(2, 4, 256)
-    fp8dispatch.quantize(x, "group", backend="counted")
-    fp8dispatch.quantize(x, "group")
+    fp8dispatch.quantize(x, "group", **options)
     plans = dict(api._plans)
-    for _ in range(3):
-        fp8dispatch.quantize(x, "group", backend="counted")
-        fp8dispatch.quantize(x, "group")
+    missed = AssertionError("a cached call missed its key")
+    with mock.patch.object(api, "_quantize_planned", side_effect=missed):
+        for _ in range(3):
+            fp8dispatch.quantize(x, "group", **options)
     assert calls.count("why_not") == 1 and calls.count("quantize") == 4
     assert api._plans.keys() == plans.keys() and all(api._plans[k] is v for k, v in plans.items())
 
