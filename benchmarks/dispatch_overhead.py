@@ -7,6 +7,8 @@ host time per call; then the same calls captured in a CUDA graph, replayed and c
 eager, with the cached decisions unchanged by the capture.
 
     python benchmarks/dispatch_overhead.py [--out docs/benchmarks/dispatch_overhead.json]
+    git show REV:fp8dispatch/api.py > /tmp/api_rev.py   # before/after, in the same rounds:
+    python benchmarks/dispatch_overhead.py --baseline /tmp/api_rev.py
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from fp8dispatch import Backend, Fp8Tensor, api, bench, registry
 from fp8dispatch.backends import reference
 
 TARGET_US = 3.0  # issue 6: dispatch overhead per call
+BASELINE = None  # --baseline: another api.py, timed alongside
 
 
 def per_call_us(fn, calls: int, repeats: int, sync=None) -> list[float]:
@@ -44,12 +47,18 @@ def per_call_us(fn, calls: int, repeats: int, sync=None) -> list[float]:
     return out
 
 
-def compare(name: str, through_api, direct, calls: int, repeats: int, sync=None) -> dict:
-    """Interleave the two loops so drift (clock, other processes) hits both alike."""
-    api_t, direct_t = [], []
+def compare(name: str, call, direct, calls: int, repeats: int, sync=None) -> dict:
+    """Interleave the loops so drift (clock, other processes) hits both alike.
+
+    `call(api)` makes the call through an api module: fp8dispatch's, and with `--baseline` also
+    another version of api.py, timed in the same rounds (its overhead is then directly comparable).
+    """
+    api_t, direct_t, base_t = [], [], []
     for _ in range(repeats):
-        api_t += per_call_us(through_api, calls, 1, sync)
+        api_t += per_call_us(lambda: call(fp8dispatch), calls, 1, sync)
         direct_t += per_call_us(direct, calls, 1, sync)
+        if BASELINE is not None:
+            base_t += per_call_us(lambda: call(BASELINE), calls, 1, sync)
     a, d = statistics.median(api_t), statistics.median(direct_t)
     paired = statistics.median(x - y for x, y in zip(api_t, direct_t))  # each pair ran back to back
     row = {"case": name, "api_us": a, "direct_us": d, "overhead_us": paired,
@@ -57,7 +66,24 @@ def compare(name: str, through_api, direct, calls: int, repeats: int, sync=None)
     verdict = "ok" if paired <= TARGET_US else f"over {TARGET_US} µs"
     print(f"  {name:<44} api {a:8.2f} µs   direct {d:8.2f} µs   overhead {paired:6.2f} µs "
           f"(of the minima: {row['overhead_min_us']:5.2f})  {verdict}")
+    if base_t:
+        row.update(baseline_us=statistics.median(base_t), baseline_min_us=min(base_t),
+                   baseline_overhead_us=statistics.median(x - y for x, y in zip(base_t, direct_t)),
+                   baseline_overhead_min_us=min(base_t) - min(direct_t))
+        print(f"  {'':<44} base {row['baseline_us']:7.2f} µs{'':<24}overhead "
+              f"{row['baseline_overhead_us']:6.2f} µs (of the minima: {row['baseline_overhead_min_us']:5.2f})")
     return row
+
+
+def load_baseline(path: str):
+    """Another version of fp8dispatch/api.py, as a module beside the installed one (same registry)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fp8dispatch._baseline_api", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
 
 
 def null_backend(device) -> Backend:
@@ -136,26 +162,26 @@ def cpu_section(calls: int, repeats: int) -> list[dict]:
         xq = fp8dispatch.quantize(x, "group")
         wt = wq.t()
         assert registry.choose(bench.quantize_problem(device, (1, 256), (1, 128))).name == "null"
-        rows.append(compare("null: quantize(x[1,256], 'group')", lambda: fp8dispatch.quantize(x, "group"),
+        rows.append(compare("null: quantize(x[1,256], 'group')", lambda api: api.quantize(x, "group"),
                             lambda: null.quantize(x, (1, 128), torch.float8_e4m3fn, None, None, False), calls, repeats))
         rows.append(compare("null: quantize(x, 'group', backend='null')",
-                            lambda: fp8dispatch.quantize(x, "group", backend="null"),
+                            lambda api: api.quantize(x, "group", backend="null"),
                             lambda: null.quantize(x, (1, 128), torch.float8_e4m3fn, None, None, False), calls, repeats))
-        rows.append(compare("null: matmul(xq, wq.t())", lambda: fp8dispatch.matmul(xq, wt),
+        rows.append(compare("null: matmul(xq, wq.t())", lambda api: api.matmul(xq, wt),
                             lambda: null.matmul(xq, wt, torch.bfloat16, None), calls, repeats))
 
         def direct_linear():
             data, s = null.quantize(x, (1, 128), torch.float8_e4m3fn, None, None, False)
             return null.matmul(Fp8Tensor._trusted(data, s, (1, 128)), wt, torch.bfloat16, None)
 
-        rows.append(compare("null: linear(x bf16, wq) (quantize + GEMM)", lambda: fp8dispatch.linear(x, wq),
+        rows.append(compare("null: linear(x bf16, wq) (quantize + GEMM)", lambda api: api.linear(x, wq),
                             direct_linear, calls, repeats))
     finally:
         fp8dispatch.unregister_backend("null")
     ref = registry.get_backend("reference")
     fp8dispatch.refresh()
     rows.append(compare("reference: quantize(x[1,256], 'group')",
-                        lambda: fp8dispatch.quantize(x, "group", backend="reference"),
+                        lambda api: api.quantize(x, "group", backend="reference"),
                         lambda: ref.quantize(x, (1, 128), torch.float8_e4m3fn, None, None, False),
                         max(calls // 10, 100), repeats))
     return rows
@@ -177,9 +203,9 @@ def gpu_section(calls: int, repeats: int) -> tuple[list[dict], dict]:
     q_backend, mm_backend = registry.choose(q_problem), registry.choose(mm_problem)
     print(f"  auto chose: quantize -> {q_backend.name}, matmul -> {mm_backend.name}")
     rows = [
-        compare(f"quantize group ({q_backend.name})", lambda: fp8dispatch.quantize(x, "group"),
+        compare(f"quantize group ({q_backend.name})", lambda api: api.quantize(x, "group"),
                 lambda: q_backend.quantize(x, (1, 128), torch.float8_e4m3fn, None, None, False), calls, repeats, sync),
-        compare(f"matmul block ({mm_backend.name})", lambda: fp8dispatch.matmul(xq, wt),
+        compare(f"matmul block ({mm_backend.name})", lambda api: api.matmul(xq, wt),
                 lambda: mm_backend.matmul(xq, wt, torch.bfloat16, None), calls, repeats, sync),
     ]
 
@@ -187,7 +213,7 @@ def gpu_section(calls: int, repeats: int) -> tuple[list[dict], dict]:
         data, s = q_backend.quantize(x, (1, 128), torch.float8_e4m3fn, None, None, False)
         return mm_backend.matmul(Fp8Tensor._trusted(data, s, (1, 128)), wt, torch.bfloat16, None)
 
-    rows.append(compare(f"linear block ({q_backend.name} + {mm_backend.name})", lambda: fp8dispatch.linear(x, wq),
+    rows.append(compare(f"linear block ({q_backend.name} + {mm_backend.name})", lambda api: api.linear(x, wq),
                         direct_linear, calls, repeats, sync))
     return rows, graph_check(x, wq)
 
@@ -230,10 +256,19 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--out", default=None, help="write the numbers as JSON here")
+    parser.add_argument("--baseline", default=None, metavar="API_PY",
+                        help="another version of fp8dispatch/api.py (e.g. from `git show REV:fp8dispatch/api.py`) "
+                             "to time in the same rounds, for a before/after free of run-to-run drift")
+    parser.add_argument("--cpu-only", action="store_true", help="skip the GPU section even if there is a GPU")
     args = parser.parse_args()
+    global BASELINE
+    if args.baseline:
+        BASELINE = load_baseline(args.baseline)
     report = {"python": platform.python_version(), "torch": torch.__version__, "target_us": TARGET_US,
               "cpu": cpu_section(args.calls, args.repeats), "cpu_breakdown": breakdown()}
-    if torch.cuda.is_available():
+    if args.baseline:
+        report["baseline"] = args.baseline
+    if torch.cuda.is_available() and not args.cpu_only:
         report["gpu_device"] = torch.cuda.get_device_name()
         report["gpu"], report["cuda_graph"] = gpu_section(args.calls // 2, args.repeats)
     else:
