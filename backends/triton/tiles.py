@@ -20,12 +20,13 @@ def TILE() -> int:  # noqa: N802 - reads like the constant it stands for
 
 
 # The two-sweep 1×g kernel (rows wider than a tile, or not a power of two): rows per program,
-# columns per step, warps, cache hints, unroll (0: the compiler's choice). 1024 bf16 columns over
-# 4 warps is one 16-byte load per thread per step; a guess until benchmarks/quantize_variants.py
-# has run on the H100.
+# columns per step, warps, cache hints, unroll (0: the compiler's choice). Measured on the H100
+# (docs/benchmarks/quantize-variants.md, 4096×7168 bf16 rows): one row, 1024 columns per step over
+# 8 warps reads 0.81 of a bf16 copy's bandwidth, against 0.68 at 4 warps and 0.65 for the padded
+# one-pass tile; more rows per program or wider steps were slower.
 WIDE_BLOCK_R = 1
 WIDE_CHUNK = 1024
-WIDE_WARPS = 4
+WIDE_WARPS = 8
 WIDE_EVICT = False
 WIDE_UNROLL = 0
 
@@ -36,7 +37,7 @@ def wide_groups_plan(rows: int, group: int) -> dict:
     if interpreting():  # few, large programs: the interpreter pays per program and per step
         block_r = min(next_pow2(rows), max(1, INTERPRETER_TILE // (8 * chunk)))
         return dict(block_r=block_r, chunk=chunk, num_warps=1, evict=False, unroll=0)
-    return dict(block_r=WIDE_BLOCK_R, chunk=chunk, num_warps=max(1, min(WIDE_WARPS, chunk // 256)),
+    return dict(block_r=WIDE_BLOCK_R, chunk=chunk, num_warps=max(1, min(WIDE_WARPS, chunk // 128)),
                 evict=WIDE_EVICT, unroll=WIDE_UNROLL)
 
 
