@@ -1,26 +1,28 @@
-"""Block-recipe GEMM on the H100: can Triton overlap the scale promotion with the tensor cores?
+"""Block-recipe GEMM on the H100: three ways to overlap the scale promotion with the tensor cores.
 
 The portable kernel (`backends/triton/matmul.py`) waits for each K step's wgmma before promoting
 its fp32 partial: compiled for sm90, its loop holds one `wgmma.wait_group 0` per step. So does a
 two-dots-per-iteration unroll (Triton puts a wait 0 right after each dot whose accumulator is
 not carried), and `tl.range(..., warp_specialize=True)` changes nothing on Hopper (Triton 3.6 and
-3.7: the PTX is identical). The Gluon kernel below issues the MMAs by hand, one step ahead of the
-promotion (wait 1, not 0). It is correct (the checks below), but ptxas serializes it anyway:
-`ptxas -v` reports C7514 "wgmma.mma_async instructions are serialized due to non wgmma
-instructions reading accumulator registers of a wgmma between start and end of the pipeline
-stage", and the SASS has a `WARPGROUP.DEPBAR.LE gsb0, 0x0` after every HGMMA — with one partial
-register set copied into the other each iteration, and still with the loop unrolled by two so
-each buffer keeps its registers. Measured on the H100 (docs/triton.md): 0.74–0.95× the portable
-kernel. Libraries that overlap the promotion (DeepGEMM, FBGEMM's CUTLASS kernels) wait for 0 too,
-but give the promotion and the MMAs to different warpgroups (warp specialization), which this
-Triton cannot express for Hopper outside Gluon's `warp_specialize`; that is the next step.
+3.7: the PTX is identical). Compared here, on the same operands:
 
-This script checks the kernel (1 − 2Σxy/Σ(x²+y²) < 1e-3 against the fp32 product of the
-dequantized operands, tails in M and N, bias, two calls bitwise equal) and times it against the
-portable kernel, FBGEMM's `f8f8bf16_groupwise` and bf16 `torch.matmul` (CUDA-graph replays, L2
-flushed):
+- `ahead` (below): a Gluon kernel issuing the MMAs by hand one step ahead of the promotion (wait
+  1, not 0). Correct, but ptxas serializes it: `ptxas -v` reports C7514 "wgmma.mma_async
+  instructions are serialized due to non wgmma instructions reading accumulator registers of a
+  wgmma between start and end of the pipeline stage", and the SASS has a `WARPGROUP.DEPBAR.LE
+  gsb0, 0x0` after every HGMMA, even with the loop unrolled by two so each partial keeps its
+  registers. 0.78–1.05× the portable kernel (docs/benchmarks/block-gemm-ahead.json).
+- `ws`: the backend's Hopper kernel (`backends/triton/hopper.py`), warp-specialized like
+  DeepGEMM: a TMA producer warp and two consumer warpgroups that each wait 0, which ptxas
+  accepts, and overlap each other; persistent, with a TMA-store epilogue.
+- `portable`: the backend's own kernel with its tuned configuration (`config="tuned"`).
 
-    python benchmarks/block_gemm_variants.py --out docs/benchmarks/block-gemm-gluon.json
+Each Gluon kernel is checked first (1 − 2Σxy/Σ(x²+y²) < 1e-3 against the fp32 product of the
+dequantized operands, tails in M and N, a bias, two calls bitwise equal), then everything is timed
+with FBGEMM's `f8f8bf16_groupwise` and bf16 `torch.matmul` in the same run (CUDA-graph replays,
+L2 flushed):
+
+    python benchmarks/block_gemm_variants.py --out docs/benchmarks/block-gemm-hopper.json
 """
 
 from __future__ import annotations
@@ -34,11 +36,10 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
-                                                              warpgroup_mma_wait)
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from fp8dispatch.backends.triton import kernels
+from fp8dispatch.backends.triton import hopper, kernels
 from fp8dispatch.backends.triton import matmul as portable
 from fp8dispatch.tensor import Fp8Tensor
 from fp8dispatch.timing import time_cuda
@@ -50,7 +51,7 @@ SHAPES = [(4096, n, k) for n, k in ((2112, 7168), (7168, 2048), (24576, 1536), (
 CHECKS = [(100, 2112, 7168), (4097, 1000, 1536), (65, 7168, 2048), (4096, 2112, 7168)]
 
 
-# --- the Gluon kernel (an experiment, not a backend path) ---------------------------------
+# --- `ahead`: the one-step-ahead Gluon kernel (an experiment, serialized by ptxas) ----------
 #
 # The block recipe on Hopper in Gluon: the scale promotion overlapped with the next tensor-core MMA.
 #
@@ -219,166 +220,6 @@ def block_scaled_mm(a_data, b_weight, sa, sb, out_dtype, bias=None, group_m=8, s
     return c
 
 
-# --- warp-specialized: a TMA producer warp and two consumer warpgroups, one partition each ------
-#
-# Each consumer warpgroup owns 64 rows of the 128×128 tile: it waits for its own MMA (wait 0,
-# which ptxas accepts) and promotes. The overlap comes from the two warpgroups drifting apart: they
-# are separate partitions, so no barrier spans both (with both in one 8-warp partition, Gluon puts
-# a 256-thread `BAR.SYNC` before each step's mbarrier wait and another before its release), and the
-# producer warp owns every TMA issue, getting each stage back through an `empty` mbarrier that both
-# consumers arrive on. DeepGEMM's and CUTLASS's FP8 block-scaled kernels are built this way.
-
-CONSUMER_WARPS = gl.constexpr(4)  # one warpgroup: wgmma's 64-row M side
-
-
-@gluon.jit
-def _tile_coords(tile, tiles_m, tiles_n, GROUP_M: gl.constexpr):
-    """Row and column tile of `tile`, GROUP_M row tiles per column tile so b tiles stay in L2."""
-    per_group = GROUP_M * tiles_n
-    first_m = (tile // per_group) * GROUP_M
-    group_m = min(tiles_m - first_m, GROUP_M)
-    return first_m + (tile % per_group) % group_m, (tile % per_group) // group_m
-
-
-@gluon.jit
-def _ws_producer(a_desc, b_desc, a_top, a_bottom, b_smem, ready, empty, M, N, K, GROUP_M: gl.constexpr):
-    STAGES: gl.constexpr = b_smem.type.shape[0]
-    HALF: gl.constexpr = a_desc.block_type.shape[0]
-    BK: gl.constexpr = a_desc.block_type.shape[1]
-    BN: gl.constexpr = b_desc.block_type.shape[0]
-    STEP_BYTES: gl.constexpr = (2 * HALF + BN) * BK
-    tiles_m = gl.cdiv(M, 2 * HALF)
-    tiles_n = gl.cdiv(N, BN)
-    steps = gl.cdiv(K, BK)
-    i = 0  # steps issued so far, over every tile: the ring position
-    for tile in range(gl.program_id(0), tiles_m * tiles_n, gl.num_programs(0)):
-        pid_m, pid_n = _tile_coords(tile, tiles_m, tiles_n, GROUP_M)
-        off_m = pid_m * 2 * HALF
-        for k in range(steps):
-            stage = i % STAGES
-            # mbarriers start with phase 1 complete: the first pass over the ring finds every stage empty.
-            mbarrier.wait(empty.index(stage), ((i // STAGES) & 1) ^ 1)
-            mbarrier.expect(ready.index(stage), STEP_BYTES)
-            tma.async_copy_global_to_shared(a_desc, [off_m, k * BK], ready.index(stage), a_top.index(stage))
-            tma.async_copy_global_to_shared(a_desc, [off_m + HALF, k * BK], ready.index(stage),
-                                            a_bottom.index(stage))
-            tma.async_copy_global_to_shared(b_desc, [pid_n * BN, k * BK], ready.index(stage), b_smem.index(stage))
-            i += 1
-
-
-@gluon.jit
-def _ws_consumer(a_half, b_smem, ready, empty, c_desc, c_smem, sa_ptr, sb_ptr, bias_ptr, M, N, K, half,
-                 stride_sam, stride_sak, stride_sbk, stride_sbn, has_bias, GROUP_M: gl.constexpr):
-    STAGES: gl.constexpr = b_smem.type.shape[0]
-    BM: gl.constexpr = a_half.type.shape[1]
-    BN: gl.constexpr = b_smem.type.shape[1]
-    BK: gl.constexpr = b_smem.type.shape[2]
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[CONSUMER_WARPS, 1],
-                                                  instr_shape=[16, BN, 256 // a_half.dtype.primitive_bitwidth])
-    tiles_m = gl.cdiv(M, 2 * BM)
-    tiles_n = gl.cdiv(N, BN)
-    steps = gl.cdiv(K, BK)
-    zero = gl.zeros((BM, BN), gl.float32, layout=mma)
-    i = 0
-    for tile in range(gl.program_id(0), tiles_m * tiles_n, gl.num_programs(0)):
-        pid_m, pid_n = _tile_coords(tile, tiles_m, tiles_n, GROUP_M)
-        rows = pid_m * 2 * BM + half * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, mma))
-        cols = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, mma))
-        sa_ptrs = sa_ptr + gl.minimum(rows, M - 1) * stride_sam
-        sb_ptrs = sb_ptr + pid_n * stride_sbn
-        acc = gl.zeros((BM, BN), gl.float32, layout=mma)
-        for k in range(steps):
-            stage = i % STAGES
-            scale = gl.load(sa_ptrs + k * stride_sak) * gl.load(sb_ptrs + k * stride_sbk)
-            mbarrier.wait(ready.index(stage), (i // STAGES) & 1)
-            partial = warpgroup_mma(a_half.index(stage), b_smem.index(stage).permute((1, 0)), zero, use_acc=False,
-                                    is_async=True)
-            partial = warpgroup_mma_wait(num_outstanding=0, deps=(partial, ))
-            mbarrier.arrive(empty.index(stage), count=1)
-            acc += partial * gl.expand_dims(scale, 1)
-            i += 1
-        # The epilogue runs while the producer already fills the ring with the next tile's steps;
-        # the tile leaves by TMA (clipped at M and N) while this warpgroup starts the next one.
-        if has_bias != 0:
-            acc += gl.expand_dims(gl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(gl.float32), 0)
-        tma.store_wait(pendings=0)  # the previous tile's store has left c_smem
-        c_smem.store(acc.to(c_desc.dtype))
-        fence_async_shared()
-        tma.async_copy_shared_to_global(c_desc, [pid_m * 2 * BM + half * BM, pid_n * BN], c_smem)
-    tma.store_wait(pendings=0)
-
-
-@gluon.jit
-def _ws_block_scaled_mm_kernel(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, bias_ptr, M, N, K,
-                               stride_sam, stride_sak, stride_sbk, stride_sbn,
-                               has_bias,  # a runtime flag: a constexpr False crashed Triton 3.6's lowering
-                               GROUP_M: gl.constexpr, STAGES: gl.constexpr,
-                               LIST_API: gl.constexpr,  # gl.warp_specialize's newer signature (a list of pairs)
-                               CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
-    # Persistent: program p takes tiles p, p + P, p + 2P, ... (P = the grid, one program per SM).
-    HALF: gl.constexpr = a_desc.block_type.shape[0]
-    BK: gl.constexpr = a_desc.block_type.shape[1]
-    BN: gl.constexpr = b_desc.block_type.shape[0]
-    a_top = gl.allocate_shared_memory(a_desc.dtype, [STAGES, HALF, BK], a_desc.layout)
-    a_bottom = gl.allocate_shared_memory(a_desc.dtype, [STAGES, HALF, BK], a_desc.layout)
-    b_smem = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BN, BK], b_desc.layout)
-    c_top = gl.allocate_shared_memory(c_desc.dtype, c_desc.block_type.shape, c_desc.layout)
-    c_bottom = gl.allocate_shared_memory(c_desc.dtype, c_desc.block_type.shape, c_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(STAGES):
-        mbarrier.init(ready.index(s), count=1)
-        mbarrier.init(empty.index(s), count=2)  # both consumers release a stage
-    top = (a_top, b_smem, ready, empty, c_desc, c_top, sa_ptr, sb_ptr, bias_ptr, M, N, K, 0,
-           stride_sam, stride_sak, stride_sbk, stride_sbn, has_bias, GROUP_M)
-    bottom = (a_bottom, b_smem, ready, empty, c_desc, c_bottom, sa_ptr, sb_ptr, bias_ptr, M, N, K, 1,
-              stride_sam, stride_sak, stride_sbk, stride_sbn, has_bias, GROUP_M)
-    producer = (a_desc, b_desc, a_top, a_bottom, b_smem, ready, empty, M, N, K, GROUP_M)
-    if LIST_API:
-        gl.warp_specialize([(_ws_consumer, top), (_ws_consumer, bottom), (_ws_producer, producer)], [4, 1],
-                           [CONSUMER_REGS, 24])
-    else:
-        gl.warp_specialize(top, _ws_consumer, (bottom, producer), [_ws_consumer, _ws_producer], [4, 1],
-                           [CONSUMER_REGS, 24])
-
-
-_DUMMIES: dict = {}
-_GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}
-
-
-def _dummy(device) -> torch.Tensor:
-    if device not in _DUMMIES:
-        _DUMMIES[device] = torch.zeros(16, dtype=torch.float32, device=device)
-    return _DUMMIES[device]
-
-
-def ws_block_scaled_mm(a_data, b_weight, sa, sb, out_dtype, bias=None, group_m=8, stages=STAGES, consumer_regs=232):
-    """The warp-specialized kernel; same arguments as `block_scaled_mm`."""
-    import inspect
-
-    m, k = a_data.shape
-    n = b_weight.shape[0]
-    a_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, BLOCK_K], gl.float8e4nv)
-    a_desc = TensorDescriptor(a_data, [m, k], [a_data.stride(0), 1], [BLOCK_M // 2, BLOCK_K], a_layout)
-    b_desc = TensorDescriptor(b_weight, [n, k], [b_weight.stride(0), 1], [BLOCK_N, BLOCK_K], _operand_layout())
-    c = torch.empty((m, n), dtype=out_dtype, device=a_data.device)
-    tiles = triton.cdiv(m, BLOCK_M) * triton.cdiv(n, BLOCK_N)
-    grid = (min(tiles, torch.cuda.get_device_properties(a_data.device).multi_processor_count),)
-    list_api = "functions_and_args" in inspect.signature(gl.warp_specialize).parameters
-    # 4 + 4 consumer warps and a producer warpgroup (4 warps, 1 used): 12 warps, so maxnreg 168
-    # keeps the CTA within 64K registers; setmaxnreg then moves the producer's to the consumers.
-    # Without a bias, a distinct dummy pointer (one tensor in two arguments is a risk we need not take).
-    out = _GL_DTYPES[out_dtype]
-    c_desc = TensorDescriptor(c, [m, n], [c.stride(0), 1], [BLOCK_M // 2, BLOCK_N],
-                              gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, BLOCK_N], out))
-    _ws_block_scaled_mm_kernel[grid](
-        a_desc, b_desc, c_desc, sa, sb, bias if bias is not None else _dummy(a_data.device),
-        m, n, k, sa.stride(0), sa.stride(1), sb.stride(0), sb.stride(1), int(bias is not None),
-        GROUP_M=group_m, STAGES=stages, LIST_API=list_api,
-        CONSUMER_REGS=consumer_regs, num_warps=4, maxnreg=168,
-    )
-    return c
-
 # --- the run ------------------------------------------------------------------------------
 
 
@@ -406,7 +247,14 @@ def graph_seconds(fn):
     return time_cuda(graph.replay).median_s
 
 
-KERNELS = {"ahead": block_scaled_mm, "ws": ws_block_scaled_mm}
+def _ws(a_data, b_weight, sa, sb, out_dtype, bias=None, stages=hopper.STAGES):
+    """The backend's Hopper kernel (`backends/triton/hopper.py`) on the same raw arguments."""
+    a = Fp8Tensor._trusted(a_data, sa, (1, 128))
+    b = Fp8Tensor._trusted(b_weight.t(), sb, (128, 128))
+    return hopper.matmul(a, b, out_dtype, bias, stages=stages)
+
+
+KERNELS = {"ahead": block_scaled_mm, "ws": _ws}
 
 
 def main(argv=None) -> int:
@@ -444,7 +292,7 @@ def main(argv=None) -> int:
         b = qw.t()
         a16 = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         w16 = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-        fns = {"portable": lambda: portable.matmul(qa, b, torch.bfloat16), "bf16": lambda: a16 @ w16.t()}
+        fns = {"portable": lambda: portable.matmul(qa, b, torch.bfloat16, config="tuned"), "bf16": lambda: a16 @ w16.t()}
         for name, fn in kernels_run.items():
             for s in stages:
                 fns[f"{name}_s{s}"] = (lambda fn=fn, s=s: fn(qa.data, qw.data, qa.scale, b.scale, torch.bfloat16,

@@ -315,6 +315,30 @@ def test_matmul_group_of_64():
     assert calc_diff(got, want) < 1e-3
 
 
+@pytest.mark.parametrize("change, reason", [
+    (dict(), None),
+    (dict(k=200), "16-byte aligned rows"),
+    (dict(group=64), "1×128 · 128×128 recipe"),
+    (dict(recipe="row"), "1×128 · 128×128 recipe"),
+    (dict(out_dtype=torch.int32), "out_dtype"),
+])
+def test_which_calls_the_hopper_kernel_takes(change, reason):
+    """The Gluon kernel's own checks (it only runs on sm90, so CPU tests see the decision only)."""
+    hopper = pytest.importorskip("fp8dispatch.backends.triton.hopper",
+                                 reason="this Triton has no Gluon for Hopper (the portable kernel serves)")
+    options = dict(m=192, n=256, k=512, recipe="block", group=128, out_dtype=torch.bfloat16) | change
+    qa, qw = _operands(options["m"], options["n"], options["k"], options["recipe"], options["group"])
+    why = hopper.why_not(qa, qw.t(), options["out_dtype"], None)
+    assert why == reason if reason is None else reason in why
+
+
+def test_the_interpreter_never_takes_the_hopper_kernel():
+    from fp8dispatch.backends.triton import matmul as portable
+
+    qa, qw = _operands(192, 256, 512, "block")
+    assert not portable._hopper_kernel(qa, qw.t(), torch.bfloat16, None)
+
+
 def test_public_linear_routes_to_triton():
     x, w = torch.randn(3, 5, 256), torch.randn(192, 256)
     got = fp8dispatch.linear(x.bfloat16(), w.bfloat16(), backend="triton")

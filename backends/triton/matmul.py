@@ -11,6 +11,10 @@ accumulating in fp32, then bias and the cast to bf16/fp16/fp32. Scales are gathe
 their strides, so per-row, per-column and tensorwise (stride 0 after the index division) share
 one kernel. Tails in M and N wrap (`% M`) on load and are masked on store; a K tail is masked.
 
+On Hopper, the block recipe above SMALL_M rows goes to `hopper.py`'s warp-specialized Gluon kernel
+instead, which overlaps the promotion with the tensor cores; this kernel serves everything else
+(and every GPU from sm89 on, and the interpreter).
+
 Small M (decode, M ≤ SMALL_M) swaps the operands: the tensor cores' wgmma needs 64 rows on the
 M side but takes 8 to 256 on the N side, so computing c.T = b.T @ a.T puts the weight's N on the
 64-row side and the few tokens on the narrow one instead of padding 1 token to 64 rows.
@@ -19,6 +23,7 @@ M side but takes 8 to 256 on the N side, so computing c.T = b.T @ a.T puts the w
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 import triton
@@ -224,11 +229,16 @@ _plans: dict[tuple, _Plan] = {}
 
 
 def matmul(a, b, out_dtype, bias=None, config: dict | None = None):
-    """The backend's matmul. `config` forces one configuration (benchmarks sweep with it)."""
+    """The backend's matmul. `config` forces one configuration of the portable kernel (benchmarks
+    sweep with it; "tuned" is the portable kernel's own choice, to compare it with Hopper's)."""
     da, db, sa, sb = a.data, b.data, a.scale, b.scale
     key = (da.shape, db.shape, da.stride(), db.stride(), sa.stride(), sb.stride(), a.block, b.block,
            da.dtype, db.dtype, out_dtype, bias is None, da.device)
     plan = _plans.get(key) if config is None else None
+    if plan is None and config is None and _hopper_kernel(a, b, out_dtype, bias):
+        plan = _plans[key] = _hopper_module().matmul
+    if callable(plan):
+        return plan(a, b, out_dtype, bias)
     c = torch.empty((da.shape[0], db.shape[1]), dtype=out_dtype, device=da.device)
     tensors = (da, db, c, sa, sb, bias if bias is not None else sa)
     if plan is None:
@@ -237,6 +247,26 @@ def matmul(a, b, out_dtype, bias=None, config: dict | None = None):
             _plans[key] = plan
     plan.launcher(plan.grid, (*tensors, *plan.ints), plan.constexprs, plan.options, plan.static)
     return c
+
+
+def _hopper_kernel(a, b, out_dtype, bias) -> bool:
+    """Whether the warp-specialized Gluon kernel (`hopper.py`) takes this call: the block recipe on
+    sm90 above SMALL_M rows, with TMA-friendly layouts (measured 1.02–1.26× FBGEMM's groupwise GEMM at
+    M=4096, and 1.1–1.9× this module's kernel, on the DeepSeek-V3 shapes; docs/triton.md)."""
+    if interpreting() or a.data.shape[0] <= SMALL_M or device_capability(a.data.device) != (9, 0):
+        return False
+    hopper = _hopper_module()
+    return hopper is not None and hopper.why_not(a, b, out_dtype, bias) is None
+
+
+@cache
+def _hopper_module():
+    """`hopper.py`, or None where this Triton has no Gluon warp specialization for Hopper."""
+    try:
+        from . import hopper
+    except (ImportError, AttributeError):
+        return None
+    return hopper
 
 
 def _plan(a, b, c, tensors, out_dtype, has_bias: bool, config) -> _Plan:
