@@ -163,7 +163,7 @@ BACKEND = Backend(
     matmul=matmul,
     priority=50,
     # Measured on the H100 (docs/routing.md): 100 fastest, 90 second, 80 third of the library backends.
-    priorities={"matmul.tensor": 100, "matmul.row": 90, "matmul.block": 100},
+    priorities={"matmul.tensor": 100, "matmul.row": 90, "matmul.block": 90},
     version=lambda: f"{torch.__version__} (cuBLASLt {_found['cublaslt'] or '?'})",
     description="torch._scaled_mm / F.scaled_mm: cuBLASLt and CUTLASS FP8 GEMMs shipped with PyTorch",
 )
