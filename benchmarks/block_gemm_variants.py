@@ -42,7 +42,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from fp8dispatch.backends.triton import hopper, kernels
 from fp8dispatch.backends.triton import matmul as portable
 from fp8dispatch.tensor import Fp8Tensor
-from fp8dispatch.timing import time_cuda
+from fp8dispatch.timing import time_graph
 
 E4M3 = torch.float8_e4m3fn
 SHAPES = [(4096, n, k) for n, k in ((2112, 7168), (7168, 2048), (24576, 1536), (7168, 16384), (4096, 7168),
@@ -238,15 +238,6 @@ def operands(m, n, k, seed=0):
     return qa, qw
 
 
-def graph_seconds(fn):
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return time_cuda(graph.replay).median_s
-
-
 def _ws(a_data, b_weight, sa, sb, out_dtype, bias=None, stages=hopper.STAGES):
     """The backend's Hopper kernel (`backends/triton/hopper.py`) on the same raw arguments."""
     a = Fp8Tensor._trusted(a_data, sa, (1, 128))
@@ -303,7 +294,7 @@ def main(argv=None) -> int:
         row = {"m": m, "n": n, "k": k}
         for name, fn in fns.items():
             try:
-                row[name] = 2 * m * n * k / graph_seconds(fn) / 1e12
+                row[name] = 2 * m * n * k / time_graph(fn).median_s / 1e12
             except Exception as e:  # noqa: BLE001
                 print(f"  {name} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
         for name in kernels_run:

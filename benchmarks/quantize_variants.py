@@ -125,21 +125,11 @@ def poison(like) -> None:
         torch.empty(t.numel() * t.element_size(), dtype=torch.uint8, device=t.device).fill_(0x7F)
 
 
-def time_graph(fn, time_cuda) -> float:
-    """Median seconds of fn's GPU work: captured once in a CUDA graph, replays timed, L2 flushed."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return time_cuda(graph.replay).median_s
-
-
 def run(args) -> tuple[dict, int]:
     from fp8dispatch.backends import reference
     from fp8dispatch.backends.triton import kernels
     from fp8dispatch.backends.triton import quantize as q
-    from fp8dispatch.timing import time_cuda
+    from fp8dispatch.timing import time_graph
 
     kernels()  # installs the interpreter's cast fix on CPU
     device = torch.device("cpu" if args.smoke and not torch.cuda.is_available() else "cuda")
@@ -154,7 +144,7 @@ def run(args) -> tuple[dict, int]:
         copy_bw = []
         if timed:
             y = torch.empty_like(x)
-            copy_bw.append(4 * x.numel() / time_graph(lambda: y.copy_(x), time_cuda) / 1e12)
+            copy_bw.append(4 * x.numel() / time_graph(lambda: y.copy_(x)).median_s / 1e12)
         wants = {}
         todo = variants(q, rows, cols)
         defaults = [v for v in todo if v[1].endswith(("default", "padded)")) or "quantize() now" in v[1]]
@@ -175,7 +165,7 @@ def run(args) -> tuple[dict, int]:
                     print(f"MISMATCH {shape} {name}: {bad}", flush=True)
                 del got
                 if timed:
-                    t = time_graph(lambda: fn(x), time_cuda)
+                    t = time_graph(lambda: fn(x)).median_s
                     row["us"] = t * 1e6
                     row["TBps"] = 3 * x.numel() / t / 1e12
                     row["vs_copy"] = row["TBps"] / copy_bw[0]
@@ -186,7 +176,7 @@ def run(args) -> tuple[dict, int]:
             rows_out.append(row)
             print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
         if timed:
-            copy_bw.append(4 * x.numel() / time_graph(lambda: y.copy_(x), time_cuda) / 1e12)
+            copy_bw.append(4 * x.numel() / time_graph(lambda: y.copy_(x)).median_s / 1e12)
             rows_out.append({"shape": shape, "granularity": "copy", "variant": "bf16 copy (first, last)",
                              "exact": True, "TBps": copy_bw[0], "TBps_again": copy_bw[1]})
     report = {

@@ -26,7 +26,7 @@ from fp8dispatch.backends.triton import matmul as mm
 from fp8dispatch.backends.triton.quantize import quantize_tensorwise
 from fp8dispatch.blocks import block_for
 from fp8dispatch.tensor import Fp8Tensor
-from fp8dispatch.timing import time_cuda
+from fp8dispatch.timing import time_cuda, time_graph
 
 E4M3 = torch.float8_e4m3fn
 DEVICE = "cuda"
@@ -190,12 +190,7 @@ def _time(fn):
 def _time_graph(fn):
     """GPU time alone: `fn` captured once in a CUDA graph, its replays timed (no Python launch cost)."""
     try:
-        fn()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return time_cuda(graph.replay).median_s
+        return time_graph(fn).median_s
     except Exception as e:
         print(f"    graph failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
         return None

@@ -25,7 +25,7 @@ from fp8dispatch.blocks import GRANULARITIES, RECIPES, block_for, scale_shape
 from fp8dispatch.errors import Fp8DispatchError, Fp8ValueError
 from fp8dispatch.problem import MatmulProblem, QuantizeProblem, device_capability, recipe_of
 from fp8dispatch.tensor import Fp8Tensor
-from fp8dispatch.timing import Timing, time_cuda
+from fp8dispatch.timing import Timing, capture, time_cuda
 
 # DeepSeek-V3's linear layers, (N, K): q_a, kv_a, q_b, kv_b, o_proj, shared-expert gate/up, down.
 DEEPSEEK_NK = ((2112, 7168), (576, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048))
@@ -241,19 +241,6 @@ class Settings:
             else:
                 return time_cuda(replay, warmup=2, runs=self.runs), "graph"
         return time_cuda(fn, warmup=1, runs=self.runs), how
-
-
-def capture(fn: Callable[[], object]) -> Callable[[], None]:
-    """`fn` captured in a CUDA graph (warmed on a side stream first, as torch.cuda.graphs asks)."""
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def row_id(row: dict) -> tuple:

@@ -81,6 +81,19 @@ def _groups_kernel(
 
 
 @triton.jit
+def _load_chunk(x_rows, c0, c_end, row_ok, stride_xc, CHUNK: tl.constexpr, EVEN: tl.constexpr,
+                EVICT: tl.constexpr):
+    """One sweep step of `_wide_groups_kernel`: the [BLOCK_R, CHUNK] tile at column c0, in fp32."""
+    cols = c0 + tl.arange(0, CHUNK)
+    if EVEN:
+        mask = row_ok[:, None]
+    else:
+        mask = row_ok[:, None] & (cols < c_end)[None, :]
+    x = tl.load(x_rows + cols[None, :] * stride_xc, mask=mask, other=0.0, eviction_policy=EVICT)
+    return x.to(tl.float32), cols, mask
+
+
+@triton.jit
 def _wide_groups_kernel(
     x_ptr, q_ptr, s_ptr,
     R, C,
@@ -115,23 +128,13 @@ def _wide_groups_kernel(
     else:
         amax = tl.zeros([BLOCK_R, CHUNK], tl.float32)
         for c0 in tl.range(c_start, c_end, CHUNK, loop_unroll_factor=UNROLL):
-            cols = c0 + tl.arange(0, CHUNK)
-            if EVEN:
-                mask = row_ok[:, None]
-            else:
-                mask = row_ok[:, None] & (cols < c_end)[None, :]
-            x = tl.load(x_rows + cols[None, :] * stride_xc, mask=mask, other=0.0, eviction_policy=AMAX_EVICT)
-            amax = tl.maximum(amax, finite_abs(x.to(tl.float32)))
+            x, cols, mask = _load_chunk(x_rows, c0, c_end, row_ok, stride_xc, CHUNK, EVEN, AMAX_EVICT)
+            amax = tl.maximum(amax, finite_abs(x))
         scale = scale_from_amax(tl.max(amax, axis=1), scale_ub, FP8_MAX, HAS_UB, POW2)
         tl.store(s_ptrs, scale, mask=row_ok)
     for c0 in tl.range(c_start, c_end, CHUNK, loop_unroll_factor=UNROLL):
-        cols = c0 + tl.arange(0, CHUNK)
-        if EVEN:
-            mask = row_ok[:, None]
-        else:
-            mask = row_ok[:, None] & (cols < c_end)[None, :]
-        x = tl.load(x_rows + cols[None, :] * stride_xc, mask=mask, other=0.0, eviction_policy=CAST_EVICT)
-        q = saturating_cast(x.to(tl.float32), scale[:, None], FP8_MAX, q_ptr.dtype.element_ty)
+        x, cols, mask = _load_chunk(x_rows, c0, c_end, row_ok, stride_xc, CHUNK, EVEN, CAST_EVICT)
+        q = saturating_cast(x, scale[:, None], FP8_MAX, q_ptr.dtype.element_ty)
         tl.store(q_rows + cols[None, :], q, mask=mask)
 
 
