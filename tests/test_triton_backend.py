@@ -339,6 +339,38 @@ def test_the_interpreter_never_takes_the_hopper_kernel():
     assert not portable._hopper_kernel(qa, qw.t(), torch.bfloat16, None)
 
 
+def test_a_hopper_kernel_that_cannot_compile_leaves_the_portable_one(monkeypatch, caplog):
+    """A Triton whose Gluon cannot build the kernel: the first call says so once and every call is
+    served by the portable kernel; an error that is not a compile failure still propagates."""
+    from types import SimpleNamespace
+
+    from fp8dispatch.backends.triton import matmul as portable
+
+    def cannot_compile(*args):
+        raise RuntimeError("PassManager::run failed")
+
+    monkeypatch.setattr(portable, "_hopper_unavailable", [])
+    monkeypatch.setattr(portable, "_plans", {})
+    monkeypatch.setattr(portable, "_hopper_kernel", lambda a, b, out, bias: not portable._hopper_unavailable)
+    monkeypatch.setattr(portable, "_hopper_module", lambda: SimpleNamespace(matmul=cannot_compile))
+    qa, qw = _operands(130, 64, 256, "block")
+    with caplog.at_level("WARNING", logger="fp8dispatch"):
+        got = portable.matmul(qa, qw.t(), torch.float32)
+        again = portable.matmul(qa, qw.t(), torch.float32)
+    assert calc_diff(got, reference.matmul(qa, qw.t(), torch.float32)) < 1e-3 and torch.equal(got, again)
+    assert portable._hopper_unavailable == ["RuntimeError: PassManager::run failed"]
+    assert sum("failed to compile" in r.message for r in caplog.records) == 1
+
+    def broken(*args):
+        raise ValueError("a bug, not a compile failure")
+
+    monkeypatch.setattr(portable, "_hopper_unavailable", [])
+    monkeypatch.setattr(portable, "_plans", {})
+    monkeypatch.setattr(portable, "_hopper_module", lambda: SimpleNamespace(matmul=broken))
+    with pytest.raises(ValueError, match="a bug"):
+        portable.matmul(qa, qw.t(), torch.float32)
+
+
 def test_public_linear_routes_to_triton():
     x, w = torch.randn(3, 5, 256), torch.randn(192, 256)
     got = fp8dispatch.linear(x.bfloat16(), w.bfloat16(), backend="triton")

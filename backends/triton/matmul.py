@@ -22,6 +22,7 @@ M side but takes 8 to 256 on the N side, so computing c.T = b.T @ a.T puts the w
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from functools import cache
 
@@ -236,7 +237,17 @@ def matmul(a, b, out_dtype, bias=None, config: dict | None = None):
            da.dtype, db.dtype, out_dtype, bias is None, da.device)
     plan = _plans.get(key) if config is None else None
     if plan is None and config is None and _hopper_kernel(a, b, out_dtype, bias):
-        plan = _plans[key] = _hopper_module().matmul
+        try:
+            c = _hopper_module().matmul(a, b, out_dtype, bias)  # compiles on a key's first call
+        except Exception as e:  # noqa: BLE001 - re-raised unless this Triton cannot build the kernel
+            if not _compile_error(e):
+                raise
+            _hopper_unavailable.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            _log.warning("triton: the Hopper block-scaled kernel failed to compile on this Triton (%s); "
+                         "the portable kernel serves instead", _hopper_unavailable[0])
+        else:
+            _plans[key] = _hopper_module().matmul
+            return c
     if callable(plan):
         return plan(a, b, out_dtype, bias)
     c = torch.empty((da.shape[0], db.shape[1]), dtype=out_dtype, device=da.device)
@@ -253,10 +264,22 @@ def _hopper_kernel(a, b, out_dtype, bias) -> bool:
     """Whether the warp-specialized Gluon kernel (`hopper.py`) takes this call: the block recipe on
     sm90 above SMALL_M rows, with TMA-friendly layouts (measured 1.02–1.26× FBGEMM's groupwise GEMM at
     M=4096, and 1.1–1.9× this module's kernel, on the DeepSeek-V3 shapes; docs/triton.md)."""
-    if interpreting() or a.data.shape[0] <= SMALL_M or device_capability(a.data.device) != (9, 0):
+    if (interpreting() or a.data.shape[0] <= SMALL_M or _hopper_unavailable
+            or device_capability(a.data.device) != (9, 0)):
         return False
     hopper = _hopper_module()
     return hopper is not None and hopper.why_not(a, b, out_dtype, bias) is None
+
+
+# Why the Hopper kernel cannot be built here, once a compile has failed (then never tried again).
+_hopper_unavailable: list[str] = []
+_log = logging.getLogger("fp8dispatch")
+
+
+def _compile_error(e: Exception) -> bool:
+    """A failure to build the kernel (not to run it): Triton's compile errors and MLIR pass failures."""
+    return (isinstance(e, (triton.compiler.errors.CompilationError, triton.runtime.errors.OutOfResources))
+            or (isinstance(e, RuntimeError) and "PassManager" in str(e)))
 
 
 @cache
