@@ -42,4 +42,5 @@ def sandbox(monkeypatch):
     registry._probes.update(saved[1])
     registry.routing_hooks[:] = saved[2]
     monkeypatch.undo()
+    registry.refresh()  # forget what was read from the test's environment
     registry.refresh()

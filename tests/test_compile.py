@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import fp8dispatch
+import fp8dispatch.nn  # noqa: F401  (fp8dispatch.nn.convert below; the package does not import it)
 from fp8dispatch import ops
 
 

@@ -122,7 +122,7 @@ def test_the_table_changes_autos_choice(tables):
     assert "chosen: quick" in fp8dispatch.explain("quantize", x, "group")
 
 
-def test_a_user_choice_still_wins_over_the_table(tables):
+def test_a_user_choice_still_wins_over_the_table(tables, monkeypatch):
     calls = []
     fp8dispatch.register_backend(fake("slow", priority=60, calls=calls))
     fp8dispatch.register_backend(fake("quick", priority=-60, calls=calls))
@@ -130,7 +130,7 @@ def test_a_user_choice_still_wins_over_the_table(tables):
     x = torch.randn(4, 256, dtype=torch.bfloat16)
     fp8dispatch.quantize(x, "group", backend="slow")
     registry.refresh()
-    os.environ["FP8DISPATCH_QUANTIZE_BACKEND"] = "slow"  # the sandbox restores the environment
+    monkeypatch.setenv("FP8DISPATCH_QUANTIZE_BACKEND", "slow")
     registry.refresh()
     fp8dispatch.quantize(x, "group")
     assert calls == ["slow", "slow"]
