@@ -52,6 +52,7 @@ CONSUMER_WARPS = gl.constexpr(4)
 CONSUMER_REGS = 232
 PRODUCER_REGS = 24  # the fewest setmaxnreg allows: the producer holds a few scalars
 
+_OCP_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 _GL_DTYPES = {torch.float8_e4m3fn: gl.float8e4nv, torch.float8_e5m2: gl.float8e5, torch.bfloat16: gl.bfloat16,
               torch.float16: gl.float16, torch.float32: gl.float32}
 
@@ -189,17 +190,13 @@ def why_not(a, b, out_dtype, bias) -> str | None:
     da, db = a.data, b.data
     if a.block[1] != BLOCK_K or b.block != (BLOCK_K, BLOCK_N) or a.block[0] != 1:
         return f"blocks {a.block} · {b.block}: the kernel is the 1×128 · 128×128 recipe"
-    if da.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2) or db.dtype not in (torch.float8_e4m3fn,
-                                                                                   torch.float8_e5m2):
+    if da.dtype not in _OCP_FP8 or db.dtype not in _OCP_FP8:
         return f"operands {da.dtype} · {db.dtype}: wgmma takes OCP FP8"
     if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return f"out_dtype {out_dtype}"
-    m, k = da.shape
-    n = db.shape[1]
-    out_bytes = torch.empty((), dtype=out_dtype).element_size()
     if da.stride(1) != 1 or db.stride(0) != 1:
         return "TMA needs a row-major a and the transpose of a row-major [N, K] weight"
-    if (da.stride(0) % 16 or db.stride(1) % 16 or (n * out_bytes) % 16 or da.data_ptr() % 16
+    if (da.stride(0) % 16 or db.stride(1) % 16 or (db.shape[1] * out_dtype.itemsize) % 16 or da.data_ptr() % 16
             or db.data_ptr() % 16):
         return "TMA needs 16-byte aligned rows (K % 16 == 0, N · out bytes % 16 == 0) and bases"
     if bias is not None and bias.stride(0) != 1:
