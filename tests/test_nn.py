@@ -1,6 +1,8 @@
 """fp8dispatch.nn: Fp8Linear (recipes, state, gradients) and convert() with its report."""
 
 import copy
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,30 +110,21 @@ def test_gradients_reach_the_input_from_the_dequantized_weight():
 # --- convert ----------------------------------------------------------------------------------
 
 
-class Block(nn.Module):
-    """A small pre-norm transformer block (attention + SwiGLU MLP) of plain nn.Linear layers."""
+def _load_script_block():
+    """The block scripts/verify_nn_gpu.py converts and compiles on the GPU: the CPU tests use the same one."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / "verify_nn_gpu.py"
+    spec = importlib.util.spec_from_file_location("verify_nn_gpu", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.Block
 
-    def __init__(self, d=256, ffn=768, heads=4):
-        super().__init__()
-        self.heads = heads
-        self.norm1, self.norm2 = nn.RMSNorm(d), nn.RMSNorm(d)
-        self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=False) for _ in range(4))
-        self.gate, self.up = nn.Linear(d, ffn, bias=False), nn.Linear(d, ffn, bias=False)
-        self.down = nn.Linear(ffn, d, bias=False)
 
-    def forward(self, x):
-        b, t, d = x.shape
-        h = self.norm1(x)
-        q, k, v = (p(h).view(b, t, self.heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
-        a = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.o(a.transpose(1, 2).reshape(b, t, d))
-        h = self.norm2(x)
-        return x + self.down(nn.functional.silu(self.gate(h)) * self.up(h))
+Block = _load_script_block()
 
 
 def _block():
     torch.manual_seed(0)
-    return Block().to(torch.bfloat16)
+    return Block(d=256, ffn=768, heads=4).to(torch.bfloat16)
 
 
 def test_convert_swaps_every_plain_linear_and_stays_within_the_bound():
