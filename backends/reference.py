@@ -43,6 +43,7 @@ BACKEND = Backend(
     dequantize=dequantize,
     matmul=matmul,
     priority=0,
+    traceable=frozenset({"quantize", "dequantize", "matmul"}),
     version=lambda: torch.__version__,
     description="pure torch, fp32 math; the ground truth every backend is held to",
 )

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 import fp8dispatch
-from fp8dispatch import api, registry
+from fp8dispatch import planning, registry
 from fp8dispatch.errors import Unsupported
 from fp8dispatch.problem import DequantizeProblem, device_capability
 from fp8dispatch.tensor import Fp8Tensor
@@ -60,14 +60,16 @@ def problem_of(case: Case, inputs: dict):
     """The problem the dispatcher will hand to `why_not`, from the API's own planners."""
     if case.op == "quantize":
         x = inputs["x"]
-        return api._plan_quantize(x, case.granularity, case.fp8, case.block_size, inputs["scale"],
-                                  inputs["scale_ub"], inputs["pow2_scale"], "saturate", "reference").problem
+        return planning.plan_quantize(x, case.granularity, dtype=case.fp8, block_size=case.block_size,
+                                      scale=inputs["scale"], scale_ub=inputs["scale_ub"],
+                                      pow2_scale=inputs["pow2_scale"], backend="reference").problem
     if case.op == "dequantize":
         t = inputs["t"]
         return DequantizeProblem(device=t.device, capability=device_capability(t.device), fp8_dtype=t.dtype,
                                  shape=t.shape2d, contiguous=t.data.is_contiguous(), block=t.block,
                                  out_dtype=case.out_dtype)
-    return api._plan_matmul(inputs["a"], inputs["b"], None, case.out_dtype, inputs["bias"], "reference").problem
+    return planning.plan_matmul(inputs["a"], inputs["b"], out_dtype=case.out_dtype, bias=inputs["bias"],
+                                backend="reference").problem
 
 
 def expected(case: Case, inputs: dict) -> Expected:

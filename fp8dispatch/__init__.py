@@ -12,6 +12,7 @@ from fp8dispatch.errors import (
     UnknownBackend,
 )
 from fp8dispatch.formats import FORMATS, FP8Format, fp8_format, max_value, min_normal
+from fp8dispatch.planning import plan_dequantize, plan_linear, plan_matmul, plan_quantize
 from fp8dispatch.registry import Backend, refresh, register_backend, unregister_backend
 from fp8dispatch.tensor import Fp8Tensor
 from fp8dispatch import tuning as _tuning

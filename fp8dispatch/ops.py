@@ -1,29 +1,39 @@
-"""The public ops as `torch.library` custom ops, so `torch.compile` sees each call as one opaque op.
+"""The traced path: what `fp8dispatch.quantize / dequantize / matmul` put in a torch.compile graph.
 
-Under tracing (`torch.compiler.is_compiling()`), `fp8dispatch.quantize / dequantize / matmul`
-call the `traced_*` functions below instead of their eager fast path. Those put exactly one
-`torch.ops.fp8dispatch.*` call in the graph, whose real implementation is the eager API: the
-backend is chosen when the compiled graph runs, never while tracing, so no probe, `importlib` or
-device query happens on a traced path. The fakes give output shapes and dtypes from input shapes
-alone. An `Fp8Tensor` crosses the op boundary as `(data, scale)` tensors plus its block as ints;
-it is also a pytree node, so compiled functions may take and return it.
+Under tracing (`torch.compiler.is_compiling()`) the public functions call `traced_*` below, which
+put one `torch.ops.fp8dispatch.*` call in dynamo's graph. Those ops are `torch.library.triton_op`s:
+when AOT autograd traces them (fake tensors, sizes possibly symbolic) their body runs as plain
+Python. The body plans the call exactly as eager does (`fp8dispatch/planning.py`: the same checks
+and routing), guards the power-of-two bucket of the row count M where M is symbolic (the bucket the
+routing table and the Triton configurations are keyed by), and calls the chosen backend's traceable
+function, so the graph Inductor compiles holds the backend's own ops: `torch._scaled_mm`,
+`torch.ops.fbgemm.*`, our Triton kernels as user-defined Triton kernel nodes that Inductor launches
+itself, the reference's torch ops. No call re-enters the public API at run time.
 
-Eager calls never pass through here: the custom-op dispatcher costs tens of µs per call.
+A step a trace cannot look into (the Gluon Hopper kernel, the Triton interpreter on CPU, a backend
+that declares no traceable op, a user scale whose values must be read) becomes one opaque op,
+`fp8dispatch::run_quantize / run_dequantize / run_matmul`, which runs the cached plan of the
+backend chosen while tracing. An `Fp8Tensor` crosses an op boundary as `(uint8 bits, FP8 dtype,
+scale, block)`; it is also a pytree node, so compiled functions may take and return it.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.utils._pytree as pytree
+from torch.library import triton_op
 
+from fp8dispatch import planning, registry
 from fp8dispatch.blocks import block_for, scale_shape
 from fp8dispatch.errors import Fp8TypeError, Fp8ValueError
 from fp8dispatch.tensor import Fp8Tensor
 
 __all__ = ["quantize", "dequantize", "matmul", "traced_quantize", "traced_dequantize", "traced_matmul",
            "linear_parts", "dequantize_parts"]
+
+_E4M3 = torch.float8_e4m3fn
 
 
 def _flatten(t: Fp8Tensor):
@@ -41,37 +51,124 @@ pytree.register_pytree_node(
 )
 
 
-def _block_arg(block_size: list[int]) -> int | tuple[int, int]:
-    return block_size[0] if len(block_size) == 1 else (block_size[0], block_size[1])
+# --- planning while tracing -------------------------------------------------------------------
 
 
-def _fresh(out: torch.Tensor, *inputs: torch.Tensor | None) -> torch.Tensor:
-    """A contiguous result that shares no storage with an input (a custom op may not alias)."""
-    out = out.contiguous()
-    storage = out.untyped_storage().data_ptr()
-    if any(t is not None and t.untyped_storage().data_ptr() == storage for t in inputs):
-        out = out.clone()
-    return out
+def _size(n, exact: bool) -> int:
+    """A size as an int. A symbolic one gives its example value, after a guard that keeps the graph
+    to sizes the same plan serves: that value exactly, or (for M) its power-of-two bucket."""
+    if isinstance(n, int):
+        return n
+    h = n.node.hint
+    if exact:
+        ok = n == h
+    else:
+        hi = 1 << max(h - 1, 0).bit_length()
+        ok = (hi // 2 < n) & (n <= hi) if hi > 1 else n <= 1
+    if not ok:  # evaluating the condition is what installs the guard
+        raise AssertionError(f"size {n} left the range its example {h} set")
+    return h
+
+
+class _Spec:
+    """A tensor's planning stand-in, taken outside the trace: its example sizes (see `_size`)."""
+
+    def __init__(self, t: torch.Tensor, rows_bucketed: bool):
+        sizes = tuple(t.shape)
+        if rows_bucketed and len(sizes) >= 2:
+            rows = 1
+            for d in sizes[:-1]:
+                rows = rows * d
+            _size(rows, exact=False)
+            sizes = tuple(_hint(d) for d in sizes[:-1]) + (_size(sizes[-1], exact=True),)
+        else:
+            sizes = tuple(_size(d, exact=True) for d in sizes)
+        self.sizes, self.strides = sizes, tuple(_hint(s) for s in t.stride())
+        self.dtype, self.device = t.dtype, t.device
+
+    def tensor(self) -> torch.Tensor:
+        return torch.empty_strided(self.sizes, self.strides, dtype=self.dtype, device=self.device)
+
+
+def _hint(n) -> int:
+    return n if isinstance(n, int) else n.node.hint
+
+
+def _spec(t, rows_bucketed: bool):
+    if t is None:
+        return None
+    if isinstance(t, Fp8Tensor):
+        return (_Spec(t.data, rows_bucketed), _Spec(t.scale, rows_bucketed), t.block)
+    return _Spec(t, rows_bucketed)
+
+
+def _stand_in(spec):
+    if spec is None:
+        return None
+    if isinstance(spec, tuple):
+        return Fp8Tensor._trusted(spec[0].tensor(), spec[1].tensor(), spec[2])
+    return spec.tensor()
+
+
+def _planned(plan, *specs, **options):
+    """`plan(*stand-ins, **options)`, run on memory-less stand-ins of the traced tensors, outside the
+    trace's modes, so planning records nothing in the graph."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes(), FakeTensorMode():
+        return plan(*(_stand_in(s) for s in specs), **options)
+
+
+def _traced(routed) -> Callable | None:
+    """The backend's function to trace for a routed step, or None when the step must stay opaque."""
+    run = routed.run
+    traced = getattr(run, "traced", run)
+    if traced is run and routed.problem.op not in registry.get_backend(routed.backend).traceable:
+        return None
+    return traced
 
 
 # --- quantize -------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fp8dispatch::quantize", mutates_args=())
+@triton_op("fp8dispatch::quantize", mutates_args=())
 def quantize(
     x: torch.Tensor, granularity: str, dtype: torch.dtype, block_size: list[int],
     scale: Optional[torch.Tensor], scale_ub: Optional[float], pow2_scale: bool, overflow: str,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`fp8dispatch.quantize` as an op: returns (data in x's shape, 2-D fp32 scale)."""
-    from fp8dispatch import api
+    block = _block_arg(block_size)
+    plan = _planned(planning.plan_quantize, _spec(x, True), granularity=granularity, dtype=dtype, block_size=block,
+                    scale=scale, scale_ub=scale_ub, pow2_scale=pow2_scale, overflow=overflow, backend=backend)
+    routed = plan.routed
+    step = _traced(routed) if routed.problem is not None and scale is None else None
+    if step is None:
+        return torch.ops.fp8dispatch.run_quantize(x, granularity, dtype, block_size, scale, scale_ub, pow2_scale,
+                                                  overflow, routed.backend or backend)
+    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    data, s = step(x2d, plan.block, dtype, None, scale_ub, pow2_scale)
+    return (data if x.dim() == 2 else data.view(x.shape)), s
 
-    t = api.quantize(x, granularity, dtype=dtype, block_size=_block_arg(block_size), scale=scale,
-                     scale_ub=scale_ub, pow2_scale=pow2_scale, overflow=overflow, backend=backend)
+
+@torch.library.custom_op("fp8dispatch::run_quantize", mutates_args=())
+def run_quantize(
+    x: torch.Tensor, granularity: str, dtype: torch.dtype, block_size: list[int],
+    scale: Optional[torch.Tensor], scale_ub: Optional[float], pow2_scale: bool, overflow: str,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cached plan of a quantize, run as one opaque step."""
+    block = _block_arg(block_size)
+    run = planning.run_for(
+        planning.quantize_key(x, granularity, dtype, block, scale, scale_ub, pow2_scale, overflow, backend),
+        lambda: planning.plan_quantize(x, granularity, dtype=dtype, block_size=block, scale=scale, scale_ub=scale_ub,
+                                       pow2_scale=pow2_scale, overflow=overflow, backend=backend))
+    t = run(x, scale, scale_ub)
     return _fresh(t.data, x), _fresh(t.scale, scale)
 
 
-@quantize.register_fake
+@run_quantize.register_fake
 def _(x, granularity, dtype, block_size, scale, scale_ub, pow2_scale, overflow, backend):
     rows, cols = _shape2d("x", x)
     block = block_for(granularity, rows, cols, _block_arg(block_size))
@@ -97,17 +194,32 @@ def traced_quantize(x, granularity, dtype, block_size, scale, scale_ub, pow2_sca
 # --- dequantize -----------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fp8dispatch::dequantize", mutates_args=())
+@triton_op("fp8dispatch::dequantize", mutates_args=())
 def dequantize(bits: torch.Tensor, fp8_dtype: torch.dtype, scale: torch.Tensor, block: list[int],
                dtype: torch.dtype, backend: str) -> torch.Tensor:
     """`fp8dispatch.dequantize` as an op on an Fp8Tensor's parts (its data as uint8 bits)."""
-    from fp8dispatch import api
+    t = Fp8Tensor(bits.view(fp8_dtype), scale, (block[0], block[1]))
+    plan = _planned(planning.plan_dequantize, _spec(t, True), dtype=dtype, backend=backend)
+    step = _traced(plan.routed) if plan.problem is not None else None
+    if step is None:
+        return torch.ops.fp8dispatch.run_dequantize(bits, fp8_dtype, scale, block, dtype,
+                                                    plan.routed.backend or backend)
+    data = t.data if t.data.dim() == 2 else t.data.reshape(-1, t.data.shape[-1])
+    out = step(data, scale, t.block, dtype)
+    return out if t.data.dim() == 2 else out.view(t.data.shape)
 
-    out = api.dequantize(Fp8Tensor(bits.view(fp8_dtype), scale, (block[0], block[1])), dtype, backend=backend)
-    return _fresh(out, bits, scale)
+
+@torch.library.custom_op("fp8dispatch::run_dequantize", mutates_args=())
+def run_dequantize(bits: torch.Tensor, fp8_dtype: torch.dtype, scale: torch.Tensor, block: list[int],
+                   dtype: torch.dtype, backend: str) -> torch.Tensor:
+    """The cached plan of a dequantize, run as one opaque step."""
+    t = Fp8Tensor(bits.view(fp8_dtype), scale, (block[0], block[1]))
+    run = planning.run_for(planning.dequantize_key(t, dtype, backend),
+                           lambda: planning.plan_dequantize(t, dtype, backend=backend))
+    return _fresh(run(t), bits, scale)
 
 
-@dequantize.register_fake
+@run_dequantize.register_fake
 def _(bits, fp8_dtype, scale, block, dtype, backend):
     return bits.new_empty(bits.shape, dtype=dtype)
 
@@ -121,7 +233,7 @@ def traced_dequantize(t, dtype, backend) -> torch.Tensor:
 # --- matmul ---------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fp8dispatch::matmul", mutates_args=())
+@triton_op("fp8dispatch::matmul", mutates_args=())
 def matmul(
     a: torch.Tensor, a_fp8: Optional[torch.dtype], a_scale: Optional[torch.Tensor], a_block: Optional[list[int]],
     b: torch.Tensor, b_fp8: Optional[torch.dtype], b_scale: Optional[torch.Tensor], b_block: Optional[list[int]],
@@ -129,21 +241,64 @@ def matmul(
 ) -> torch.Tensor:
     """`fp8dispatch.matmul` as an op. An FP8 operand comes as (uint8 bits, its FP8 dtype, scale, block);
     a high-precision one as (tensor, None, None, None)."""
-    from fp8dispatch import api
+    a, b = _operand(a, a_fp8, a_scale, a_block), _operand(b, b_fp8, b_scale, b_block)
+    plan = _planned(lambda a, b, bias: planning.plan_matmul(a, b, recipe=recipe, out_dtype=out_dtype, bias=bias,
+                                                          backend=backend),
+                    _spec(a, True), _spec(b, False), _spec(bias, False))
+    if plan.problem is None:  # an empty product: zeros (plus bias)
+        return plan.run(a, b, bias)
+    k, n = b.shape
+    lead = a.shape[:-1]
+    if plan.quantize_a is not None:
+        a = _quantize_step(plan.quantize_a, a.reshape(-1, k))
+    elif len(a.shape) != 2:
+        a = Fp8Tensor._trusted(a.data.reshape(-1, k), a.scale, a.block)
+    if plan.quantize_b is not None:
+        t = _quantize_step(plan.quantize_b, b.t())
+        b = Fp8Tensor._trusted(t.data.t(), t.scale.t(), (t.block[1], t.block[0]))
+    step = _traced(plan.routed)
+    if step is None:
+        out = torch.ops.fp8dispatch.run_matmul(*_parts("a", a), *_parts("b", b), None, out_dtype, bias,
+                                               plan.routed.backend)
+    else:
+        out = step(a, b, out_dtype, bias)
+    return out if len(lead) == 1 else out.view(*lead, n)
 
-    out = api.matmul(_operand(a, a_fp8, a_scale, a_block), _operand(b, b_fp8, b_scale, b_block),
-                     recipe=recipe, out_dtype=out_dtype, bias=bias, backend=backend)
-    return _fresh(out, a, b, bias)
+
+def _quantize_step(q, x2d) -> Fp8Tensor:
+    step = _traced(q.routed)
+    if step is None:
+        data, s = torch.ops.fp8dispatch.run_quantize(x2d, "block", _E4M3, list(q.block), None, None, False,
+                                                     "saturate", q.routed.backend)
+    else:
+        data, s = step(x2d, q.block, _E4M3, None, None, False)
+    return Fp8Tensor._trusted(data, s, q.block)
 
 
-@matmul.register_fake
-def _(a, a_fp8, a_scale, a_block, b, b_fp8, b_scale, b_block, recipe, out_dtype, bias, backend):
+@torch.library.custom_op("fp8dispatch::run_matmul", mutates_args=())
+def run_matmul(
+    a: torch.Tensor, a_fp8: Optional[torch.dtype], a_scale: Optional[torch.Tensor], a_block: Optional[list[int]],
+    b: torch.Tensor, b_fp8: Optional[torch.dtype], b_scale: Optional[torch.Tensor], b_block: Optional[list[int]],
+    recipe: Optional[str], out_dtype: torch.dtype, bias: Optional[torch.Tensor], backend: str,
+) -> torch.Tensor:
+    """The cached plan of a matmul, run as one opaque step."""
+    a_, b_ = _operand(a, a_fp8, a_scale, a_block), _operand(b, b_fp8, b_scale, b_block)
+    run = planning.run_for(planning.matmul_key(a_, b_, recipe, out_dtype, bias, backend),
+                           lambda: planning.plan_matmul(a_, b_, recipe=recipe, out_dtype=out_dtype, bias=bias,
+                                                        backend=backend))
+    return _fresh(run(a_, b_, bias), a, b, bias)
+
+
+def _matmul_fake(a, a_fp8, a_scale, a_block, b, b_fp8, b_scale, b_block, recipe, out_dtype, bias, backend):
     if a.dim() < 2 or b.dim() != 2:
         raise Fp8ValueError(f"a, b: expected a [..., M, K] and b [K, N], got shapes "
                             f"{tuple(a.shape)} and {tuple(b.shape)}")
     torch._check(a.shape[-1] == b.shape[0],
                  lambda: f"b: expected {a.shape[-1]} rows to match a's last dim K, got shape {tuple(b.shape)}")
     return a.new_empty((*a.shape[:-1], b.shape[1]), dtype=out_dtype)
+
+
+run_matmul.register_fake(_matmul_fake)
 
 
 def _operand(t, fp8_dtype, scale, block):
@@ -174,8 +329,21 @@ def dequantize_parts(data, scale, block, dtype, backend="auto") -> torch.Tensor:
     return torch.ops.fp8dispatch.dequantize(_bits(data), data.dtype, scale, list(block), dtype, backend)
 
 
+def _block_arg(block_size: list[int]) -> int | tuple[int, int]:
+    return block_size[0] if len(block_size) == 1 else (block_size[0], block_size[1])
+
+
+def _fresh(out: torch.Tensor, *inputs: torch.Tensor | None) -> torch.Tensor:
+    """A contiguous result that shares no storage with an input (a custom op may not alias)."""
+    out = out.contiguous()
+    storage = out.untyped_storage().data_ptr()
+    if any(t is not None and t.untyped_storage().data_ptr() == storage for t in inputs):
+        out = out.clone()
+    return out
+
+
 def _bits(data: torch.Tensor) -> torch.Tensor:
-    # FP8 crosses the op boundary as uint8 bits: opcheck's schema check compares inputs with
+    # FP8 crosses an op boundary as uint8 bits: opcheck's schema check compares inputs with
     # allclose, which torch does not implement for float8 (a view, free at run time).
     return data.view(torch.uint8)
 

@@ -35,6 +35,10 @@ class Backend:
     `quantize(x2d, block, dtype, scale, scale_ub, pow2_scale) -> (data, scale)`,
     `dequantize(data2d, scale, block, out_dtype) -> Tensor`,
     `matmul(a: Fp8Tensor, b: Fp8Tensor, out_dtype, bias) -> Tensor`, all on 2-D views.
+    `plan(op, problem) -> runner`, optional: a callable with the op function's signature, bound
+    to everything a problem fixes (kernel, configuration, grid, launch arguments). It serves every
+    call whose key matches the one planned (dtypes, shapes, strides, devices, options); its
+    `kernel` attribute, if any, names the kernel for `explain`. Without it the op function runs.
     """
 
     name: str
@@ -47,9 +51,17 @@ class Backend:
     priorities: Mapping[str, int] = field(default_factory=dict)
     version: Callable[[], str | None] = lambda: None
     description: str = ""
+    plan: Callable[[str, Problem], Callable] | None = None
+    # Ops whose function (or runner) torch.compile may trace into: plain torch ops and registered
+    # `torch.ops.*` only. A runner's own `traced` attribute (a function, or None) overrides this.
+    traceable: frozenset[str] = frozenset()
 
     def function(self, op: str) -> Callable | None:
         return getattr(self, op)
+
+    def runner(self, problem: Problem) -> Callable:
+        """The function that runs `problem`: the backend's plan for it, else its op function."""
+        return self.plan(problem.op, problem) if self.plan is not None else self.function(problem.op)
 
     def priority_for(self, problem: Problem) -> int:
         detail = getattr(problem, "recipe", None) or getattr(problem, "granularity", None)

@@ -69,7 +69,7 @@ class Fp8Tensor:
         key = self._key
         if key is None:
             data = self.data
-            key = (data.dtype, data.shape, data.device, data.stride(), self.block)
+            key = (data.dtype, data.shape, data.device, data.stride(), self.scale.stride(), self.block)
             _set_key(self, key)
         return key
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fp8dispatch
-from fp8dispatch import Fp8TypeError, Fp8ValueError, api, registry
+from fp8dispatch import Fp8TypeError, Fp8ValueError, api, planning, registry
 from fp8dispatch.backends import reference
 from backends_for_tests import counting_backend
 
@@ -53,12 +53,11 @@ def test_default_and_general_paths_agree_on_every_call(sandbox, case, granularit
     _same(_fresh(lambda: fp8dispatch.quantize(x, granularity, backend=AUTO)), first)
 
 
-def test_default_options_take_the_short_key(sandbox):
+def test_equal_options_share_one_plan(sandbox):
     x = _x(4, 256)
     fp8dispatch.quantize(x, "group")
     fp8dispatch.quantize(x, "group", dtype=E4M3, block_size=128, backend="auto", overflow="saturate")
-    assert (x.dtype, x.shape, x.device, True, "group") in api._plans
-    assert len(api._plans) == 2  # the short key, and the full key its first call planned under
+    assert len(planning.runs) == 1
 
 
 @pytest.mark.parametrize("options", [
@@ -161,13 +160,13 @@ def test_a_cached_call_plans_nothing_new(sandbox, options):
     sandbox.env(FP8DISPATCH_QUANTIZE_BACKEND="counted")
     x = _x(2, 4, 256)
     fp8dispatch.quantize(x, "group", **options)
-    plans = dict(api._plans)
+    plans = dict(planning.runs)
     missed = AssertionError("a cached call missed its key")
-    with mock.patch.object(api, "_quantize_planned", side_effect=missed):
+    with mock.patch.object(planning, "plan_quantize", side_effect=missed):
         for _ in range(3):
             fp8dispatch.quantize(x, "group", **options)
     assert calls.count("why_not") == 1 and calls.count("quantize") == 4
-    assert api._plans.keys() == plans.keys() and all(api._plans[k] is v for k, v in plans.items())
+    assert planning.runs.keys() == plans.keys() and all(planning.runs[k] is v for k, v in plans.items())
 
 
 def _operands(kind):

@@ -46,8 +46,7 @@ def test_choice_order_argument_then_op_env_then_global_env_then_priority(sandbox
     x = torch.randn(4, 64)
 
     def chosen(**kw):
-        return registry.choose(fp8dispatch.api._plan_quantize(x, "row", torch.float8_e4m3fn, 128, None, None,
-                                                               False, "saturate", "auto").problem, **kw).name
+        return registry.choose(fp8dispatch.planning.plan_quantize(x, "row").problem, **kw).name
 
     assert chosen() == "a1"  # equal priorities break by name
     sandbox.env(FP8DISPATCH_BACKEND="c3,a1")

@@ -123,7 +123,15 @@ def kernels():
     from . import dequantize, interpreter, matmul, quantize  # the submodules replace no names here
 
     interpreter.install()  # before any kernel runs on CPU tensors, even without the registry
-    return SimpleNamespace(quantize=quantize.quantize, dequantize=dequantize.dequantize, matmul=matmul.matmul)
+    return SimpleNamespace(quantize=quantize.quantize, dequantize=dequantize.dequantize, matmul=matmul.matmul,
+                           plans={"quantize": quantize.plan, "matmul": matmul.plan})
+
+
+def _plan(op, problem):
+    """A bound runner per problem for quantize and matmul (launching the compiled kernel directly);
+    dequantize runs its function."""
+    make = kernels().plans.get(op)
+    return _dequantize if make is None else make(problem)
 
 
 def _quantize(x, block, dtype, scale=None, scale_ub=None, pow2_scale=False):
@@ -164,5 +172,6 @@ BACKEND = Backend(
         "matmul.tensor": 85,  # 0.82-0.97x torch._scaled_mm
     },
     version=_triton_version,
+    plan=_plan,
     description="fp8dispatch's own Triton kernels (sm89+; the interpreter on CPU)",
 )

@@ -2,11 +2,14 @@
 
 `kernel[grid](...)` re-binds every argument, re-derives its specialization (16-byte alignment of
 pointers; integers equal to 1 or divisible by 16), hashes a cache key and reads several knobs on
-each call. On the H100 test machine a decode-sized matmul call cost 50-110 µs of host time that
-way, several times its GPU time; with this launcher and the matmul's cached plans, 27-34 µs
-(docs/triton.md). The first call with a given specialization goes through Triton (compiling if
-needed) and keeps the `CompiledKernel`; later calls rebuild only our own key, a superset of what
-Triton specializes on, and call the compiled launcher directly.
+each call; on the H100 test machine a decode-sized matmul call cost 50-110 µs of host time that
+way. Two cheaper paths, both starting from the `CompiledKernel` the first call returns:
+
+- `Launcher`: later calls rebuild only our own key (a superset of what Triton specializes on) and
+  call the compiled kernel;
+- `bind`: a backend's plan, whose key already fixed every integer and dtype, keeps the compiled
+  kernel's own launcher, function handle and packed metadata, and each call passes raw pointers
+  (ints, which Triton's launcher takes as they are) and the current stream straight to it.
 """
 
 from __future__ import annotations
@@ -14,6 +17,10 @@ from __future__ import annotations
 import os
 
 import torch
+import triton
+from torch.library import wrap_triton
+
+from torch._subclasses.fake_tensor import is_fake
 
 # FP8DISPATCH_TRITON_FAST_LAUNCH=0 sends every launch through Triton's own path.
 ENABLED = os.environ.get("FP8DISPATCH_TRITON_FAST_LAUNCH", "1") != "0"
@@ -30,15 +37,20 @@ def static_key(scalars: tuple, constexprs: dict, options: dict) -> tuple:
 class Launcher:
     """`Launcher(kernel, tensors)(grid, args, constexprs, options)`: `args` are the runtime
     parameters in order (the first `tensors` of them tensors), `constexprs` the remaining
-    parameters by name, `options` num_warps / num_stages."""
+    parameters by name, `options` num_warps / num_stages. `last` is the latest slow launch, for
+    `bind`: (grid of 3, the CompiledKernel, args, constexpr values in parameter order)."""
 
     def __init__(self, kernel, tensors: int):
         self.kernel = kernel
         self.tensors = tensors
         self.compiled: dict[tuple, tuple] = {}
+        self.last: tuple | None = None
 
     def __call__(self, grid: tuple, args: tuple, constexprs: dict, options: dict, static: tuple | None = None):
         """`static`, when given, stands for everything but the tensors (a caller's cached plan)."""
+        if tracing(args[0]):  # under torch.compile: a node of the graph, which Inductor launches itself
+            wrap_triton(self.kernel)[grid](*args, **constexprs, **options)
+            return
         if not ENABLED or args[0].device.type != "cuda":
             self.kernel[grid](*args, **constexprs, **options)
             return
@@ -46,11 +58,36 @@ class Launcher:
             static = static_key(args[self.tensors:], constexprs, options)
         key = (args[0].device.index, static, tuple((t.dtype, t.data_ptr() % 16 == 0) for t in args[:self.tensors]))
         hit = self.compiled.get(key)
+        grid3 = (*grid, 1, 1)[:3]  # the compiled runner reads all three dimensions
         if hit is None:
             compiled = self.kernel[grid](*args, **constexprs, **options)
             names = self.kernel.arg_names[len(args):]
-            self.compiled[key] = (compiled, tuple(constexprs[n] for n in names))
-            return
-        compiled, tail = hit
-        grid3 = (*grid, 1, 1)[:3]  # the compiled runner reads all three dimensions
-        compiled[grid3](*args, *tail, stream=torch.cuda.current_stream(args[0].device).cuda_stream)
+            hit = self.compiled[key] = (compiled, tuple(constexprs[n] for n in names))
+        else:
+            hit[0][grid3](*args, *hit[1], stream=torch.cuda.current_stream(args[0].device).cuda_stream)
+        self.last = (grid3, hit[0], args, hit[1])
+
+
+def tracing(t: torch.Tensor) -> bool:
+    """Whether a torch.compile trace is running this code on `t` (then kernels become graph nodes)."""
+    return is_fake(t)
+
+
+def aligned(*tensors) -> bool:
+    return all(t.data_ptr() % 16 == 0 for t in tensors if isinstance(t, torch.Tensor))
+
+
+def bind(compiled):
+    """`(run, function, packed)` such that `run(g0, g1, g2, stream, function, packed, None, None,
+    None, *args)` launches `compiled` (every parameter in order, constexprs included): Triton's
+    own launch minus its per-call work. None when Triton's launch hooks are set (a profiler
+    listening), which only the full path calls, or when fast launches are switched off."""
+    if not ENABLED or getattr(triton, "knobs", None) is None or triton.knobs.runtime.launch_enter_hook is not None:
+        return None
+    run = compiled.run  # loads the module on first access
+    return run, compiled.function, compiled.packed_metadata
+
+
+# The stream torch's current-stream context selects, as the raw handle Triton's launcher takes;
+# the same query Triton's own driver makes (a CUDA-graph capture switches it).
+raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)

@@ -34,8 +34,8 @@ from fp8dispatch.blocks import cdiv
 from fp8dispatch.problem import device_capability
 
 from .interpreter import active as interpreting
-from .launch import Launcher, static_key
-from .tiles import next_pow2
+from .launch import Launcher, aligned, bind, raw_stream, static_key, tracing
+from .tiles import hint, next_pow2
 
 # Up to this M the swapped kernel runs (its narrow side is 16 to 64 wide).
 SMALL_M = 64
@@ -233,10 +233,11 @@ def matmul(a, b, out_dtype, bias=None, config: dict | None = None):
     """The backend's matmul. `config` forces one configuration of the portable kernel (benchmarks
     sweep with it; "tuned" is the portable kernel's own choice, to compare it with Hopper's)."""
     da, db, sa, sb = a.data, b.data, a.scale, b.scale
+    traced = tracing(da)  # under torch.compile (the portable kernel only: plans send Hopper's calls elsewhere)
     key = (da.shape, db.shape, da.stride(), db.stride(), sa.stride(), sb.stride(), a.block, b.block,
            da.dtype, db.dtype, out_dtype, bias is None, da.device)
-    plan = _plans.get(key) if config is None else None
-    if plan is None and config is None and _hopper_kernel(a, b, out_dtype, bias):
+    plan = _plans.get(key) if config is None and not traced else None
+    if plan is None and config is None and not traced and _hopper_kernel(a, b, out_dtype, bias):
         try:
             c = _hopper_module().matmul(a, b, out_dtype, bias)  # compiles on a key's first call
         except Exception as e:  # noqa: BLE001 - re-raised unless this Triton cannot build the kernel
@@ -254,7 +255,7 @@ def matmul(a, b, out_dtype, bias=None, config: dict | None = None):
     tensors = (da, db, c, sa, sb, bias if bias is not None else sa)
     if plan is None:
         plan = _plan(a, b, c, tensors, out_dtype, bias is not None, config)
-        if config is None:
+        if config is None and not traced:
             _plans[key] = plan
     plan.launcher(plan.grid, (*tensors, *plan.ints), plan.constexprs, plan.options, plan.static)
     return c
@@ -303,7 +304,7 @@ def _plan(a, b, c, tensors, out_dtype, has_bias: bool, config) -> _Plan:
     ints = (m, n, k, a.data.stride(0), a.data.stride(1), b.data.stride(0), b.data.stride(1), c.stride(0),
             c.stride(1), sa.stride(0), sa.stride(1), sb.stride(0), sb.stride(1), a.block[0], b.block[1])
     flags = dict(SCALE_K=scale_k, HAS_BIAS=has_bias, EVEN_K=k % block_k == 0, BLOCK_K=block_k)
-    swap = m <= SMALL_M
+    swap = bool(m <= SMALL_M)  # a guard when m is symbolic (the plan keeps m in one bucket)
 
     def make(config) -> _Plan:
         constexprs = dict(config)
@@ -326,9 +327,28 @@ def _plan(a, b, c, tensors, out_dtype, has_bias: bool, config) -> _Plan:
         key = (a.data.device, swap, next_pow2(m), n, k, a.block[0] == 1, b.block[1], a.dtype,
                b.dtype, out_dtype, has_bias, flags["EVEN_K"], scale_k)
         config = _chosen.get(key)
+        if config is None and tracing(a.data):  # tune on real operands of the traced shapes, as eager would
+            _tune_real(a, b, out_dtype, has_bias)
+            config = _chosen[key]
         if config is None:
             config = _chosen[key] = _tune(launch, _candidates(m, swap, scale_k))
     return make(config)
+
+
+def _tune_real(a, b, out_dtype, has_bias: bool) -> None:
+    """Run the tuning `_plan` does on a first eager call, on random operands shaped like traced ones."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    def real(t):
+        size, stride = [hint(d) for d in t.shape], [hint(d) for d in t.stride()]
+        out = torch.empty_strided(size, stride, dtype=t.dtype, device=t.device)
+        return out.copy_(torch.randn(size, device=t.device).to(t.dtype)) if t.dtype != torch.float32 else out.fill_(1.0)
+
+    with _disable_current_modes():
+        ra = type(a)._trusted(real(a.data), real(a.scale), a.block)
+        rb = type(b)._trusted(real(b.data), real(b.scale), b.block)
+        bias = torch.zeros(hint(b.data.shape[1]), dtype=out_dtype, device=ra.data.device) if has_bias else None
+        matmul(ra, rb, out_dtype, bias, config="tuned")
 
 
 def _narrow(m: int) -> int:
@@ -371,3 +391,92 @@ def _default_config(device: torch.device, swap: bool):
     if device_capability(device) == (9, 0):
         return "tuned"
     return DEFAULT_SWAP_CONFIG if swap else DEFAULT_CONFIG
+
+
+# --- plans ------------------------------------------------------------------------------------
+
+
+def kernel_for(problem) -> str:
+    """Which kernel `matmul` runs for a problem, for `explain` (an unaligned call may still take
+    the portable kernel instead of the Hopper one)."""
+    if _hopper_serves(problem):
+        return "hopper.py: warp-specialized Gluon block-scaled kernel (sm90, M > %d)" % SMALL_M
+    if problem.m <= SMALL_M:
+        return "matmul.py: portable scaled-mm kernel, operands swapped (M ≤ %d)" % SMALL_M
+    return "matmul.py: portable scaled-mm kernel"
+
+
+def _hopper_serves(p) -> bool:
+    """`_hopper_kernel` decided from the problem alone (pointer alignment aside)."""
+    if (interpreting() or p.m <= SMALL_M or _hopper_unavailable or p.capability != (9, 0)
+            or _hopper_module() is None):
+        return False
+    return (p.a_block == (1, 128) and p.b_block == (128, 128) and p.a_row_major and p.b_col_major
+            and p.a_dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and p.b_dtype in (torch.float8_e4m3fn,
+                                                                                      torch.float8_e5m2)
+            and p.k % 16 == 0 and (p.n * p.out_dtype.itemsize) % 16 == 0)
+
+
+def plan(problem):
+    """A runner for every call of `problem` whose shapes, strides, dtypes and bias the caller's key
+    fixes: the first call chooses, tunes and compiles as `matmul` does; later calls allocate the
+    output and launch the same compiled kernel directly."""
+    kernel = kernel_for(problem)
+    # Under torch.compile the portable kernel is a graph node (Inductor launches it); the Gluon
+    # kernel and the interpreter are not traceable, so their calls stay opaque (fp8dispatch/ops.py).
+    traced = None if interpreting() or _hopper_serves(problem) else matmul
+    if problem.device.type != "cuda" or raw_stream is None:
+        def run(a, b, out_dtype, bias=None):
+            return matmul(a, b, out_dtype, bias)
+        run.kernel, run.traced = kernel, traced
+        return run
+    bound = None
+
+    def run(a, b, out_dtype, bias=None):
+        nonlocal bound
+        if bound is not None:
+            out = bound(a, b, bias)
+            if out is not None:
+                return out
+        out = matmul(a, b, out_dtype, bias)
+        if bound is None:
+            bound = _bind(a, b, out, bias)
+        return out
+
+    run.kernel, run.traced = kernel, traced
+    return run
+
+
+def _bind(a, b, c, bias):
+    """`(a, b, bias) -> c` launching the kernel `matmul` just ran for these operands, or None."""
+    da, db, sa, sb = a.data, b.data, a.scale, b.scale
+    key = (da.shape, db.shape, da.stride(), db.stride(), sa.stride(), sb.stride(), a.block, b.block,
+           da.dtype, db.dtype, c.dtype, bias is None, da.device)
+    chosen = _plans.get(key)
+    if chosen is None:
+        return None
+    if not isinstance(chosen, _Plan):
+        return _hopper_module().bind(a, b, c, bias)
+    last = chosen.launcher.last
+    if last is None or last[2][0] is not da or not aligned(da, db, sa, sb, bias):
+        return None
+    (g0, g1, g2), compiled, args, tail = last
+    handles = bind(compiled)
+    if handles is None:
+        return None
+    launch, function, packed = handles
+    ints, has_bias = args[6:], bias is not None
+    shape, out_dtype, device, index = tuple(c.shape), c.dtype, da.device, da.device.index
+    empty, stream = torch.empty, raw_stream
+
+    def run(a, b, bias):
+        pa, pb, psa, psb = a.data.data_ptr(), b.data.data_ptr(), a.scale.data_ptr(), b.scale.data_ptr()
+        pbias = bias.data_ptr() if has_bias else psa
+        if (pa | pb | psa | psb | pbias) & 15:
+            return None
+        out = empty(shape, dtype=out_dtype, device=device)
+        launch(g0, g1, g2, stream(index), function, packed, None, None, None, pa, pb, out.data_ptr(), psa, psb,
+               pbias, *ints, *tail)
+        return out
+
+    return run

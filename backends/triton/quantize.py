@@ -29,8 +29,9 @@ from fp8dispatch.blocks import cdiv, scale_shape
 from fp8dispatch.errors import Fp8ValueError
 from fp8dispatch.formats import fp8_format
 
-from .launch import Launcher
+from .launch import Launcher, aligned, bind, raw_stream
 from .scaling import finite_abs, saturating_cast, scale_from_amax
+from .interpreter import active as interpreting
 from .tiles import TILE, next_pow2, num_warps_for, sm_count, wide_groups_plan
 
 # A group wider than this (elements) is swept by `_wide_groups_kernel`: 16384 fp32 values are 32
@@ -390,3 +391,76 @@ def quantize_tensorwise(x, dtype, scale=None, scale_ub=None, pow2_scale=False):
         dict(num_warps=warps),
     )
     return data, scales
+
+
+# --- plans ------------------------------------------------------------------------------------
+
+
+def kernel_for(problem) -> tuple[Launcher | None, str]:
+    """The kernel `quantize` runs for a problem, and its name for `explain`."""
+    rows, cols = problem.shape
+    br, bc = problem.block
+    if br == 1 and swept(min(bc, cols)):
+        return _wide_groups, "two-sweep 1×g groups kernel"
+    if br == 1:
+        return _groups, "one-pass groups kernel"
+    if br >= rows and bc >= cols:
+        return None, "tensorwise kernels (amax, then cast: two launches)"
+    return _blocks, "b×b blocks kernel"
+
+
+def plan(problem):
+    """A runner for every call of `problem` whose shape, strides, dtypes and options the caller's
+    key fixes: the first call launches through Triton and keeps the compiled kernel, later calls
+    allocate the outputs and launch it directly (one kernel, no Triton binder)."""
+    launcher, kernel = kernel_for(problem)
+    traced = None if interpreting() else quantize  # under torch.compile: graph nodes Inductor launches
+    if launcher is None or problem.user_scale or problem.device.type != "cuda" or raw_stream is None:
+        def run(x, block, dtype, scale=None, scale_ub=None, pow2_scale=False):
+            return quantize(x, block, dtype, scale, scale_ub, pow2_scale)
+        run.kernel, run.traced = kernel, traced
+        return run
+    bound = None
+
+    def run(x, block, dtype, scale=None, scale_ub=None, pow2_scale=False):
+        nonlocal bound
+        if bound is not None:
+            out = bound(x, scale_ub)
+            if out is not None:
+                return out
+        out = quantize(x, block, dtype, scale, scale_ub, pow2_scale)
+        if bound is None:
+            bound = _bind(launcher, x, out)
+        return out
+
+    run.kernel, run.traced = kernel, traced
+    return run
+
+
+def _bind(launcher: Launcher, x, out):
+    """`(x, scale_ub) -> (data, scale)` launching the kernel `launcher` last compiled for x, or
+    None (unaligned first input, launch hooks set). Returns None on a call whose x is unaligned."""
+    last = launcher.last
+    if last is None or last[2][0] is not x or not aligned(*last[2][:3]):
+        return None
+    (g0, g1, g2), compiled, args, tail = last
+    handles = bind(compiled)
+    if handles is None:
+        return None
+    launch, function, packed = handles
+    ints = args[3:-1]  # every kernel here takes (x, q, s, ints..., scale_ub, constexprs...)
+    data_shape, data_dtype, scale_shape_ = tuple(out[0].shape), out[0].dtype, tuple(out[1].shape)
+    device, index = x.device, x.device.index
+    empty, f32, stream = torch.empty, torch.float32, raw_stream
+
+    def run(x, scale_ub):
+        px = x.data_ptr()
+        if px & 15:
+            return None
+        data = empty(data_shape, dtype=data_dtype, device=device)
+        s = empty(scale_shape_, dtype=f32, device=device)
+        launch(g0, g1, g2, stream(index), function, packed, None, None, None, px, data.data_ptr(), s.data_ptr(),
+               *ints, scale_ub or 0.0, *tail)
+        return data, s
+
+    return run

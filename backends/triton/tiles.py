@@ -43,8 +43,15 @@ def wide_groups_plan(rows: int, group: int) -> dict:
 
 def next_pow2(n: int) -> int:
     """The next power of two ≥ n (≥ 1), in plain Python: `triton.next_power_of_2` is a
-    constexpr function whose host-side call costs several microseconds."""
-    return 1 << (max(n, 1) - 1).bit_length()
+    constexpr function whose host-side call costs several microseconds. A symbolic size (a
+    torch.compile trace with dynamic shapes) counts as its example value: the plan that traced it
+    guards the power-of-two bucket, so the choice holds for every size the graph serves."""
+    return 1 << (max(hint(n), 1) - 1).bit_length()
+
+
+def hint(n) -> int:
+    """A size as an int: symbolic sizes give their example value."""
+    return n if isinstance(n, int) else n.node.hint
 
 
 def num_warps_for(elements: int) -> int:

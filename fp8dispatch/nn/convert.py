@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from fp8dispatch import api, registry
+from fp8dispatch import planning, registry
 from fp8dispatch.blocks import RECIPES
 from fp8dispatch.errors import Fp8ValueError, Unsupported
 from fp8dispatch.formats import HIGH_PRECISION
@@ -113,7 +113,7 @@ def _convert_one(module, recipe, block_size, dtype, backend):
         return f"quantizing the weight failed: {e}", None, None, None
     w, bias, act = layer.fp8_weight(), layer.bias, module.weight.dtype
     x = torch.empty((PROBE_M, module.in_features), dtype=act, device=w.device)
-    problem = api._plan_matmul(x, w.t(), None, act, bias, "reference").problem
+    problem = planning.plan_linear(x, w, bias, out_dtype=act, backend="reference").problem
     if problem is None:
         return None, layer, "none (empty weight)", ""
     names = [n.strip() for n in backend.split(",") if n.strip()]

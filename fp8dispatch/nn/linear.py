@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fp8dispatch import api, ops
+from fp8dispatch import api, ops, planning
 from fp8dispatch.blocks import RECIPES, Block, block_for, cdiv, scale_shape
 from fp8dispatch.errors import Fp8TypeError, Fp8ValueError, Unsupported
 from fp8dispatch.formats import HIGH_PRECISION, fp8_format, is_fp8
@@ -128,7 +128,30 @@ class Fp8Linear(nn.Module):
                                             self.backend, None if compiling else self.fp8_weight())
         if compiling:
             return _linear(x, self.weight, self.weight_scale_inv, self.block, bias, self.backend)
-        return api.linear(x, self.fp8_weight(), bias, backend=self.backend)
+        held = self.__dict__.get("_held")  # (registry generation, weight, scales, bias, backend, runs by x's key)
+        if (held is not None and held[0] == planning.generation and held[1] is self._buffers["weight"]
+                and held[2] is self._buffers["weight_scale_inv"] and held[3] is bias and held[4] == self.backend):
+            try:
+                return held[5][(x.dtype, x.shape, x.device, x.stride())](x)
+            except (KeyError, AttributeError):
+                pass
+        return self._runner(x)(x)
+
+    def _runner(self, x):
+        """The layer's run for x's key, planned on a miss: `x -> linear(x, W, bias)` with the weight
+        and bias bound. The runs are dropped when the weight, the bias or the registry changes."""
+        w, bias = self.fp8_weight(), self.bias
+        held = self.__dict__.get("_held")
+        if (held is None or held[0] != planning.generation or held[1] is not w.data or held[2] is not w.scale
+                or held[3] is not bias or held[4] != self.backend):
+            held = self.__dict__["_held"] = (planning.generation, w.data, w.scale, bias, self.backend, {})
+        out_dtype = x.dtype if isinstance(x, torch.Tensor) and x.dtype in HIGH_PRECISION else torch.bfloat16
+        run, wt = planning.plan_linear(x, w, bias, out_dtype=out_dtype, backend=self.backend).run, w.t()
+
+        def linear(x):
+            return run(x, wt, bias)
+        held[5][(x.dtype, x.shape, x.device, x.stride())] = linear
+        return linear
 
     def matmul_backend(self, m: int = PROBE_M, dtype: torch.dtype = torch.bfloat16) -> str:
         """The backend this layer's matmul routes to for M tokens, or why none can run it."""
@@ -215,11 +238,9 @@ def _dequantize(weight, scale, block, dtype):
 
 def matmul_backend(w: Fp8Tensor, bias, backend: str, m: int, dtype: torch.dtype) -> str:
     """Name the backend `linear(x [m, K], w)` routes its matmul to; raises Unsupported if none."""
-    from fp8dispatch import registry
-
     x = torch.empty((m, w.shape[1]), dtype=dtype, device=w.device)
-    plan = api._plan_matmul(x, w.t(), None, dtype, bias, backend)
-    return registry.choose(plan.problem, backend).name if plan.problem is not None else "none (empty)"
+    plan = planning.plan_linear(x, w, bias, out_dtype=dtype, backend=backend)
+    return plan.routed.backend if plan.problem is not None else "none (empty)"
 
 
 def _block_from_scale(n: int, k: int, shape: tuple[int, ...]) -> Block:
