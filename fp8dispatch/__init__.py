@@ -22,6 +22,7 @@ from fp8dispatch.tensor import Fp8Tensor
 from fp8dispatch import tuning as _tuning
 
 _tuning.install()  # the measured routing table (`fp8dispatch tune`), consulted before static priority
+refresh()  # settings and the routing fingerprint read now, never first inside a torch.compile trace
 
 __version__ = "0.1.0"
 

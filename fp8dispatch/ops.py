@@ -136,9 +136,10 @@ def _traced(routed) -> Callable | None:
 def quantize(
     x: torch.Tensor, granularity: str, dtype: torch.dtype, block_size: list[int],
     scale: Optional[torch.Tensor], scale_ub: Optional[float], pow2_scale: bool, overflow: str,
-    backend: str,
+    backend: str, routing: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`fp8dispatch.quantize` as an op: returns (data in x's shape, 2-D fp32 scale)."""
+    """`fp8dispatch.quantize` as an op: returns (data in x's shape, 2-D fp32 scale). `routing` is
+    `registry.fingerprint()` while tracing: the graph, and the caches keyed by it, change with it."""
     block = _block_arg(block_size)
     plan = _planned(planning.plan_quantize, _spec(x, True), granularity=granularity, dtype=dtype, block_size=block,
                     scale=scale, scale_ub=scale_ub, pow2_scale=pow2_scale, overflow=overflow, backend=backend)
@@ -185,7 +186,7 @@ def traced_quantize(x, granularity, dtype, block_size, scale, scale_ub, pow2_sca
         raise Fp8TypeError("scale_ub: under torch.compile pass a Python float, not a tensor")
     data, s = torch.ops.fp8dispatch.quantize(x, granularity, dtype, sizes, scale,
                                              None if scale_ub is None else float(scale_ub),
-                                             pow2_scale, overflow, backend)
+                                             pow2_scale, overflow, backend, registry.fingerprint())
     rows, cols = _shape2d("x", x)
     # The checked constructor: dynamo traces a dataclass __init__, not `_trusted`'s slot setters.
     return Fp8Tensor(data, s, block_for(granularity, rows, cols, block_size))
@@ -196,7 +197,7 @@ def traced_quantize(x, granularity, dtype, block_size, scale, scale_ub, pow2_sca
 
 @triton_op("fp8dispatch::dequantize", mutates_args=())
 def dequantize(bits: torch.Tensor, fp8_dtype: torch.dtype, scale: torch.Tensor, block: list[int],
-               dtype: torch.dtype, backend: str) -> torch.Tensor:
+               dtype: torch.dtype, backend: str, routing: str = "") -> torch.Tensor:
     """`fp8dispatch.dequantize` as an op on an Fp8Tensor's parts (its data as uint8 bits)."""
     t = Fp8Tensor(bits.view(fp8_dtype), scale, (block[0], block[1]))
     plan = _planned(planning.plan_dequantize, _spec(t, True), dtype=dtype, backend=backend)
@@ -227,7 +228,8 @@ def _(bits, fp8_dtype, scale, block, dtype, backend):
 def traced_dequantize(t, dtype, backend) -> torch.Tensor:
     if not isinstance(t, Fp8Tensor):
         raise Fp8TypeError(f"t: expected an Fp8Tensor, got {type(t).__name__}")
-    return torch.ops.fp8dispatch.dequantize(_bits(t.data), t.data.dtype, t.scale, list(t.block), dtype, backend)
+    return torch.ops.fp8dispatch.dequantize(_bits(t.data), t.data.dtype, t.scale, list(t.block), dtype, backend,
+                                            registry.fingerprint())
 
 
 # --- matmul ---------------------------------------------------------------------------------
@@ -237,7 +239,7 @@ def traced_dequantize(t, dtype, backend) -> torch.Tensor:
 def matmul(
     a: torch.Tensor, a_fp8: Optional[torch.dtype], a_scale: Optional[torch.Tensor], a_block: Optional[list[int]],
     b: torch.Tensor, b_fp8: Optional[torch.dtype], b_scale: Optional[torch.Tensor], b_block: Optional[list[int]],
-    recipe: Optional[str], out_dtype: torch.dtype, bias: Optional[torch.Tensor], backend: str,
+    recipe: Optional[str], out_dtype: torch.dtype, bias: Optional[torch.Tensor], backend: str, routing: str = "",
 ) -> torch.Tensor:
     """`fp8dispatch.matmul` as an op. An FP8 operand comes as (uint8 bits, its FP8 dtype, scale, block);
     a high-precision one as (tensor, None, None, None)."""
@@ -314,7 +316,8 @@ def _parts(name: str, t):
 
 
 def traced_matmul(a, b, recipe, out_dtype, bias, backend) -> torch.Tensor:
-    return torch.ops.fp8dispatch.matmul(*_parts("a", a), *_parts("b", b), recipe, out_dtype, bias, backend)
+    return torch.ops.fp8dispatch.matmul(*_parts("a", a), *_parts("b", b), recipe, out_dtype, bias, backend,
+                                        registry.fingerprint())
 
 
 def linear_parts(x, data, scale, block, bias, out_dtype, backend, recipe=None) -> torch.Tensor:
@@ -322,11 +325,12 @@ def linear_parts(x, data, scale, block, bias, out_dtype, backend, recipe=None) -
     if data.dim() != 2:
         raise Fp8ValueError(f"w: expected a 2-d weight [N, K], got shape {tuple(data.shape)}")
     return torch.ops.fp8dispatch.matmul(*_parts("x", x), _bits(data).t(), data.dtype, scale.t(),
-                                        [block[1], block[0]], recipe, out_dtype, bias, backend)
+                                        [block[1], block[0]], recipe, out_dtype, bias, backend, registry.fingerprint())
 
 
 def dequantize_parts(data, scale, block, dtype, backend="auto") -> torch.Tensor:
-    return torch.ops.fp8dispatch.dequantize(_bits(data), data.dtype, scale, list(block), dtype, backend)
+    return torch.ops.fp8dispatch.dequantize(_bits(data), data.dtype, scale, list(block), dtype, backend,
+                                            registry.fingerprint())
 
 
 def _block_arg(block_size: list[int]) -> int | tuple[int, int]:

@@ -123,11 +123,39 @@ def _configure_logging(level: str) -> None:
 
 def refresh() -> None:
     """Forget cached decisions and re-read the environment (probe results stay frozen)."""
-    global _settings
+    global _settings, _fingerprint
     _settings = None
     _decisions.clear()
     for hook in _refresh_hooks:
         hook()
+    _fingerprint = None
+    fingerprint()  # now, in eager code: a trace only reads it
+
+
+_fingerprint: str | None = None
+
+
+def fingerprint() -> str:
+    """What routing depends on besides the problem, as a short text: the environment settings, the
+    backends and their priorities, the routing hooks, and the source of the package and of every
+    backend. Compiled graphs carry it as an argument of each fp8dispatch op, so neither a graph nor
+    torch.compile's on-disk caches (keyed by the graph) outlive a change of any of these."""
+    global _fingerprint
+    if _fingerprint is None:
+        import hashlib
+        import sys
+        from pathlib import Path
+
+        digest = hashlib.sha256(repr((settings(), os.environ.get("FP8DISPATCH_TUNING"), [(b.name, b.priority, sorted(b.priorities.items()), b.traceable)
+                                                   for b in all_backends()],
+                                      [getattr(h, "__qualname__", repr(h)) for h in routing_hooks],
+                                      [getattr(h, "state", None) for h in routing_hooks])).encode())
+        folders = {Path(__file__).parent} | {Path(sys.modules[b.probe.__module__].__file__).parent
+                                             for b in all_backends() if b.probe.__module__ in sys.modules}
+        for path in sorted(p for folder in folders for ext in ("*.py", "*.json") for p in folder.rglob(ext)):
+            digest.update(path.read_bytes())
+        _fingerprint = digest.hexdigest()[:16]
+    return _fingerprint
 
 
 _refresh_hooks: list[Callable[[], None]] = []

@@ -9,6 +9,7 @@ from torch import nn
 import fp8dispatch
 import fp8dispatch.nn  # noqa: F401  (fp8dispatch.nn.convert below; the package does not import it)
 from fp8dispatch import ops
+from backends_for_tests import counting_backend
 
 
 @pytest.fixture(autouse=True)
@@ -35,9 +36,10 @@ QUANTIZE_CASES = {
 }
 
 
+@pytest.mark.parametrize("op", ["quantize", "run_quantize"])
 @pytest.mark.parametrize("case", QUANTIZE_CASES)
-def test_opcheck_quantize(case):
-    torch.library.opcheck(ops.quantize, QUANTIZE_CASES[case])
+def test_opcheck_quantize(case, op):
+    torch.library.opcheck(getattr(ops, op), QUANTIZE_CASES[case])
 
 
 def _q(x, granularity, block_size=128, dtype=torch.float8_e4m3fn):
@@ -51,10 +53,11 @@ DEQUANTIZE_CASES = {
 }
 
 
+@pytest.mark.parametrize("op", ["dequantize", "run_dequantize"])
 @pytest.mark.parametrize("case", DEQUANTIZE_CASES)
-def test_opcheck_dequantize(case):
+def test_opcheck_dequantize(case, op):
     t, dtype = DEQUANTIZE_CASES[case]
-    torch.library.opcheck(ops.dequantize, (t.bits(), t.dtype, t.scale, list(t.block), dtype, "auto"))
+    torch.library.opcheck(getattr(ops, op), (t.bits(), t.dtype, t.scale, list(t.block), dtype, "auto"))
 
 
 def _parts(t):
@@ -69,10 +72,11 @@ MATMUL_CASES = {
 }
 
 
+@pytest.mark.parametrize("op", ["matmul", "run_matmul"])
 @pytest.mark.parametrize("case", MATMUL_CASES)
-def test_opcheck_matmul(case):
+def test_opcheck_matmul(case, op):
     a, b, recipe, bias = MATMUL_CASES[case]
-    torch.library.opcheck(ops.matmul, (*_parts(a), *_parts(b), recipe, torch.bfloat16, bias, "auto"))
+    torch.library.opcheck(getattr(ops, op), (*_parts(a), *_parts(b), recipe, torch.bfloat16, bias, "auto"))
 
 
 # --- eager stays on the fast path -------------------------------------------------------------
@@ -165,3 +169,87 @@ def test_dynamic_token_count_compiles_once():
         for m in (3, 17, 64):
             x = _randn(m, 256, dtype=torch.bfloat16, seed=m)
             assert torch.equal(compiled(x), model(x))
+
+
+# --- routed while tracing: the backend's ops in the graph, opaque steps only where needed ----------
+
+
+def _inductor(fn, *args):
+    from torch._inductor.utils import run_and_get_code
+
+    out, code = run_and_get_code(torch.compile(fn, fullgraph=True), *args)
+    return out, "\n".join(code)
+
+
+def test_compiled_graph_holds_the_backends_ops_not_the_public_api():
+    """The reference's quantize is plain torch: Inductor compiles it into the graph; its matmul is
+    declared opaque (one `run_matmul` op); no op re-enters the public API; eager's bits."""
+    model = _mlp()
+    x = _randn(5, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = model(x)
+        got, code = _inductor(model, x)
+    assert torch.equal(got, want)
+    assert "fp8dispatch.run_matmul" in code and "amax" in code
+    assert "fp8dispatch.run_quantize" not in code and "fp8dispatch.matmul.default" not in code
+
+
+def test_untraceable_steps_run_as_one_opaque_op_each(sandbox):
+    """The Triton interpreter cannot be traced: each step is one `fp8dispatch::run_*` op that runs
+    the cached plan of the backend chosen while tracing."""
+    from fp8dispatch.backends import triton
+
+    if triton.probe() is not None:
+        pytest.skip(f"triton cannot run here: {triton.probe()}")
+    fp8dispatch.register_backend(triton.BACKEND, replace=True)
+    sandbox.env(FP8DISPATCH_BACKEND="triton")
+    x, w = _randn(4, 256, dtype=torch.bfloat16), _q(_randn(64, 256), "block")
+
+    def fn(x):
+        return fp8dispatch.linear(x, w)
+
+    with torch.no_grad():
+        got, code = _inductor(fn, x)
+    assert torch.equal(got, fn(x))
+    assert "fp8dispatch.run_quantize" in code and "fp8dispatch.run_matmul" in code
+    assert "fp8dispatch.matmul.default" not in code
+
+
+def test_dynamic_token_count_recompiles_only_across_power_of_two_buckets():
+    """Routing and kernel configurations are keyed by M's power-of-two bucket: one graph serves the
+    bucket, a token count outside it recompiles (a guard, never a wrong plan)."""
+    model = _mlp()
+    graphs = []
+
+    def count(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(model, backend=torch._dynamo.backends.common.aot_autograd(fw_compiler=count),
+                             fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        for m, expected in ((3, 1), (4, 1), (5, 2), (7, 2), (8, 2), (2, 3)):
+            x = _randn(m, 256, dtype=torch.bfloat16, seed=m)
+            assert torch.equal(compiled(x), model(x))
+            assert len(graphs) == expected, f"M={m}"
+
+
+def test_a_compiled_graph_is_never_reused_after_routing_changes(sandbox):
+    """Each op carries the routing fingerprint, so a change of the environment (here the requested
+    backend) recompiles instead of running what the old routing chose."""
+    fp8dispatch.register_backend(counting_backend("counted", []))
+    graphs = []
+
+    def count(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    x = _randn(4, 256)
+    compiled = torch.compile(lambda x: fp8dispatch.quantize(x, "group"), backend=count, fullgraph=True)
+    first = compiled(x)
+    compiled(x)
+    assert len(graphs) == 1
+    sandbox.env(FP8DISPATCH_BACKEND="counted")
+    second = compiled(x)
+    assert len(graphs) == 2
+    assert torch.equal(first.data.view(torch.uint8), second.data.view(torch.uint8))

@@ -54,6 +54,13 @@ def add_arguments(parser) -> None:
     g.add_argument("--no-auto", action="store_true", help="skip the auto rows")
     g.add_argument("--no-baselines", action="store_true", help="skip the bf16 baselines")
     g.add_argument("--all", action="store_true", help="also list unsupported and failed rows in the table")
+    g = parser.add_argument_group("model level (--model)")
+    g.add_argument("--model", action="store_true",
+                   help="time DeepSeek-V3 blocks converted to FP8 beside bf16 in eager, torch.compile and "
+                        "reduce-overhead mode, plus the host time of single calls; writes model.json/.md/.png "
+                        "to --out (default docs/results/<gpu>/); --m picks the token counts")
+    g.add_argument("--blocks", default=None, help="with --model: comma list of mlp, attention (default both)")
+    g.add_argument("--modes", default=None, help="with --model: comma list of eager, compile, reduce-overhead")
 
 
 def selection(args) -> tuple[list[bench.Point], list[str], bench.Settings]:
@@ -318,6 +325,10 @@ def _roofline(plt, directory: Path, env: dict, rows: list[dict]) -> Path:
 
 
 def run(args) -> int:
+    if args.model:
+        from fp8dispatch.cli import bench_model
+
+        return bench_model.run(args)
     try:
         if args.sources:
             env, rows = bench.load_results([Path(p) for p in args.sources])

@@ -123,7 +123,7 @@ class Fp8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias
         compiling = torch.compiler.is_compiling()
-        if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        if torch.is_grad_enabled() and (getattr(x, "requires_grad", False) or (bias is not None and bias.requires_grad)):
             return _Fp8LinearFunction.apply(x, self.weight, self.weight_scale_inv, bias, self.block,
                                             self.backend, None if compiling else self.fp8_weight())
         if compiling:

@@ -1,0 +1,117 @@
+"""Plan once, run direct: the public planning functions, bound runners, and what a plan serves."""
+
+from unittest import mock
+
+import pytest
+import torch
+from torch import nn
+
+import fp8dispatch
+from fp8dispatch import Backend, Fp8TypeError, Fp8ValueError, planning, registry
+from fp8dispatch.backends import reference
+from fp8dispatch.nn import Fp8Linear
+
+
+def _x(*shape, dtype=torch.bfloat16, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def planning_backend(name, plans, runs):
+    """A backend with a planner: `plans` counts plan() calls, `runs` the bound runners' calls."""
+
+    def plan(op, problem):
+        plans.append((op, problem))
+
+        def run(*args):
+            runs.append(op)
+            return getattr(reference, op)(*args)
+        run.kernel = f"{name}'s {op} kernel for {problem.op}"
+        return run
+
+    return Backend(name=name, probe=lambda: None, why_not=lambda op, p: [], quantize=reference.quantize,
+                   matmul=reference.matmul, plan=plan, priority=1000)
+
+
+def test_a_backend_plans_once_per_key_and_its_runner_serves_every_call(sandbox):
+    plans, runs = [], []
+    fp8dispatch.register_backend(planning_backend("planned", plans, runs))
+    x, w = _x(4, 256), fp8dispatch.quantize(_x(64, 256, seed=1), "block", backend="reference")
+    outs = [fp8dispatch.linear(x, w) for _ in range(3)]
+    assert [op for op, _ in plans] == ["quantize", "matmul"]
+    assert runs == ["quantize", "matmul"] * 3
+    want = fp8dispatch.linear(x, w, backend="reference")
+    assert all(torch.equal(o, want) for o in outs)
+
+
+def test_a_cached_runner_never_serves_strides_dtypes_or_devices_it_was_not_planned_for(sandbox):
+    plans, runs = [], []
+    fp8dispatch.register_backend(planning_backend("planned", plans, runs))
+    x = _x(8, 256)
+    fp8dispatch.quantize(x, "group")
+    strided = _x(256, 8).t().contiguous().t()  # same shape and dtype, other strides
+    got = fp8dispatch.quantize(strided, "group")
+    fp8dispatch.quantize(x.float(), "group")
+    assert len(plans) == 3 and not plans[1][1].contiguous
+    want = fp8dispatch.quantize(strided, "group", backend="reference")
+    assert torch.equal(got.data.view(torch.uint8), want.data.view(torch.uint8)) and torch.equal(got.scale, want.scale)
+
+
+def test_plan_functions_raise_the_public_functions_typed_errors(sandbox):
+    with pytest.raises(Fp8ValueError, match="x: expected at least 2 dimensions"):
+        planning.plan_quantize(_x(8), "row")
+    with pytest.raises(Fp8TypeError, match="b: expected a torch.Tensor or Fp8Tensor, got str"):
+        planning.plan_matmul(_x(4, 256), "w")
+    with pytest.raises(Fp8ValueError, match=r"w: expected a 2-d weight"):
+        planning.plan_linear(_x(4, 256), _x(2, 3, 256))
+
+
+def test_a_plan_describes_each_step_and_its_kernel(sandbox):
+    plans, runs = [], []
+    fp8dispatch.register_backend(planning_backend("planned", plans, runs))
+    plan = fp8dispatch.plan_linear(_x(4, 256), fp8dispatch.quantize(_x(64, 256), "block", backend="reference"))
+    text = plan.describe()
+    assert "quantize a: quantize(x: bfloat16[4, 256]" in text
+    assert "runs: planned · planned's matmul kernel for matmul" in text
+    assert [role for role, _ in plan.problems] == ["quantize a", "matmul"]
+    assert "runs: planned · planned's quantize kernel" in fp8dispatch.explain("linear", _x(4, 256), _x(64, 256))
+
+
+def test_fp8_linear_holds_its_runs_and_replans_when_weight_backend_or_registry_change(sandbox):
+    torch.manual_seed(0)
+    layer = Fp8Linear.from_linear(nn.Linear(256, 64).to(torch.bfloat16))
+    x = _x(3, 256)
+    with mock.patch.object(planning, "plan_linear", wraps=planning.plan_linear) as planned, torch.no_grad():
+        first = [layer(x) for _ in range(3)]
+        assert planned.call_count == 1
+        layer(_x(5, 256))  # a new shape: its own plan
+        assert planned.call_count == 2
+        registry.refresh()
+        layer(x)
+        assert planned.call_count == 3
+        layer.backend = "reference"
+        layer(x)
+        assert planned.call_count == 4
+        layer.weight = layer.weight.clone()  # a new buffer: never the old weight's runs
+        layer(x)
+        assert planned.call_count == 5
+    with torch.no_grad():
+        assert all(torch.equal(o, fp8dispatch.linear(x, layer.fp8_weight(), layer.bias)) for o in first)
+
+
+def test_fp8_linear_plans_bad_input_into_its_typed_error(sandbox):
+    layer = Fp8Linear.from_linear(nn.Linear(256, 64).to(torch.bfloat16)).requires_grad_(False)
+    layer(_x(2, 256))
+    with pytest.raises(Fp8ValueError, match="b: expected 128 rows"):
+        layer(_x(2, 128))
+    with pytest.raises(Fp8TypeError):
+        layer("x")
+
+
+def test_the_triton_backend_names_the_kernel_it_runs():
+    """Under the interpreter: the plan is the triton backend's own, and explain says which kernel."""
+    triton = registry.get_backend("triton")
+    if registry.reasons(triton, planning.plan_quantize(_x(4, 7168), "group", backend="reference").problem):
+        pytest.skip("triton cannot run here (needs a CUDA GPU or TRITON_INTERPRET=1)")
+    text = fp8dispatch.explain("linear", _x(4, 7168), _x(256, 7168), backend="triton")
+    assert "runs: triton · two-sweep 1×g groups kernel" in text or "runs: triton · one-pass groups kernel" in text
+    assert "runs: triton · matmul.py: portable scaled-mm kernel, operands swapped (M ≤ 64)" in text
