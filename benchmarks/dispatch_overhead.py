@@ -23,7 +23,7 @@ import time
 import torch
 
 import fp8dispatch
-from fp8dispatch import Backend, Fp8Tensor, api, bench, registry
+from fp8dispatch import Backend, Fp8Tensor, api, bench, planning, registry
 from fp8dispatch.backends import reference
 
 TARGET_US = 3.0  # issue 6: dispatch overhead per call
@@ -114,11 +114,8 @@ def breakdown() -> dict:
 
     x = torch.randn(1, 256, dtype=torch.bfloat16)
     e4m3 = torch.float8_e4m3fn
-    scale = scale_ub = None
-    block_size, pow2_scale, overflow, backend = 128, False, "saturate", "auto"
-    short = (x.dtype, x.shape, x.device, x.is_contiguous(), "group")
-    full = ("q", *short, e4m3, 128, True, True, False, True, "saturate", "auto")
-    plans = {short: None, full: None}
+    key = planning.quantize_key(x, "group", e4m3, 128, None, None, False, "saturate", "auto")
+    runs = {key: None}
 
     def nine_kwargs(x, granularity="row", *, dtype=e4m3, block_size=128, scale=None, scale_ub=None,
                     pow2_scale=False, overflow="saturate", backend="auto"):
@@ -126,14 +123,8 @@ def breakdown() -> dict:
 
     pieces = {
         "torch.compiler.is_compiling()": lambda: api._is_compiling(),
-        "test the 7 options against their defaults": lambda: (
-            scale is None and scale_ub is None and e4m3 is api._E4M3 and block_size is api._BLOCK_SIZE
-            and pow2_scale is False and overflow is api._SATURATE and backend is api._AUTO),
-        "build + look up the 5-field default key": lambda: plans[(x.dtype, x.shape, x.device, x.is_contiguous(),
-                                                                  "group")],
-        "(any other option: the 14-field key)": lambda: plans[("q", x.dtype, x.shape, x.device, x.is_contiguous(),
-                                                               "group", e4m3, 128, True, True, False, True,
-                                                               "saturate", "auto")],
+        "build + look up the key": lambda: runs[planning.quantize_key(x, "group", e4m3, 128, None, None, False,
+                                                                      "saturate", "auto")],
         "call a function of 9 defaulted args": lambda: nine_kwargs(x, "group"),
         "Fp8Tensor._trusted(data, scale, block)": lambda: Fp8Tensor._trusted(x, x, (1, 128)),
         "empty lambda (loop cost, subtracted)": lambda: None,
@@ -198,23 +189,27 @@ def gpu_section(calls: int, repeats: int) -> tuple[list[dict], dict]:
     xq = fp8dispatch.quantize(x, "group")
     wt = wq.t()
     sync = torch.cuda.synchronize
-    q_problem = bench.quantize_problem(device, (1, 7168), (1, 128))
-    mm_problem = bench.matmul_problem(device, xq, wt)
-    q_backend, mm_backend = registry.choose(q_problem), registry.choose(mm_problem)
-    print(f"  auto chose: quantize -> {q_backend.name}, matmul -> {mm_backend.name}")
+    # "direct" is the plan's own runners (the chosen backend's bound kernels): what the API adds on top
+    q_plan, mm_plan, lin_plan = (fp8dispatch.plan_quantize(x, "group"), fp8dispatch.plan_matmul(xq, wt),
+                                 fp8dispatch.plan_linear(x, wq))
+    q_step, mm_step = q_plan.step, mm_plan.routed.run
+    lq_step, lmm_step = lin_plan.quantize_a.step, lin_plan.routed.run
+    print(f"  auto chose: quantize -> {q_plan.routed.backend} ({q_plan.routed.kernel}), "
+          f"matmul -> {mm_plan.routed.backend} ({mm_plan.routed.kernel})")
+    e4m3, g = torch.float8_e4m3fn, (1, 128)
     rows = [
-        compare(f"quantize group ({q_backend.name})", lambda api: api.quantize(x, "group"),
-                lambda: q_backend.quantize(x, (1, 128), torch.float8_e4m3fn, None, None, False), calls, repeats, sync),
-        compare(f"matmul block ({mm_backend.name})", lambda api: api.matmul(xq, wt),
-                lambda: mm_backend.matmul(xq, wt, torch.bfloat16, None), calls, repeats, sync),
+        compare(f"quantize group ({q_plan.routed.backend})", lambda api: api.quantize(x, "group"),
+                lambda: q_step(x, g, e4m3, None, None, False), calls, repeats, sync),
+        compare(f"matmul block ({mm_plan.routed.backend})", lambda api: api.matmul(xq, wt),
+                lambda: mm_step(xq, wt, torch.bfloat16, None), calls, repeats, sync),
     ]
 
     def direct_linear():
-        data, s = q_backend.quantize(x, (1, 128), torch.float8_e4m3fn, None, None, False)
-        return mm_backend.matmul(Fp8Tensor._trusted(data, s, (1, 128)), wt, torch.bfloat16, None)
+        data, s = lq_step(x, g, e4m3, None, None, False)
+        return lmm_step(Fp8Tensor._trusted(data, s, g), wt, torch.bfloat16, None)
 
-    rows.append(compare(f"linear block ({q_backend.name} + {mm_backend.name})", lambda api: api.linear(x, wq),
-                        direct_linear, calls, repeats, sync))
+    rows.append(compare(f"linear block ({q_plan.routed.backend} + {mm_plan.routed.backend})",
+                        lambda api: api.linear(x, wq), direct_linear, calls, repeats, sync))
     return rows, graph_check(x, wq)
 
 
@@ -222,7 +217,7 @@ def graph_check(x, wq) -> dict:
     """Capture quantize + linear in a CUDA graph; replays must match eager and change no decision."""
     eager_q, eager_out = fp8dispatch.quantize(x, "group"), fp8dispatch.linear(x, wq)
     decisions = dict(registry._decisions)
-    plans = len(api._plans)
+    plans = len(planning.runs)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm up on the capture stream, as torch.cuda.graphs asks
@@ -245,7 +240,7 @@ def graph_check(x, wq) -> dict:
         result["quantize_matches_eager"] = bool(torch.equal(q.data, fp8dispatch.quantize(x, "group").data))
     except Exception as e:  # noqa: BLE001 - report, the overhead numbers still stand
         result["error"] = f"{type(e).__name__}: {e}"
-    result["decisions_unchanged"] = dict(registry._decisions) == decisions and len(api._plans) == plans
+    result["decisions_unchanged"] = dict(registry._decisions) == decisions and len(planning.runs) == plans
     del eager_q, eager_out
     print(f"\nCUDA graph capture of quantize + linear: {result}")
     return result
