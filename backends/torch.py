@@ -161,9 +161,6 @@ BACKEND = Backend(
     probe=probe,
     why_not=why_not,
     matmul=matmul,
-    priority=50,
-    # Measured on the H100 (docs/routing.md): 100 fastest, 90 second, 80 third of the library backends.
-    priorities={"matmul.tensor": 100, "matmul.row": 90, "matmul.block": 90},
     version=lambda: f"{torch.__version__} (cuBLASLt {_found['cublaslt'] or '?'})",
     description="torch._scaled_mm / F.scaled_mm: cuBLASLt and CUTLASS FP8 GEMMs shipped with PyTorch",
 )
