@@ -1,48 +1,53 @@
 """The static order from a measured routing table: per op and recipe (or granularity), the backends
-by their worst slowdown against the fastest over every measured point, smallest first.
+by their geometric-mean speed against the fastest over the measured points, best first.
 
     python benchmarks/static_order.py fp8dispatch/tuned/h200.json
 
-Prints the lines of `fp8dispatch/static_order.py`'s ORDER and, per backend, its worst ratio, the
-point where it happens and how often it was the fastest. A backend counts only at the points where
-it ran (one that cannot run a shape is never chosen there).
+Prints lines for `fp8dispatch/static_order.py`'s ORDER and, per backend, the figures behind them:
+at how many points it ran, its geometric mean and worst fastest/backend ratio, and how often it
+was the fastest. A backend counts only where it ran (one that cannot run a shape is never chosen
+there); one measured at fewer than half of the points comes after those measured everywhere,
+whatever its mean (a few good points are not evidence for the rest).
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from collections import defaultdict
 
 from fp8dispatch import tuning
 
 
-def order(table: dict) -> dict[tuple[str, str], list[tuple[str, float, str, int]]]:
-    """(op, recipe) -> [(backend, worst fastest/backend ratio, worst point, times fastest)], best first."""
-    worst: dict[tuple, dict[str, tuple[float, str]]] = defaultdict(dict)
+def order(table: dict) -> dict[tuple[str, str], list[dict]]:
+    """(op, recipe) -> one summary per backend, in the order `auto` should try them."""
+    ratios: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     wins: dict[tuple, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    points: dict[tuple, int] = defaultdict(int)
     for e in table["entries"]:
         key = (e["op"], e["variant"].split(":")[0])
-        fastest = min(r["median_s"] for r in e["ranking"])
+        points[key] += 1
         wins[key][e["ranking"][0]["backend"]] += 1
+        fastest = min(r["median_s"] for r in e["ranking"])
         for r in e["ranking"]:
-            ratio = fastest / r["median_s"]
-            point = f"M≤{e['m_bucket']} N={e['n']} K={e['k']}"
-            if ratio < worst[key].get(r["backend"], (2.0, ""))[0]:
-                worst[key][r["backend"]] = (ratio, point)
-    return {key: sorted(((b, ratio, point, wins[key][b]) for b, (ratio, point) in by.items()),
-                        key=lambda item: -item[1])
-            for key, by in sorted(worst.items())}
+            ratios[key][r["backend"]].append(fastest / r["median_s"])
+    out = {}
+    for key, by in sorted(ratios.items()):
+        rows = [{"backend": b, "points": len(v), "of": points[key], "wins": wins[key][b], "worst": min(v),
+                 "mean": math.exp(sum(map(math.log, v)) / len(v))} for b, v in by.items()]
+        out[key] = sorted(rows, key=lambda r: (2 * r["points"] < r["of"], -r["mean"]))
+    return out
 
 
 def main(argv: list[str]) -> int:
-    document = tuning.read(argv[0])
-    for table in document["tables"]:
+    for table in tuning.read(argv[0])["tables"]:
         print(f"# measured on {table['environment']['device']} ({argv[0]})")
-        for (op, recipe), ranked in order(table).items():
-            names = tuple(b for b, *_ in ranked if b != "reference")
+        for (op, recipe), rows in order(table).items():
+            names = tuple(r["backend"] for r in rows if r["backend"] != "reference")
             print(f"    ({op!r}, {recipe!r}): {names},")
-            for b, ratio, point, won in ranked:
-                print(f"        # {b:<10} worst {ratio:.2f}x at {point}, fastest at {won}")
+            for r in rows:
+                print(f"        # {r['backend']:<10} {r['points']}/{r['of']} points, mean {r['mean']:.3f}x, "
+                      f"worst {r['worst']:.2f}x, fastest at {r['wins']}")
     return 0
 
 
