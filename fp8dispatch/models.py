@@ -149,11 +149,13 @@ def from_config(config: dict, where: str = "config") -> list[tuple[int, int]]:
     return shapes
 
 
-def default_backends() -> list[str]:
-    """Every available backend but those too slow to tune by default (`SLOW_TO_TUNE`)."""
+def default_backends(device) -> list[str]:
+    """Every available backend but those too slow to tune by default (`SLOW_TO_TUNE`) and, on a
+    GPU, the reference (fp32 math on dequantized copies: never the fastest, slow at large M)."""
     from fp8dispatch import bench
 
-    return [name for name in bench.available_backends() if name not in SLOW_TO_TUNE]
+    skip = SLOW_TO_TUNE + (("reference",) if torch.device(device).type == "cuda" else ())
+    return [name for name in bench.available_backends() if name not in skip]
 
 
 def tune(model, m=MODEL_M, *, backends=None, ops=("matmul", "quantize"), recipes=None, granularities=None,
@@ -171,7 +173,7 @@ def tune(model, m=MODEL_M, *, backends=None, ops=("matmul", "quantize"), recipes
     if not ms or min(ms) <= 0:
         raise Fp8ValueError(f"m: expected positive token counts, got {m!r}")
     dev = bench.require_device(device)
-    names = bench.available_backends(backends) if backends else default_backends()
+    names = bench.available_backends(backends) if backends else default_backends(dev)
     path = Path(table).expanduser() if table else tuning.user_path()
     if path is None:
         raise Fp8DispatchError(f"{tuning.ENV_VAR}=off disables routing tables: pass table=PATH to write one")

@@ -167,9 +167,9 @@ def _load_builtins() -> None:
 
 
 def all_backends() -> list[Backend]:
-    """Registered backends, highest default priority first."""
+    """Registered backends, highest default priority first, then by their place in the static order."""
     _load_builtins()
-    return sorted(_backends.values(), key=lambda b: (-b.priority, b.name))
+    return sorted(_backends.values(), key=lambda b: (-b.priority, static_order.best_place(b.name), b.name))
 
 
 def backend_names() -> list[str]:

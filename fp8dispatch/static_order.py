@@ -38,3 +38,8 @@ def priority(backend: str, op: str, detail: str | None) -> int | None:
     """The static priority of a listed backend for this op and recipe/granularity, else None."""
     names = ORDER.get((op, detail)) or ORDER.get((op, None), ())
     return TOP - STEP * names.index(backend) if backend in names else None
+
+
+def best_place(backend: str) -> int:
+    """A backend's best place in any order (len(ORDER) if unlisted): how listings sort backends."""
+    return min((names.index(backend) for names in ORDER.values() if backend in names), default=len(ORDER))

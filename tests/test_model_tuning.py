@@ -193,8 +193,10 @@ def test_without_a_gpu_tune_model_refuses_before_probing(tmp_path, monkeypatch, 
     assert err.count("\n") == 1 and "torch.cuda.is_available() is False" in err
 
 
-def test_torchao_is_left_out_unless_named(monkeypatch):
+def test_torchao_and_on_a_gpu_the_reference_are_left_out_unless_named(monkeypatch):
     from fp8dispatch import registry
 
     monkeypatch.setattr(registry, "probe_result", lambda name: None)
-    assert "torchao" not in models.default_backends() and "triton" in models.default_backends()
+    on_gpu, on_cpu = models.default_backends(torch.device("cuda")), models.default_backends(CPU)
+    assert "torchao" not in on_gpu and "reference" not in on_gpu and {"triton", "torch", "fbgemm"} <= set(on_gpu)
+    assert "torchao" not in on_cpu and "reference" in on_cpu

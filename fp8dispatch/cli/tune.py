@@ -17,8 +17,8 @@ def add_arguments(parser) -> None:
     g.add_argument("--model", default=None, metavar="PATH",
                    help="measure this model's linear shapes (a config.json, a .safetensors file, "
                         f"{models.INDEX} or their directory) at each --m (default "
-                        f"{','.join(map(str, models.MODEL_M))}); {', '.join(models.SLOW_TO_TUNE)} only "
-                        "if named in --backends")
+                        f"{','.join(map(str, models.MODEL_M))}); {', '.join(models.SLOW_TO_TUNE)} and, on a "
+                        "GPU, the reference only if named in --backends")
     g.add_argument("--from", dest="sources", nargs="+", default=None, metavar="JSON",
                    help="measure nothing: build the table from these `bench --out` result files")
     g.add_argument("--table", default=None, metavar="PATH",
@@ -74,8 +74,8 @@ def _select_model(args) -> None:
     args.shapes = ",".join(f"{n}x{k}" for n, k in shapes)
     args.m = ",".join(map(str, bench_cli._ints("m", args.m) if args.m else models.MODEL_M))
     if not args.backends:
-        bench.require_device(args.device)  # no GPU: the clear message, before probing anything
-        args.backends = ",".join(models.default_backends())
+        device = bench.require_device(args.device)  # no GPU: the clear message, before probing anything
+        args.backends = ",".join(models.default_backends(device))
     print(f"{args.model}: {len(shapes)} linear shapes (N x K): {args.shapes.replace(',', ' ')}", file=sys.stderr)
 
 
