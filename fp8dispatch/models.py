@@ -166,7 +166,6 @@ def tune(model, m=MODEL_M, *, backends=None, ops=("matmul", "quantize"), recipes
     from fp8dispatch import bench, registry, tuning
     from fp8dispatch.blocks import GRANULARITIES, RECIPES
     from fp8dispatch.cli.bench import Progress
-    from fp8dispatch.cli.tune import save
 
     shapes = shapes_of(model)
     ms = [int(v) for v in m]
@@ -185,6 +184,6 @@ def tune(model, m=MODEL_M, *, backends=None, ops=("matmul", "quantize"), recipes
     measured = tuning.build_table(rows, tuning.environment(dev), f"fp8dispatch.models.tune({model!r:.80})")
     if not measured["entries"]:
         raise Fp8DispatchError("tune: nothing was measured successfully, no table written")
-    save(path, measured)
+    bench.save_table(path, measured)
     registry.refresh()
     return measured

@@ -58,7 +58,7 @@ def run(args) -> int:
         return 1
     if args.dry_run:
         return 0
-    save(path, table)
+    bench.save_table(path, table)
     registry.refresh()
     print(f"wrote {path}")
     return 0
@@ -78,13 +78,3 @@ def _select_model(args) -> None:
         args.backends = ",".join(models.default_backends(device))
     print(f"{args.model}: {len(shapes)} linear shapes (N x K): {args.shapes.replace(',', ' ')}", file=sys.stderr)
 
-
-def save(path: Path, table: dict) -> None:
-    """Merge `table` into the document at `path` (entries of other shapes and GPUs stay); a file
-    that cannot be read is replaced, and says so."""
-    try:
-        document = tuning.read(path) if path.is_file() else None
-    except (OSError, tuning.InvalidTable) as e:
-        print(f"replacing unreadable table {path}: {e}", file=sys.stderr)
-        document = None
-    tuning.write(path, tuning.merge(document, table))
