@@ -22,7 +22,7 @@ GROUP, BLOCK = (1, 128), (128, 128)
 # cuBLASLt's 1x128 · 128x128 scaling (CUBLASLT_MATMUL_MATRIX_SCALE_VEC128/BLK128x128) arrived in 12.9.
 CUBLASLT_BLOCKWISE = 120900
 # cuBLASLt rejects the block recipe unless M % 4 == 0 (CUBLAS_STATUS_NOT_SUPPORTED at M = 1, 2,
-# 15, 17; M = 4, 8, 12, 16, 24, 100, 200 work; H100, cuBLASLt 13.1, docs/backends-h100.log): the
+# 15, 17; M = 4, 8, 12, 16, 24, 100, 200 work; H100, cuBLASLt 13.1; docs/backends.md): the
 # column-major activation scales need 16-byte aligned columns. Other M are padded with zero rows.
 BLOCK_M_MULTIPLE = 4
 
