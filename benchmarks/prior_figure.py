@@ -1,7 +1,7 @@
 """How well a GPU routes on another GPU's table: `auto`'s choice by a prior table, against the
 fastest backend measured at each point of a bench grid on this GPU.
 
-    python benchmarks/prior_figure.py docs/results/h200/bench.json fp8dispatch/tuned/h100.json
+    python benchmarks/prior_figure.py docs/results/h200/benchmarks.json fp8dispatch/tuned/h100.json
 
 For each matmul and quantize point of the grid (the ops a routing table decides; `linear` is both),
 the backend the prior table ranks first among those that ran at that point (nearest measured M
