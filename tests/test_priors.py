@@ -52,6 +52,13 @@ def test_gpu_slugs(name, slug):
     assert gpu_slug(name) == slug
 
 
+def test_output_paths_take_the_gpus_short_name():
+    from fp8dispatch.cli.bench import named
+
+    assert named("docs/results/{gpu}/benchmarks", {"device": "NVIDIA H200"}) == "docs/results/h200/benchmarks"
+    assert named("plain/path", {"device": "NVIDIA H200"}) == "plain/path" and named(None, {"device": "x"}) is None
+
+
 def test_the_exact_table_wins_over_a_prior(on_gpu):
     ship("NVIDIA H100 80GB HBM3", "quick", measured="2025-01-01")
     ship("NVIDIA H200", "other", measured="2026-01-01")
