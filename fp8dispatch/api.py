@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from fp8dispatch import ops, planning, registry
+from fp8dispatch import ops, planning, registry, tuning
 from fp8dispatch.blocks import Block
 from fp8dispatch.errors import Fp8DispatchError, Fp8TypeError, Fp8ValueError
 from fp8dispatch.formats import HIGH_PRECISION
@@ -151,6 +151,8 @@ def explain(op: str, *args, **kwargs) -> str:
             chosen = registry.choose(problem, requested)
             kernel = getattr(chosen.runner(problem), "kernel", f"{chosen.name}.{problem.op}")
             tables.append(f"{registry.explain_problem(problem, requested)}\n  runs: {chosen.name} · {kernel}")
-        return "\n\n".join(tables) or "empty: no kernel runs"
+        if not tables:
+            return "empty: no kernel runs"
+        return "\n\n".join([*tables, tuning.routing_source(steps[-1][1].device)])
     except (Fp8DispatchError, TypeError, ValueError) as e:
         return f"{type(e).__name__}: {e}"

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
+from fp8dispatch import static_order
 from fp8dispatch.errors import Fp8TypeError, NoBackend, UnknownBackend
 from fp8dispatch.problem import Problem
 
@@ -31,7 +32,8 @@ class Backend:
     """One backend: a capability description plus the functions that run each op.
 
     `priority` orders the automatic choice (higher first); `priorities` overrides it per op or
-    per op and recipe/granularity, keyed "matmul", "matmul.block", "quantize.group", ...
+    per op and recipe/granularity, keyed "matmul", "matmul.block", "quantize.group", ... The
+    built-in backends take theirs from one table, `fp8dispatch.static_order.ORDER`.
     `quantize(x2d, block, dtype, scale, scale_ub, pow2_scale) -> (data, scale)`,
     `dequantize(data2d, scale, block, out_dtype) -> Tensor`,
     `matmul(a: Fp8Tensor, b: Fp8Tensor, out_dtype, bias) -> Tensor`, all on 2-D views.
@@ -65,6 +67,9 @@ class Backend:
 
     def priority_for(self, problem: Problem) -> int:
         detail = getattr(problem, "recipe", None) or getattr(problem, "granularity", None)
+        ranked = static_order.priority(self.name, problem.op, detail)
+        if ranked is not None:
+            return ranked
         for key in (f"{problem.op}.{detail}", problem.op):
             if key in self.priorities:
                 return self.priorities[key]
@@ -146,10 +151,9 @@ def fingerprint() -> str:
         import sys
         from pathlib import Path
 
-        digest = hashlib.sha256(repr((settings(), os.environ.get("FP8DISPATCH_TUNING"), [(b.name, b.priority, sorted(b.priorities.items()), b.traceable)
-                                                   for b in all_backends()],
-                                      [getattr(h, "__qualname__", repr(h)) for h in routing_hooks],
-                                      [getattr(h, "state", None) for h in routing_hooks])).encode())
+        backends = [(b.name, b.priority, sorted(b.priorities.items()), sorted(b.traceable)) for b in all_backends()]
+        hooks = [(getattr(h, "__qualname__", repr(h)), getattr(h, "state", None)) for h in routing_hooks]
+        digest = hashlib.sha256(repr((settings(), os.environ.get("FP8DISPATCH_TUNING"), backends, hooks)).encode())
         folders = {Path(__file__).parent} | {Path(sys.modules[b.probe.__module__].__file__).parent
                                              for b in all_backends() if b.probe.__module__ in sys.modules}
         for path in sorted(p for folder in folders for ext in ("*.py", "*.json") for p in folder.rglob(ext)):
@@ -202,9 +206,9 @@ def _load_builtins() -> None:
 
 
 def all_backends() -> list[Backend]:
-    """Registered backends, highest default priority first."""
+    """Registered backends, highest default priority first, then by their place in the static order."""
     _load_builtins()
-    return sorted(_backends.values(), key=lambda b: (-b.priority, b.name))
+    return sorted(_backends.values(), key=lambda b: (-b.priority, static_order.best_place(b.name), b.name))
 
 
 def backend_names() -> list[str]:

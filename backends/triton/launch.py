@@ -2,7 +2,7 @@
 
 `kernel[grid](...)` re-binds every argument, re-derives its specialization (16-byte alignment of
 pointers; integers equal to 1 or divisible by 16), hashes a cache key and reads several knobs on
-each call; on the H100 test machine a decode-sized matmul call cost 50-110 µs of host time that
+each call; on an H100 a decode-sized matmul call cost 50-110 µs of host time that
 way. Two cheaper paths, both starting from the `CompiledKernel` the first call returns:
 
 - `Launcher`: later calls rebuild only our own key (a superset of what Triton specializes on) and
