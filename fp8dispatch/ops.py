@@ -166,7 +166,7 @@ def run_quantize(
         lambda: planning.plan_quantize(x, granularity, dtype=dtype, block_size=block, scale=scale, scale_ub=scale_ub,
                                        pow2_scale=pow2_scale, overflow=overflow, backend=backend))
     t = run(x, scale, scale_ub)
-    return _fresh(t.data, x), _fresh(t.scale, scale)
+    return t.data.contiguous(), _fresh(t.scale, scale)  # an empty x's plan hands a user scale back
 
 
 @run_quantize.register_fake
@@ -213,11 +213,11 @@ def dequantize(bits: torch.Tensor, fp8_dtype: torch.dtype, scale: torch.Tensor, 
 @torch.library.custom_op("fp8dispatch::run_dequantize", mutates_args=())
 def run_dequantize(bits: torch.Tensor, fp8_dtype: torch.dtype, scale: torch.Tensor, block: list[int],
                    dtype: torch.dtype, backend: str) -> torch.Tensor:
-    """The cached plan of a dequantize, run as one opaque step."""
+    """The cached plan of a dequantize, run as one opaque step (every plan's output is a new tensor)."""
     t = Fp8Tensor(bits.view(fp8_dtype), scale, (block[0], block[1]))
     run = planning.run_for(planning.dequantize_key(t, dtype, backend),
                            lambda: planning.plan_dequantize(t, dtype, backend=backend))
-    return _fresh(run(t), bits, scale)
+    return run(t).contiguous()  # the fake's layout
 
 
 @run_dequantize.register_fake
@@ -283,12 +283,12 @@ def run_matmul(
     b: torch.Tensor, b_fp8: Optional[torch.dtype], b_scale: Optional[torch.Tensor], b_block: Optional[list[int]],
     recipe: Optional[str], out_dtype: torch.dtype, bias: Optional[torch.Tensor], backend: str,
 ) -> torch.Tensor:
-    """The cached plan of a matmul, run as one opaque step."""
+    """The cached plan of a matmul, run as one opaque step (every plan's output is a new tensor)."""
     a_, b_ = _operand(a, a_fp8, a_scale, a_block), _operand(b, b_fp8, b_scale, b_block)
     run = planning.run_for(planning.matmul_key(a_, b_, recipe, out_dtype, bias, backend),
                            lambda: planning.plan_matmul(a_, b_, recipe=recipe, out_dtype=out_dtype, bias=bias,
                                                         backend=backend))
-    return _fresh(run(a_, b_, bias), a, b, bias)
+    return run(a_, b_, bias).contiguous()  # the fake's layout
 
 
 def _matmul_fake(a, a_fp8, a_scale, a_block, b, b_fp8, b_scale, b_block, recipe, out_dtype, bias, backend):
