@@ -84,8 +84,11 @@ def bind(compiled):
     listening), which only the full path calls, or when fast launches are switched off."""
     if not ENABLED or getattr(triton, "knobs", None) is None or triton.knobs.runtime.launch_enter_hook is not None:
         return None
-    run = compiled.run  # loads the module on first access
-    return run, compiled.function, compiled.packed_metadata
+    try:
+        run = compiled.run  # loads the module on first access
+        return run, compiled.function, compiled.packed_metadata
+    except AttributeError:  # a Triton whose CompiledKernel is laid out otherwise: its own path serves
+        return None
 
 
 # The stream torch's current-stream context selects, as the raw handle Triton's launcher takes;
