@@ -283,8 +283,9 @@ def run_matmul(
     b: torch.Tensor, b_fp8: Optional[torch.dtype], b_scale: Optional[torch.Tensor], b_block: Optional[list[int]],
     recipe: Optional[str], out_dtype: torch.dtype, bias: Optional[torch.Tensor], backend: str,
 ) -> torch.Tensor:
-    """The cached plan of a matmul, run as one opaque step (every plan's output is a new tensor)."""
-    a_, b_ = _operand(a, a_fp8, a_scale, a_block), _operand(b, b_fp8, b_scale, b_block)
+    """The cached plan of a matmul, run as one opaque step (every plan's output is a new tensor).
+    Its operands come from a traced graph, which built them as checked Fp8Tensors."""
+    a_, b_ = _operand(a, a_fp8, a_scale, a_block, trusted=True), _operand(b, b_fp8, b_scale, b_block, trusted=True)
     run = planning.run_for(planning.matmul_key(a_, b_, recipe, out_dtype, bias, backend),
                            lambda: planning.plan_matmul(a_, b_, recipe=recipe, out_dtype=out_dtype, bias=bias,
                                                         backend=backend))
@@ -303,8 +304,10 @@ def _matmul_fake(a, a_fp8, a_scale, a_block, b, b_fp8, b_scale, b_block, recipe,
 run_matmul.register_fake(_matmul_fake)
 
 
-def _operand(t, fp8_dtype, scale, block):
-    return t if fp8_dtype is None else Fp8Tensor(t.view(fp8_dtype), scale, (block[0], block[1]))
+def _operand(t, fp8_dtype, scale, block, trusted: bool = False):
+    if fp8_dtype is None:
+        return t
+    return (Fp8Tensor._trusted if trusted else Fp8Tensor)(t.view(fp8_dtype), scale, (block[0], block[1]))
 
 
 def _parts(name: str, t):

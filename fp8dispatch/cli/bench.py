@@ -65,6 +65,8 @@ def add_arguments(parser) -> None:
                         "to --out (default docs/results/<gpu>/); --m picks the token counts")
     g.add_argument("--blocks", default=None, help="with --model: comma list of mlp, attention (default both)")
     g.add_argument("--modes", default=None, help="with --model: comma list of eager, compile, reduce-overhead")
+    g.add_argument("--budget", type=float, default=0, metavar="SECONDS",
+                   help="with --model: stop starting new measurements after this long (0: no limit)")
 
 
 def selection(args) -> tuple[list[bench.Point], list[str], bench.Settings]:
