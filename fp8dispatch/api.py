@@ -29,6 +29,7 @@ from fp8dispatch.problem import (
     device_capability,
     recipe_of,
 )
+from fp8dispatch.scaling import FP32_MAX, SMALLEST_SCALE
 from fp8dispatch.tensor import Fp8Tensor
 
 # Under torch.compile each public op becomes one opaque custom op (fp8dispatch/ops.py), so the
@@ -242,8 +243,9 @@ def _scale_ub(scale_ub) -> float:
         scale_ub = scale_ub.item()
     if isinstance(scale_ub, bool) or not isinstance(scale_ub, (int, float)):
         raise Fp8TypeError(f"scale_ub: expected a positive float, got {type(scale_ub).__name__}")
-    if not (math.isfinite(scale_ub) and scale_ub > 0):
-        raise Fp8ValueError(f"scale_ub: expected a positive finite float, got {scale_ub!r}")
+    if not (SMALLEST_SCALE / 2 < scale_ub <= FP32_MAX):  # what rounds to a positive finite fp32; NaN fails
+        raise Fp8ValueError(f"scale_ub: expected a positive float within fp32's range ({SMALLEST_SCALE / 2:g}, "
+                            f"{FP32_MAX:g}], got {scale_ub!r}")
     return float(scale_ub)
 
 

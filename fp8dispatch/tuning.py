@@ -213,11 +213,19 @@ class InvalidTable(ValueError):
 
 def read(path: Path) -> dict:
     """Parse and validate a document; raises InvalidTable (or OSError) naming what is wrong."""
+    text = Path(path).read_bytes()
     try:
-        document = json.loads(Path(path).read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidTable(f"not JSON: {e}") from None
-    validate(document)
+        document = json.loads(text)
+    # A file is anyone's to break: besides malformed JSON, deep nesting (RecursionError) and
+    # numbers past int's digit limit (ValueError) must also end as a table ignored, not a crash.
+    except (ValueError, RecursionError) as e:
+        raise InvalidTable(f"not JSON: {type(e).__name__}: {str(e)[:200]}") from None
+    try:
+        validate(document)
+    except InvalidTable:
+        raise
+    except (ArithmeticError, LookupError, RecursionError, TypeError, ValueError) as e:
+        raise InvalidTable(f"malformed: {type(e).__name__}: {str(e)[:200]}") from None
     return document
 
 
