@@ -12,8 +12,9 @@ import importlib.util
 
 import torch
 
-from fp8dispatch.backends import _library as lib
 from fp8dispatch.registry import Backend
+
+from . import _library as lib
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 GROUP, BLOCK = (1, 128), (128, 128)
@@ -23,7 +24,7 @@ OPS = ("quantize_fp8_per_row", "quantize_fp8_per_tensor", "f8f8bf16_rowwise", "f
        "f8f8bf16_groupwise", "f8f8bf16_blockwise")
 # f8f8bf16_groupwise loads the [K/128, M] activation scales by TMA, whose row strides must be
 # 16-byte multiples: M=17 failed to build the descriptor and poisoned the context (illegal
-# instruction; H100, docs/backends-h100-run2-groupwise-crash.log). Other M are padded with zero
+# instruction; H100, docs/backends.md). Other M are padded with zero
 # rows to a multiple of 4.
 GROUPWISE_M_MULTIPLE = 4
 

@@ -1,6 +1,6 @@
 """The `torch` backend: PyTorch's own `torch._scaled_mm` / `F.scaled_mm` (cuBLASLt, CUTLASS) matmul.
 
-Imported as `fp8dispatch.backends.torch`; absolute imports make `import torch` below the real
+Named after PyTorch; imports are absolute in Python 3, so `import torch` below is the real
 PyTorch, never this module.
 """
 
@@ -11,9 +11,10 @@ import ctypes
 import torch
 import torch.nn.functional as F
 
-from fp8dispatch.backends import _library as lib
 from fp8dispatch.blocks import cdiv
 from fp8dispatch.registry import Backend
+
+from . import _library as lib
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -21,7 +22,7 @@ GROUP, BLOCK = (1, 128), (128, 128)
 # cuBLASLt's 1x128 · 128x128 scaling (CUBLASLT_MATMUL_MATRIX_SCALE_VEC128/BLK128x128) arrived in 12.9.
 CUBLASLT_BLOCKWISE = 120900
 # cuBLASLt rejects the block recipe unless M % 4 == 0 (CUBLAS_STATUS_NOT_SUPPORTED at M = 1, 2,
-# 15, 17; M = 4, 8, 12, 16, 24, 100, 200 work; H100, cuBLASLt 13.1, docs/backends-h100.log): the
+# 15, 17; M = 4, 8, 12, 16, 24, 100, 200 work; H100, cuBLASLt 13.1; docs/backends.md): the
 # column-major activation scales need 16-byte aligned columns. Other M are padded with zero rows.
 BLOCK_M_MULTIPLE = 4
 

@@ -12,8 +12,9 @@ import importlib.util
 
 import torch
 
-from fp8dispatch.backends import _library as lib
 from fp8dispatch.registry import Backend
+
+from . import _library as lib
 
 E4M3 = torch.float8_e4m3fn
 GROUP, BLOCK = (1, 128), (128, 128)
@@ -121,7 +122,7 @@ BACKEND = Backend(
     priority=40,
     # Measured on the H100 (docs/routing.md). No quantize: TorchAO's blockwise quantizers divide
     # with Triton's approximate fp32 division, and 0 of 38 H100 cases of plain data were the
-    # contract bit for bit (docs/backends-h100-check-final.log).
+    # contract bit for bit (docs/backends.md).
     priorities={"matmul.block": 70, "dequantize": 90},
     version=lambda: _found["version"],
     description="TorchAO blockwise FP8 Triton kernels (1×128 activation, 128×128 weight quant and GEMM)",

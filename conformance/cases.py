@@ -31,9 +31,8 @@ MATMUL_RECIPES = ("block", "row", "tensor")
 # Value patterns, each a question the contract answers (see `_values`).
 PATTERNS = ("randn", "zero_blocks", "ties", "saturate", "subnormals", "huge_range", "nonfinite", "representable",
             "zero_beside_max", "tiny_amax")
-# Matmul values whose every product and partial sum is exact in fp32: the result must match bit for bit.
-# "sparse": most blocks zero, so a dropped block is a gross error; "cancel": each row's K blocks sum
-# to +P, a small s, then -P, which fp32 gets exactly and a ~14-bit accumulator loses.
+# Matmul values whose products and partial sums are exact in fp32, checked bit for bit: "sparse"
+# (most blocks zero) and "cancel" (+P, s, -P across K blocks: a ~14-bit accumulator loses s).
 EXACT_MATMUL = ("representable", "sparse", "cancel")
 
 
@@ -235,12 +234,10 @@ def _matmul_cases(quick: bool) -> list[Case]:
         out.append(Case("matmul", (64, 256), recipe, n=128, layout="row_major_b"))
     # Blocks that name no recipe: 1×128 groups against per-column b.
     out.append(Case("matmul", (64, 256), "mixed", n=128))
-    # Per-block extremes: all-zero blocks beside blocks at the format's max, blocks of amax 1e-28,
-    # one block 4× the others at the tail corner of both operands (a scale read from the wrong
-    # block shows), and sparse exact operands (a dropped block is a gross error).
+    # Per-block extremes: zero blocks beside ±max ones, amax 1e-28, a 4× block at the tail corner
+    # (a scale read from the wrong block shows), sparse exact operands (a dropped block is gross).
     for j, recipe in enumerate(MATMUL_RECIPES):
-        out.append(Case("matmul", (64, 256), recipe, n=128, values="zero_beside_max", in_dtype=torch.float32,
-                        out_dtype=torch.float32))
+        out.append(Case("matmul", (64, 256), recipe, n=128, values="zero_beside_max", out_dtype=torch.float32))
         out.append(Case("matmul", (64, 256), recipe, n=128, values="tiny_amax", in_dtype=torch.float32))
         out.append(Case("matmul", (72, 200), recipe, n=136, values="corner", out_dtype=_rotate(HIGH, j)))
         out.append(Case("matmul", (64, 384), recipe, n=136, values="sparse", out_dtype=torch.float32))
@@ -429,7 +426,7 @@ def _matmul_inputs(case, gen, device) -> dict:
     if case.values in ("representable", "sparse"):
         a = _small_integers(m, k, a_block, gen)
         w = _small_integers(n, k, w_block, gen)
-        if case.values == "sparse":  # one block in three of a and one in two of w left
+        if case.values == "sparse":  # one block in three of a and one in two of w kept
             a = torch.where(_block_first(m, k, a_block)[0] % 3 == 0, a, 0.0)
             w = torch.where(_block_first(n, k, w_block)[0] % 2 == 0, w, 0.0)
     elif case.values == "cancel":
@@ -471,14 +468,11 @@ def _matmul_inputs(case, gen, device) -> dict:
 
 
 def _cancelling(m, k, n, gen) -> tuple[torch.Tensor, torch.Tensor]:
-    """a [m, k] and w [n, k] whose product sums, per row, +P, a small s and -P over K blocks 0, 1, 2.
-
-    a is +2^14 over K block 0, integers in [-2, 2] over block 1, -2^14 over block 2 (repeating);
-    w is 1 or 2, block 2 a copy of block 0. P ≤ 2^22, so P + s and then s are exact in fp32, while
-    an accumulator of ~14 significant bits rounds P + s to a multiple of 2^9 and returns 0 for s.
-    Every value is exact in e4m3 under power-of-two scales, and every block's partial sum is exact
-    even in 14 bits: only accumulation across K blocks is tested.
-    """
+    """a [m, k] and w [n, k] whose product sums, per row, +P, a small s and -P over K blocks 0, 1, 2:
+    a is +2^14, integers in [-2, 2], -2^14 (repeating); w is 1 or 2, block 2 a copy of block 0.
+    P ≤ 2^22: fp32 gets P + s and then s exactly, ~14 significant bits round P + s to a multiple of
+    2^9 and return 0. Values are exact in e4m3 under pow2 scales and each block's own sum is exact
+    even in 14 bits: only accumulation across K blocks is tested."""
     kblock = torch.arange(k) // 128 % 3
     small = torch.randint(-2, 3, (m, k), generator=gen).float()
     small[:, ::128] = 2.0

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from fp8dispatch.errors import Fp8TypeError, Fp8ValueError
+from fp8dispatch.scaling import scale_from_amax
 
 
 @dataclass(frozen=True)
@@ -21,14 +22,10 @@ class FP8Format:
 
     def compute_scale(self, x: torch.Tensor) -> torch.Tensor:
         """The tensorwise dequantization scale of `x`, `amax / max_value` (amax 0, or no values, gives 1)."""
-        from fp8dispatch.scaling import scale_from_amax
-
         return scale_from_amax(finite_amax(_tensor("x", x).float()), self)
 
     def compute_scale_per_channel(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """One scale per slice along `dim`; the result keeps `dim` (size 1) for broadcasting."""
-        from fp8dispatch.scaling import scale_from_amax
-
         x = _tensor("x", x)
         if isinstance(dim, bool) or not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
             raise Fp8ValueError(f"dim: expected an int in [{-x.dim()}, {x.dim() - 1}] for x of shape "

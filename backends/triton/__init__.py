@@ -146,7 +146,7 @@ BACKEND = Backend(
     dequantize=_dequantize,
     matmul=_matmul,
     # 100 = fastest measured on the H100 for that op and recipe, 90 second, 80 third (reference 0);
-    # from docs/benchmarks/triton-h100.md, peers in the same run (docs/triton.md explains each).
+    # from docs/results/h100/triton-kernels.md, peers in the same run (docs/triton.md explains each).
     priority=50,
     priorities={
         "quantize.tensor": 100,  # 1.9x FBGEMM quantize_fp8_per_tensor
