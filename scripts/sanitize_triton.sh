@@ -3,11 +3,13 @@
 # misaligned global/shared accesses) and racecheck (shared-memory hazards), on the small,
 # tail-bearing problems of scripts/sanitize_triton.py. Writes DIR/memcheck.log, DIR/racecheck.log
 # and DIR/summary.md; exits non-zero if either tool reports an error or a result is wrong.
-# Usage, from the repository root on a machine with a CUDA GPU and fp8dispatch installed:
-#   bash scripts/sanitize_triton.sh [DIR]        (DIR defaults to docs/sanitizer)
-# COMPUTE_SANITIZER and PYTHON override the tools found on PATH (or in /usr/local/cuda/bin).
+# Usage, on a machine with a CUDA GPU, after `pip install -e .`:
+#   bash scripts/sanitize_triton.sh [DIR]        (DIR defaults to docs/results/<gpu>/sanitizer)
+# COMPUTE_SANITIZER and PYTHON override the tools found on PATH (or in /usr/local/cuda/bin);
+# SANITIZE_SECONDS (default 240) bounds each sanitizer run (exit status 124 in the summary).
 set -uo pipefail
-dir=${1:-docs/sanitizer}
+cd "$(dirname "$0")/.."
+dir=${1:-docs/results/$(bash scripts/gpu_name.sh)/sanitizer}
 mkdir -p "$dir"
 python=${PYTHON:-python3}
 sanitizer=${COMPUTE_SANITIZER:-$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)}
@@ -25,7 +27,7 @@ status=0
 for tool in memcheck racecheck; do
     echo "== $tool"
     extra=$([ "$tool" = memcheck ] && echo "--leak-check no --padding 64" || echo "--racecheck-report all")
-    "$sanitizer" --tool "$tool" $extra --error-exitcode 99 --print-limit 200 \
+    timeout "${SANITIZE_SECONDS:-240}" "$sanitizer" --tool "$tool" $extra --error-exitcode 99 --print-limit 200 \
         "$python" scripts/sanitize_triton.py > "$dir/$tool.log" 2>&1
     code=$?
     grep -E "ERROR SUMMARY|RACECHECK SUMMARY|mismatches" "$dir/$tool.log" | tail -3
