@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from fp8dispatch import registry
+from fp8dispatch import registry, tuning
 from fp8dispatch.blocks import RECIPES, Block, block_for, expand_scale, scale_shape
 from fp8dispatch.errors import (
     Fp8DispatchError,
@@ -620,5 +620,8 @@ def _explain(op: str, given: dict) -> str:
         plan = _plan_matmul(a, b, given["recipe"], out_dtype, given["bias"], backend)
         problems = [(q.problem, "auto") for q in (plan.quantize_a, plan.quantize_b) if q is not None]
         problems.append((plan.problem, backend))
-    tables = [registry.explain_problem(p, req) for p, req in problems if p is not None]
-    return "\n\n".join(tables) or "nothing to route: the tensors are empty"
+    routed = [p for p, _ in problems if p is not None]
+    if not routed:
+        return "nothing to route: the tensors are empty"
+    return "\n\n".join([*(registry.explain_problem(p, req) for p, req in problems if p is not None),
+                        tuning.routing_source(routed[-1].device)])
