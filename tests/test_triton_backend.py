@@ -16,6 +16,7 @@ import fp8dispatch  # noqa: E402
 from fp8dispatch.backends import reference  # noqa: E402
 from fp8dispatch.backends import triton as backend  # noqa: E402
 from fp8dispatch.blocks import block_for  # noqa: E402
+from fp8dispatch.numerics import ERROR_BOUND, relative_error, special_values  # noqa: E402
 from fp8dispatch.problem import MatmulProblem, QuantizeProblem  # noqa: E402
 from fp8dispatch.registry import probe_result  # noqa: E402
 from fp8dispatch.tensor import Fp8Tensor  # noqa: E402
@@ -26,31 +27,12 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 
 
-def special_values(rows: int, cols: int, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
-    """Random values over 8 decades with the hard cases planted: zeros, ±max, values above max,
-    fp8 subnormals, exact ties, NaN, ±inf, fp32 denormals, and one all-zero block."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(rows, cols, generator=g) * torch.logspace(-4, 4, cols)
-    specials = torch.tensor([0.0, 448.0, -448.0, 57344.0, 1e6, -3e38, 2.0**-9, 2.0**-10, 1.5 * 2.0**-9,
-                             float("nan"), float("inf"), float("-inf"), 1e-40, 17.0, 18.0, 0.3])
-    flat = x.view(-1)
-    picks = torch.randperm(flat.numel(), generator=g)[: min(flat.numel() // 3, 3 * specials.numel())]
-    flat[picks] = specials.repeat(3)[: picks.numel()]
-    x[: max(1, rows // 3), : min(cols, 64)] = 0.0
-    return x.to(dtype)
-
-
 def assert_same_bits(got, want):
     assert got.dtype == want.dtype and got.shape == want.shape
     ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[got.element_size()]
     g, w = got.view(ints), want.view(ints)
     differ = int((g != w).sum())
     assert differ == 0, f"{differ} of {g.numel()} differ; first at {(g != w).nonzero()[0].tolist()}"
-
-
-def calc_diff(x, y) -> float:
-    x, y = x.double(), y.double()
-    return float(1 - 2 * (x * y).sum() / (x * x + y * y).sum())
 
 
 # --- the interpreter's cast fix ---------------------------------------------------------------
@@ -304,7 +286,7 @@ def test_matmul_matches_reference(recipe, m, n, k):
         want = reference.matmul(qa, qw.t(), out_dtype, b)
         assert got.dtype == out_dtype and got.shape == (m, n)
         assert torch.isfinite(got).all()
-        assert calc_diff(got.float(), want.float()) < 1e-3
+        assert relative_error(got.float(), want.float()) < ERROR_BOUND
 
 
 def test_matmul_group_of_64():
@@ -312,7 +294,7 @@ def test_matmul_group_of_64():
     qa, qw = _operands(40, 128, 256, "block", group=64, seed=3)
     got = kernels.matmul(qa, qw.t(), torch.float32)
     want = reference.matmul(qa, qw.t(), torch.float32)
-    assert calc_diff(got, want) < 1e-3
+    assert relative_error(got, want) < ERROR_BOUND
 
 
 @pytest.mark.parametrize("change, reason", [
@@ -357,7 +339,7 @@ def test_a_hopper_kernel_that_cannot_compile_leaves_the_portable_one(monkeypatch
     with caplog.at_level("WARNING", logger="fp8dispatch"):
         got = portable.matmul(qa, qw.t(), torch.float32)
         again = portable.matmul(qa, qw.t(), torch.float32)
-    assert calc_diff(got, reference.matmul(qa, qw.t(), torch.float32)) < 1e-3 and torch.equal(got, again)
+    assert relative_error(got, reference.matmul(qa, qw.t(), torch.float32)) < ERROR_BOUND and torch.equal(got, again)
     assert portable._hopper_unavailable == ["RuntimeError: PassManager::run failed"]
     assert sum("failed to compile" in r.message for r in caplog.records) == 1
 
@@ -376,7 +358,7 @@ def test_public_linear_routes_to_triton():
     got = fp8dispatch.linear(x.bfloat16(), w.bfloat16(), backend="triton")
     want = fp8dispatch.linear(x.bfloat16(), w.bfloat16(), backend="reference")
     assert got.shape == (3, 5, 192)
-    assert calc_diff(got.float(), want.float()) < 1e-3
+    assert relative_error(got.float(), want.float()) < ERROR_BOUND
 
 
 # --- what the backend declares ------------------------------------------------------------------
