@@ -40,6 +40,7 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from fp8dispatch.backends.triton import hopper, kernels
+from fp8dispatch.backends.triton.hopper import grouped_tile
 from fp8dispatch.backends.triton import matmul as portable
 from fp8dispatch.numerics import ERROR_BOUND, relative_error
 from fp8dispatch.tensor import Fp8Tensor
@@ -129,11 +130,7 @@ def _block_scaled_mm_kernel(
     pid = gl.program_id(0)
     tiles_m = gl.cdiv(M, BM)
     tiles_n = gl.cdiv(N, BN)
-    per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
-    group_m = min(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_m
-    pid_n = (pid % per_group) // group_m
+    pid_m, pid_n = grouped_tile(pid, tiles_m, tiles_n, GROUP_M)
     off_m = pid_m * BM
     off_n = pid_n * BN
 
