@@ -1,5 +1,7 @@
-"""The triton backend's kernels under the interpreter: bit-identical to the reference, two launches
-for tensorwise, the interpreter cast fix, and the reasons `why_not` gives."""
+"""The triton backend's kernels: bit-identical to the reference, two launches for tensorwise, the
+interpreter cast fix, and the reasons `why_not` gives. They run where the backend runs: on the GPU
+when there is one, else on CPU tensors in Triton's interpreter (conftest sets TRITON_INTERPRET=1
+on a machine without a GPU)."""
 
 from __future__ import annotations
 
@@ -9,17 +11,21 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("CPU interpreter tests (conftest sets TRITON_INTERPRET=1 without a GPU)", allow_module_level=True)
 
 import fp8dispatch  # noqa: E402
 from fp8dispatch.backends import reference  # noqa: E402
 from fp8dispatch.backends import triton as backend  # noqa: E402
 from fp8dispatch.blocks import block_for  # noqa: E402
 from fp8dispatch.numerics import ERROR_BOUND, relative_error, special_values  # noqa: E402
-from fp8dispatch.problem import MatmulProblem, QuantizeProblem  # noqa: E402
+from fp8dispatch.problem import MatmulProblem, QuantizeProblem, device_capability  # noqa: E402
 from fp8dispatch.registry import probe_result  # noqa: E402
 from fp8dispatch.tensor import Fp8Tensor  # noqa: E402
+
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = torch.device("cpu" if INTERPRETER or not torch.cuda.is_available() else "cuda")
+if probe_result("triton") is not None:
+    pytest.skip(f"the triton backend cannot run here: {probe_result('triton')}", allow_module_level=True)
+interpreter_only = pytest.mark.skipif(not INTERPRETER, reason="checks the interpreter (CPU tensors)")
 
 kernels = backend.kernels()
 # The special values overflow numpy on purpose inside the interpreter (x / tiny scale -> inf).
@@ -38,6 +44,7 @@ def assert_same_bits(got, want):
 # --- the interpreter's cast fix ---------------------------------------------------------------
 
 
+@interpreter_only
 def test_interpreter_fix_is_installed_once():
     from triton.runtime import interpreter as triton_interpreter
 
@@ -51,8 +58,9 @@ def test_interpreter_fix_is_installed_once():
 def test_every_bf16_pattern_casts_like_torch(fp8):
     """All 65536 bf16 bit patterns through a kernel's saturating cast equal torch's clamp + cast."""
     x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).reshape(256, 256)
-    data, scale = kernels.quantize(x, (256, 256), fp8, scale=torch.ones(1, 1))
-    want = reference.quantize(x, (256, 256), fp8, scale=torch.ones(1, 1))[0]
+    x, one = x.to(DEVICE), torch.ones(1, 1, device=DEVICE)
+    data, scale = kernels.quantize(x, (256, 256), fp8, scale=one)
+    want = reference.quantize(x, (256, 256), fp8, scale=one)[0]
     assert_same_bits(data, want)
 
 
@@ -66,7 +74,7 @@ SHAPES = [(1, 128), (37, 300), (130, 256)]
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_quantize_bit_identical(granularity, fp8, shape):
     for in_dtype in (torch.float32, torch.bfloat16, torch.float16):
-        x = special_values(*shape, in_dtype)
+        x = special_values(*shape, in_dtype, device=DEVICE)
         block = block_for(granularity, *shape, 128)
         data, scale = kernels.quantize(x, block, fp8)
         want_data, want_scale = reference.quantize(x, block, fp8)
@@ -78,7 +86,7 @@ def test_quantize_bit_identical(granularity, fp8, shape):
 @pytest.mark.parametrize("options", [{"pow2_scale": True}, {"scale_ub": 30.0}, {"user": True}],
                          ids=["pow2", "scale_ub", "user_scale"])
 def test_quantize_options_bit_identical(granularity, options):
-    x = special_values(70, 300, torch.bfloat16, seed=1)
+    x = special_values(70, 300, torch.bfloat16, seed=1, device=DEVICE)
     block = block_for(granularity, 70, 300, 128)
     options = dict(options)
     if options.pop("user", False):  # 0.5× the automatic scale: half the values saturate
@@ -92,7 +100,7 @@ def test_quantize_options_bit_identical(granularity, options):
 @pytest.mark.parametrize("block", [(1, 100), (1, 300), (48, 64), (300, 1), (2, 300)])
 def test_quantize_odd_blocks(block):
     """Group widths that are not powers of two, and blocks the chunked kernel sweeps."""
-    x = special_values(50, 300, seed=2)
+    x = special_values(50, 300, seed=2, device=DEVICE)
     got = kernels.quantize(x, block, E4M3)
     want = reference.quantize(x, block, E4M3)
     assert_same_bits(got[1], want[1])
@@ -101,7 +109,7 @@ def test_quantize_odd_blocks(block):
 
 def test_wide_rows_take_the_chunked_path():
     """A row wider than one tile (16384) is swept twice: amax, then cast."""
-    x = special_values(2, 20000, seed=3)
+    x = special_values(2, 20000, seed=3, device=DEVICE)
     got = kernels.quantize(x, (1, 20000), E4M3)
     want = reference.quantize(x, (1, 20000), E4M3)
     assert_same_bits(got[1], want[1])
@@ -129,7 +137,7 @@ def test_wide_groups_bit_identical(fp8, case):
 
     shape, g, block_r, chunk = case
     for in_dtype in (torch.float32, torch.bfloat16, torch.float16):
-        x = special_values(*shape, in_dtype, seed=8)
+        x = special_values(*shape, in_dtype, seed=8, device=DEVICE)
         got = q._quantize_wide_groups(x, g, fp8, None, None, False, block_r=block_r, chunk=chunk,
                                       evict=block_r == 2, unroll=2 if block_r == 4 else None)
         want = reference.quantize(x, (1, g), fp8)
@@ -142,7 +150,7 @@ def test_wide_groups_bit_identical(fp8, case):
 @pytest.mark.parametrize("fp8", [E4M3, E5M2])
 def test_wide_rows_options_bit_identical(options, fp8):
     """Through `quantize`: a 1100-wide row is swept (≥ 1024, not a power of two)."""
-    x = special_values(20, 1100, torch.bfloat16, seed=9)
+    x = special_values(20, 1100, torch.bfloat16, seed=9, device=DEVICE)
     options = dict(options)
     if options.pop("user", False):
         options["scale"] = reference.quantize(x, (1, 1100), fp8)[1] * 0.5
@@ -155,7 +163,7 @@ def test_wide_rows_options_bit_identical(options, fp8):
 def test_wide_rows_strided_input():
     from fp8dispatch.backends.triton import quantize as q
 
-    x = special_values(1100, 6, seed=10).t()  # [6, 1100], column-major
+    x = special_values(1100, 6, seed=10, device=DEVICE).t()  # [6, 1100], column-major
     got = q._quantize_wide_groups(x, 1100, E4M3, None, None, False, block_r=4, chunk=256)
     want = reference.quantize(x, (1, 1100), E4M3)
     assert_same_bits(got[1], want[1])
@@ -170,7 +178,7 @@ def test_which_rows_are_swept(monkeypatch):
     calls = []
     for name in ("_groups", "_wide_groups", "_blocks"):
         monkeypatch.setattr(q, name, _Counting(getattr(q, name), calls))
-    x = special_values(3, 7168, torch.bfloat16, seed=11)
+    x = special_values(3, 7168, torch.bfloat16, seed=11, device=DEVICE)
     q.quantize(x, (1, 7168), E4M3)
     q.quantize(x[:, :4096], (1, 4096), E4M3)
     q.quantize(x, (1, 128), E4M3)
@@ -187,7 +195,7 @@ def test_tunable_tiles_bit_identical(path, knobs):
     """The knobs the GPU sweep turns change the work split, never the bits."""
     from fp8dispatch.backends.triton import quantize as q
 
-    x = special_values(130, 300, torch.bfloat16, seed=12)
+    x = special_values(130, 300, torch.bfloat16, seed=12, device=DEVICE)
     block = (1, 128) if path == "groups" else (128, 128)
     fn = q._quantize_groups if path == "groups" else q._quantize_blocks
     got = fn(x, block[1] if path == "groups" else block, E4M3, None, None, False, **knobs)
@@ -202,10 +210,10 @@ def test_wide_groups_knobs_must_be_powers_of_two(knob):
     from fp8dispatch.errors import Fp8ValueError
 
     with pytest.raises(Fp8ValueError, match=f"{knob}: expected a power of two"):
-        q._quantize_wide_groups(torch.zeros(2, 1100), 1100, E4M3, None, None, False, **{knob: 100})
+        q._quantize_wide_groups(torch.zeros(2, 1100, device=DEVICE), 1100, E4M3, None, None, False, **{knob: 100})
 
 def test_quantize_strided_input():
-    x = special_values(300, 64, seed=4).t()  # [64, 300], column-major
+    x = special_values(300, 64, seed=4, device=DEVICE).t()  # [64, 300], column-major
     got = kernels.quantize(x, (1, 128), E4M3)
     want = reference.quantize(x, (1, 128), E4M3)
     assert_same_bits(got[1], want[1])
@@ -213,7 +221,7 @@ def test_quantize_strided_input():
 
 
 def test_public_api_with_leading_dims():
-    x = special_values(24, 256, torch.bfloat16, seed=5).reshape(2, 12, 256)
+    x = special_values(24, 256, torch.bfloat16, seed=5, device=DEVICE).reshape(2, 12, 256)
     got = fp8dispatch.quantize(x, "group", backend="triton")
     want = fp8dispatch.quantize(x, "group", backend="reference")
     assert got.data.shape == x.shape and got.scale.shape == (24, 2)
@@ -238,13 +246,13 @@ def test_tensorwise_two_launches_and_reciprocal(monkeypatch):
     calls = []
     for name in ("_tensor_amax", "_tensor_cast", "_groups", "_blocks"):
         monkeypatch.setattr(q, name, _Counting(getattr(q, name), calls))
-    x = special_values(300, 500, seed=6)
+    x = special_values(300, 500, seed=6, device=DEVICE)
     data, scales = q.quantize_tensorwise(x, E4M3)
     assert len(calls) == 2
     want_data, want_scale = reference.quantize(x, (300, 500), E4M3)
     assert_same_bits(scales[:1].view(1, 1), want_scale)
     assert_same_bits(data, want_data)
-    assert_same_bits(scales[1:], torch.tensor([1.0]) / want_scale.view(1))
+    assert_same_bits(scales[1:], torch.tensor([1.0], device=DEVICE) / want_scale.view(1))
 
 
 # --- dequantize -------------------------------------------------------------------------------
@@ -253,7 +261,7 @@ def test_tensorwise_two_launches_and_reciprocal(monkeypatch):
 @pytest.mark.parametrize("granularity", ["tensor", "row", "group", "block"])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_dequantize_exact(granularity, out_dtype):
-    x = special_values(37, 300, seed=7)
+    x = special_values(37, 300, seed=7, device=DEVICE)
     block = block_for(granularity, 37, 300, 128)
     data, scale = reference.quantize(x, block, E4M3)
     got = kernels.dequantize(data, scale, block, out_dtype)
@@ -268,7 +276,7 @@ def test_dequantize_exact(granularity, out_dtype):
 
 def _operands(m, n, k, recipe, group=128, seed=0):
     g = torch.Generator().manual_seed(seed)
-    a, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+    a, w = torch.randn(m, k, generator=g).to(DEVICE), torch.randn(n, k, generator=g).to(DEVICE)
     a_block = {"block": (1, group), "row": (1, k), "tensor": (m, k)}[recipe]
     w_block = {"block": (group, group), "row": (1, k), "tensor": (n, k)}[recipe]
     return (Fp8Tensor(*reference.quantize(a, a_block, E4M3), a_block),
@@ -280,7 +288,7 @@ def _operands(m, n, k, recipe, group=128, seed=0):
 def test_matmul_matches_reference(recipe, m, n, k):
     """M = 1 takes the swapped small-M kernel, 70 and 130 the tiled one; N and K have tails."""
     qa, qw = _operands(m, n, k, recipe)
-    bias = torch.randn(n).to(torch.bfloat16)
+    bias = torch.randn(n).to(torch.bfloat16).to(DEVICE)
     for out_dtype, b in ((torch.bfloat16, None), (torch.float32, bias)):
         got = kernels.matmul(qa, qw.t(), out_dtype, b)
         want = reference.matmul(qa, qw.t(), out_dtype, b)
@@ -314,6 +322,7 @@ def test_which_calls_the_hopper_kernel_takes(change, reason):
     assert why == reason if reason is None else reason in why
 
 
+@interpreter_only
 def test_the_interpreter_never_takes_the_hopper_kernel():
     from fp8dispatch.backends.triton import matmul as portable
 
@@ -354,7 +363,7 @@ def test_a_hopper_kernel_that_cannot_compile_leaves_the_portable_one(monkeypatch
 
 
 def test_public_linear_routes_to_triton():
-    x, w = torch.randn(3, 5, 256), torch.randn(192, 256)
+    x, w = torch.randn(3, 5, 256, device=DEVICE), torch.randn(192, 256, device=DEVICE)
     got = fp8dispatch.linear(x.bfloat16(), w.bfloat16(), backend="triton")
     want = fp8dispatch.linear(x.bfloat16(), w.bfloat16(), backend="reference")
     assert got.shape == (3, 5, 192)
@@ -365,14 +374,14 @@ def test_public_linear_routes_to_triton():
 
 
 def _matmul_problem(**changes):
-    fields = dict(device=torch.device("cpu"), capability=None, recipe="block", a_dtype=E4M3, b_dtype=E4M3,
+    fields = dict(device=DEVICE, capability=device_capability(DEVICE), recipe="block", a_dtype=E4M3, b_dtype=E4M3,
                   m=64, n=256, k=512, a_block=(1, 128), b_block=(128, 128), a_row_major=True,
                   b_col_major=True, out_dtype=torch.bfloat16, bias_dtype=None)
     fields.update(changes)
     return MatmulProblem(**fields)
 
 
-def test_probe_passes_under_the_interpreter():
+def test_probe_passes_here():
     assert probe_result("triton") is None
 
 
@@ -383,14 +392,15 @@ def test_why_not_names_each_limit():
     assert any("row-major" in r for r in why("matmul", _matmul_problem(a_row_major=False)))
     assert any("block recipe" in r for r in why("matmul", _matmul_problem(recipe="mixed")))
     assert any("g % 32" in r for r in why("matmul", _matmul_problem(a_block=(1, 48), b_block=(48, 48))))
-    assert any("CPU tensors only" in r for r in why("matmul", _matmul_problem(device=torch.device("meta"))))
-    fnuz = QuantizeProblem(device=torch.device("cpu"), capability=None, in_dtype=torch.float32, shape=(4, 128),
+    elsewhere = "CPU tensors only" if INTERPRETER else "needs a CUDA tensor"
+    assert any(elsewhere in r for r in why("matmul", _matmul_problem(device=torch.device("meta"))))
+    fnuz = QuantizeProblem(device=DEVICE, capability=device_capability(DEVICE), in_dtype=torch.float32, shape=(4, 128),
                            contiguous=True, block=(1, 128), fp8_dtype=torch.float8_e4m3fnuz, user_scale=False,
                            scale_ub=False, pow2_scale=False)
     import triton
 
     major_minor = tuple(int(p) for p in triton.__version__.split(".")[:2])
-    assert bool(why("quantize", fnuz)) == (major_minor < (3, 8))
+    assert bool(why("quantize", fnuz)) == (not INTERPRETER or major_minor < (3, 8))  # on a GPU: AMD only
 
 
 @pytest.mark.parametrize("granularity", ["tensor", "row", "group", "block"])
@@ -401,6 +411,7 @@ def test_blocks_of_denormals(granularity):
     x[0, :128] = torch.randn(128, generator=g) * 1e-39
     x[1, 5] = 3e-42
     x[2, 130:] = torch.randn(126, generator=g) * 1e-41
+    x = x.to(DEVICE)
     block = block_for(granularity, 4, 256, 128)
     for options in ({}, {"pow2_scale": True}):
         got = kernels.quantize(x, block, E4M3, **options)
