@@ -9,6 +9,7 @@ ops route while tracing instead and put the chosen backend's own op in the graph
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import torch
@@ -115,7 +116,11 @@ def linear(
         if len(w.shape) != 2:
             raise Fp8ValueError(f"w: expected a 2-d weight [N, K], got shape {tuple(w.shape)}")
         wt = w.t()
-    return matmul(x, wt, recipe=recipe, out_dtype=out_dtype, bias=bias, backend=backend)
+    try:
+        return matmul(x, wt, recipe=recipe, out_dtype=out_dtype, bias=bias, backend=backend)
+    except Fp8DispatchError:
+        planning.check_linear(x, w)  # the same finding in linear's own terms: x, w and w's shape
+        raise
 
 
 def _key(make_key: Callable, *args) -> tuple | None:
@@ -130,29 +135,47 @@ def _key(make_key: Callable, *args) -> tuple | None:
 
 def explain(op: str, *args, **kwargs) -> str:
     """The routing table of each step this call runs (every backend, and why it can or cannot serve
-    it), then which kernel runs; never raises."""
+    it), which kernel runs, and where the routing came from; never raises. A call the op itself
+    would refuse gets, instead of the table, the error it would raise."""
+    calls = {"quantize": quantize, "dequantize": dequantize, "matmul": matmul, "linear": linear}
+    if not isinstance(op, str) or op not in calls:
+        return f"explain: unknown op {op!r}; expected quantize, dequantize, matmul or linear"
     try:
-        backend = kwargs.get("backend", "auto")
-        if op == "quantize":
-            steps = [("quantize", planning.plan_quantize(*args, **kwargs).routed.problem, backend)]
-        elif op == "dequantize":
-            steps = [("dequantize", planning.plan_dequantize(*args, **kwargs).routed.problem, backend)]
-        elif op in ("matmul", "linear"):
-            if op == "linear":
-                kwargs.setdefault("out_dtype", torch.bfloat16)
-                plan = planning.plan_linear(*args, **kwargs)
-            else:
-                plan = planning.plan_matmul(*args, **kwargs)
-            steps = [(role, p, backend if role == "matmul" else "auto") for role, p in plan.problems]
-        else:
-            return f"explain: unknown op {op!r}; expected quantize, dequantize, matmul or linear"
-        tables = []
-        for _, problem, requested in steps:
-            chosen = registry.choose(problem, requested)
-            kernel = getattr(chosen.runner(problem), "kernel", f"{chosen.name}.{problem.op}")
-            tables.append(f"{registry.explain_problem(problem, requested)}\n  runs: {chosen.name} · {kernel}")
-        if not tables:
-            return "empty: no kernel runs"
-        return "\n\n".join([*tables, tuning.routing_source(steps[-1][1].device)])
-    except (Fp8DispatchError, TypeError, ValueError) as e:
+        call = inspect.signature(calls[op]).bind(*args, **kwargs)
+    except TypeError as e:
+        return f"explain: {op}() cannot be called this way: {e}"
+    call.apply_defaults()
+    try:
+        return _explain(op, dict(call.arguments))
+    except Exception as e:  # noqa: BLE001 - never raises: whatever the call would hit is the answer
         return f"{type(e).__name__}: {e}"
+
+
+def _explain(op: str, given: dict) -> str:
+    backend = given.pop("backend")
+    if op == "quantize":
+        steps = [(planning.plan_quantize(**given, backend=backend).problem, backend)]
+    elif op == "dequantize":
+        steps = [(planning.plan_dequantize(given["t"], given["dtype"], backend=backend).problem, backend)]
+    else:
+        if op == "linear":
+            x, w = given.pop("x"), given.pop("w")
+            if given["out_dtype"] is None:
+                given["out_dtype"] = x.dtype if getattr(x, "dtype", None) in HIGH_PRECISION else torch.bfloat16
+            try:
+                plan = planning.plan_linear(x, w, **given, backend=backend)
+            except Fp8DispatchError:
+                planning.check_linear(x, w)
+                raise
+        else:
+            plan = planning.plan_matmul(given.pop("a"), given.pop("b"), **given, backend=backend)
+        steps = [(p, backend if role == "matmul" else "auto") for role, p in plan.problems]
+    steps = [(p, requested) for p, requested in steps if p is not None]
+    if not steps:
+        return "nothing to route: the tensors are empty"
+    tables = []
+    for problem, requested in steps:
+        chosen = registry.choose(problem, requested)
+        kernel = getattr(chosen.runner(problem), "kernel", f"{chosen.name}.{problem.op}")
+        tables.append(f"{registry.explain_problem(problem, requested)}\n  runs: {chosen.name} · {kernel}")
+    return "\n\n".join([*tables, tuning.routing_source(steps[-1][0].device)])

@@ -3,14 +3,13 @@ names the argument, what was expected and what was seen."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from fp8dispatch import registry
 from fp8dispatch.blocks import Block, expand_scale, scale_shape
 from fp8dispatch.errors import Fp8TypeError, Fp8ValueError, NumericalOverflowError
 from fp8dispatch.formats import HIGH_PRECISION, finite_amax, fp8_format, is_fp8
+from fp8dispatch.scaling import FP32_MAX, SMALLEST_SCALE
 
 OVERFLOW_MODES = ("saturate", "error", "rescale")
 RESCALE_ATTEMPTS = 3
@@ -47,8 +46,9 @@ def scale_ub(value) -> float:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise Fp8TypeError(f"scale_ub: expected a positive float, got {type(value).__name__}")
-    if not (math.isfinite(value) and value > 0):
-        raise Fp8ValueError(f"scale_ub: expected a positive finite float, got {value!r}")
+    if not (SMALLEST_SCALE / 2 < value <= FP32_MAX):  # what rounds to a positive finite fp32; NaN fails
+        raise Fp8ValueError(f"scale_ub: expected a positive float within fp32's range ({SMALLEST_SCALE / 2:g}, "
+                            f"{FP32_MAX:g}], got {value!r}")
     return float(value)
 
 

@@ -18,12 +18,13 @@ import torch
 
 from fp8dispatch import checks, registry
 from fp8dispatch.blocks import RECIPES, Block, block_for, scale_shape
-from fp8dispatch.errors import Fp8TypeError, Fp8ValueError
+from fp8dispatch.errors import Fp8DispatchError, Fp8TypeError, Fp8ValueError
 from fp8dispatch.formats import fp8_format
 from fp8dispatch.problem import DequantizeProblem, MatmulProblem, Problem, QuantizeProblem, device_capability, recipe_of
 from fp8dispatch.tensor import Fp8Tensor
 
 _E4M3 = torch.float8_e4m3fn
+_BLOCK_SIZE = 128  # quantize's default block side
 _trusted = Fp8Tensor._trusted
 
 # Every plan's run, by the key of the calls it serves (fp8dispatch/api.py and ops.py build the keys).
@@ -254,7 +255,11 @@ def plan_linear(x, w, bias=None, *, recipe: str | None = None, out_dtype: torch.
         raise Fp8TypeError(f"w: expected a tensor or Fp8Tensor, got {type(w).__name__}")
     if len(w.shape) != 2:
         raise Fp8ValueError(f"w: expected a 2-d weight [N, K], got shape {tuple(w.shape)}")
-    return plan_matmul(x, w.t(), recipe=recipe, out_dtype=out_dtype, bias=bias, backend=backend)
+    try:
+        return plan_matmul(x, w.t(), recipe=recipe, out_dtype=out_dtype, bias=bias, backend=backend)
+    except Fp8DispatchError:
+        check_linear(x, w)  # the same finding in linear's own terms
+        raise
 
 
 def plan_matmul(a, b, *, recipe: str | None = None, out_dtype: torch.dtype = torch.bfloat16, bias=None,
@@ -362,7 +367,12 @@ def _empty_product(out_shape, out_dtype, nonempty) -> Callable:
 
 
 def operand_blocks(a, b, recipe, m, k, n) -> tuple[Block, Block, str]:
-    """The blocks both operands will have: from the Fp8Tensors, else from the recipe."""
+    """The blocks both operands will have: from the Fp8Tensors, else from the recipe.
+
+    An explicit `recipe` is carried through, not re-read from block shapes (at 128×128 or smaller
+    a weight's 128×128 block also covers the whole tensor): an Fp8Tensor operand only has to be
+    able to serve it.
+    """
     a_fp8, b_fp8 = isinstance(a, Fp8Tensor), isinstance(b, Fp8Tensor)
     if a_fp8 and b_fp8:
         a_block, b_block = a.block, b.block
@@ -370,17 +380,23 @@ def operand_blocks(a, b, recipe, m, k, n) -> tuple[Block, Block, str]:
             raise Fp8ValueError(f"b: K blocks must line up with a's: a has {a_block[1]}-wide K blocks, "
                                 f"b has {b_block[0]}-tall ones")
         named = recipe_of(a_block, b_block, m, k, n)
-        if recipe is not None and recipe != named:
-            raise Fp8ValueError(f"recipe: {recipe!r} contradicts the operands' blocks ({named})")
+        if recipe is not None:
+            for name, t, rows, cols in (("a", a, m, k), ("b", b, k, n)):
+                if _k_group(recipe, t.block, rows, cols, from_a=name == "a") is None:
+                    raise Fp8ValueError(f"recipe: {recipe!r} contradicts the blocks {t.block} of {name} "
+                                        f"(the operands' blocks make {named!r})")
         return a_block, b_block, named
     if a_fp8 or b_fp8:
-        given = a if a_fp8 else b
+        given, name = (a, "a") if a_fp8 else (b, "b")
         rows, cols = (m, k) if a_fp8 else (k, n)
-        carried = _recipe_carried(given.block, rows, cols, from_a=a_fp8)
-        if recipe is not None and recipe != carried[0]:
-            raise Fp8ValueError(f"recipe: {recipe!r} contradicts the blocks {given.block} of "
-                                f"{'a' if a_fp8 else 'b'}, which say {carried[0]!r}")
-        recipe, group = carried
+        if recipe is None:
+            recipe, group = _recipe_carried(given.block, rows, cols, from_a=a_fp8)
+        else:
+            group = _k_group(recipe, given.block, rows, cols, from_a=a_fp8)
+            if group is None:
+                carried = _recipe_carried(given.block, rows, cols, from_a=a_fp8)[0]
+                raise Fp8ValueError(f"recipe: {recipe!r} contradicts the blocks {given.block} of "
+                                    f"{name}, which say {carried!r}")
     else:
         recipe, group = recipe or "block", 128
     a_block = a.block if a_fp8 else {"block": (1, group), "row": (1, max(k, 1)), "tensor": (max(m, 1), max(k, 1))}[recipe]
@@ -389,11 +405,50 @@ def operand_blocks(a, b, recipe, m, k, n) -> tuple[Block, Block, str]:
 
 
 def _recipe_carried(block: Block, rows: int, cols: int, from_a: bool) -> tuple[str, int]:
-    """The recipe an Fp8Tensor operand implies, and its K block size."""
+    """The recipe an Fp8Tensor operand implies when the call names none, and its K block size.
+
+    A weight (b) whose block covers it whole is "tensor" only if the block is exactly its shape
+    and not the block recipe's 128×128: `quantize(w, "block")` on a weight of at most 128×128
+    gives a 128×128 block too, and reading that as "tensor" would quantize the activation with one
+    scale for all its tokens. An exactly 128×128 tensor-scaled weight thus gets per-token
+    activations (the row recipe's numerics): more accurate, never less.
+    """
     k_block = block[1] if from_a else block[0]
     k = cols if from_a else rows
     if k_block < k:
         return "block", k_block
-    if block[0] >= rows and block[1] >= cols:
+    covers = block[0] >= rows and block[1] >= cols
+    if covers and not from_a and (block != (max(rows, 1), max(cols, 1)) or block == (_BLOCK_SIZE, _BLOCK_SIZE)):
+        return "block", k_block
+    if covers:
         return "tensor", k
     return "row", k
+
+
+def _k_group(recipe: str, block: Block, rows: int, cols: int, from_a: bool) -> int | None:
+    """The K block size an Fp8Tensor operand's `block` gives under `recipe`; None if it cannot serve it."""
+    k_block, across = (block[1], block[0]) if from_a else (block[0], block[1])
+    k, width = (cols, rows) if from_a else (rows, cols)
+    if recipe == "block":  # a in 1×g groups; b in blocks, not per output channel
+        return k_block if (block[0] == 1 if from_a else across > 1 or width == 1) else None
+    if k_block < k:  # row and tensor: no scale varies along K
+        return None
+    if recipe == "row":
+        return k if across == 1 or across >= width else None
+    return k if across >= width else None
+
+
+def check_linear(x, w) -> None:
+    """The operand checks of matmul, worded for `linear(x, w)`; run only once matmul has refused."""
+    for name, t in (("x", x), ("w", w)):
+        if isinstance(t, torch.Tensor):
+            checks.high_precision(name, t)
+        elif not isinstance(t, Fp8Tensor):
+            raise Fp8TypeError(f"{name}: expected a torch.Tensor or Fp8Tensor, got {type(t).__name__}")
+    if len(x.shape) < 2:
+        raise Fp8ValueError(f"x: expected at least 2 dimensions [..., M, K], got shape {tuple(x.shape)}"
+                            + (" (use x.unsqueeze(0) for a single row)" if len(x.shape) == 1 else ""))
+    if x.shape[-1] != w.shape[1]:
+        raise Fp8ValueError(f"w: expected [N, {x.shape[-1]}] to match x's last dim K, got shape {tuple(w.shape)}")
+    if x.device != w.device:
+        raise Fp8ValueError(f"w: expected device {x.device} (x's), got {w.device}")

@@ -15,6 +15,7 @@ way. Two cheaper paths, both starting from the `CompiledKernel` the first call r
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 import triton
@@ -24,6 +25,10 @@ from torch._subclasses.fake_tensor import is_fake
 
 # FP8DISPATCH_TRITON_FAST_LAUNCH=0 sends every launch through Triton's own path.
 ENABLED = os.environ.get("FP8DISPATCH_TRITON_FAST_LAUNCH", "1") != "0"
+
+# Triton's CPU interpreter swaps module-level state of triton.language while a kernel runs, so two
+# threads interpreting at once break each other: off the GPU, one launch at a time.
+_interpreter_lock = threading.Lock()
 
 
 def static_key(scalars: tuple, constexprs: dict, options: dict) -> tuple:
@@ -51,7 +56,11 @@ class Launcher:
         if tracing(args[0]):  # under torch.compile: a node of the graph, which Inductor launches itself
             wrap_triton(self.kernel)[grid](*args, **constexprs, **options)
             return
-        if not ENABLED or args[0].device.type != "cuda":
+        if args[0].device.type != "cuda":
+            with _interpreter_lock:
+                self.kernel[grid](*args, **constexprs, **options)
+            return
+        if not ENABLED:
             self.kernel[grid](*args, **constexprs, **options)
             return
         if static is None:

@@ -455,14 +455,14 @@ def _bind(launcher: Launcher, x, out):
     ints = args[3:-1]  # every kernel here takes (x, q, s, ints..., scale_ub, constexprs...)
     data_shape, data_dtype, scale_shape_ = tuple(out[0].shape), out[0].dtype, tuple(out[1].shape)
     device, index = x.device, x.device.index
-    empty, f32, stream = torch.empty, torch.float32, raw_stream
+    f32, stream = torch.float32, raw_stream
 
     def run(x, scale_ub):
         px = x.data_ptr()
         if px & 15:
             return None
-        data = empty(data_shape, dtype=data_dtype, device=device)
-        s = empty(scale_shape_, dtype=f32, device=device)
+        data = torch.empty(data_shape, dtype=data_dtype, device=device)
+        s = torch.empty(scale_shape_, dtype=f32, device=device)
         launch(g0, g1, g2, stream(index), function, packed, None, None, None, px, data.data_ptr(), s.data_ptr(),
                *ints, scale_ub or 0.0, *tail)
         return data, s

@@ -130,7 +130,7 @@ class Fp8Linear(nn.Module):
             return _linear(x, self.weight, self.weight_scale_inv, self.block, bias, self.backend)
         held = self.__dict__.get("_held")  # (registry generation, weight, scales, bias, backend, runs by x's key)
         if (held is not None and held[0] == planning.generation and held[1] is self._buffers["weight"]
-                and held[2] is self._buffers["weight_scale_inv"] and held[3] is bias and held[4] == self.backend):
+                and held[2] is self._buffers["weight_scale_inv"] and held[3] is bias and held[4] == (self.backend, self.recipe)):
             try:
                 return held[5][(x.dtype, x.shape, x.device, x.stride())](x)
             except (KeyError, AttributeError):
@@ -143,10 +143,11 @@ class Fp8Linear(nn.Module):
         w, bias = self.fp8_weight(), self.bias
         held = self.__dict__.get("_held")
         if (held is None or held[0] != planning.generation or held[1] is not w.data or held[2] is not w.scale
-                or held[3] is not bias or held[4] != self.backend):
-            held = self.__dict__["_held"] = (planning.generation, w.data, w.scale, bias, self.backend, {})
+                or held[3] is not bias or held[4] != (self.backend, self.recipe)):
+            held = self.__dict__["_held"] = (planning.generation, w.data, w.scale, bias, (self.backend, self.recipe), {})
         out_dtype = x.dtype if isinstance(x, torch.Tensor) and x.dtype in HIGH_PRECISION else torch.bfloat16
-        run, wt = planning.plan_linear(x, w, bias, out_dtype=out_dtype, backend=self.backend).run, w.t()
+        run = planning.plan_linear(x, w, bias, recipe=self.recipe, out_dtype=out_dtype, backend=self.backend).run
+        wt = w.t()
 
         def linear(x):
             return run(x, wt, bias)
@@ -253,8 +254,5 @@ def _block_from_scale(n: int, k: int, shape: tuple[int, ...]) -> Block:
 
 
 def _recipe_of(block: Block, n: int, k: int) -> str:
-    if block[0] >= n and block[1] >= k:
-        return "tensor"
-    if block[0] == 1 and block[1] >= k:
-        return "row"
-    return "block"
+    """The recipe a weight [N, K] in `block`s implies: matmul's own reading of its transpose."""
+    return api._recipe_carried((block[1], block[0]), k, n, from_a=False)[0]
