@@ -25,7 +25,7 @@ import torch
 import fp8dispatch
 from fp8dispatch import Backend, Fp8Tensor, api, planning, registry
 from fp8dispatch.backends import reference
-from fp8dispatch.problem import matmul_problem_of, quantize_problem
+from fp8dispatch.problem import quantize_problem
 
 TARGET_US = 3.0  # issue 6: dispatch overhead per call
 BASELINE = None  # --baseline: another api.py, timed alongside

@@ -390,11 +390,11 @@ def operand_blocks(a, b, recipe, m, k, n) -> tuple[Block, Block, str]:
         given, name = (a, "a") if a_fp8 else (b, "b")
         rows, cols = (m, k) if a_fp8 else (k, n)
         if recipe is None:
-            recipe, group = _recipe_carried(given.block, rows, cols, from_a=a_fp8)
+            recipe, group = recipe_carried(given.block, rows, cols, from_a=a_fp8)
         else:
             group = _k_group(recipe, given.block, rows, cols, from_a=a_fp8)
             if group is None:
-                carried = _recipe_carried(given.block, rows, cols, from_a=a_fp8)[0]
+                carried = recipe_carried(given.block, rows, cols, from_a=a_fp8)[0]
                 raise Fp8ValueError(f"recipe: {recipe!r} contradicts the blocks {given.block} of "
                                     f"{name}, which say {carried!r}")
     else:
@@ -404,7 +404,7 @@ def operand_blocks(a, b, recipe, m, k, n) -> tuple[Block, Block, str]:
     return a_block, b_block, recipe
 
 
-def _recipe_carried(block: Block, rows: int, cols: int, from_a: bool) -> tuple[str, int]:
+def recipe_carried(block: Block, rows: int, cols: int, from_a: bool) -> tuple[str, int]:
     """The recipe an Fp8Tensor operand implies when the call names none, and its K block size.
 
     A weight (b) whose block covers it whole is "tensor" only if the block is exactly its shape

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 from fp8dispatch import static_order
-from fp8dispatch.errors import Fp8TypeError, Fp8ValueError, NoBackend, UnknownBackend
+from fp8dispatch.errors import Fp8DispatchError, Fp8TypeError, Fp8ValueError, NoBackend, UnknownBackend
 from fp8dispatch.problem import Problem
 
 log = logging.getLogger("fp8dispatch")
@@ -156,7 +156,10 @@ def refresh() -> None:
         for hook in _refresh_hooks:
             hook()
         _fingerprint = None
-    fingerprint()  # now, in eager code: a trace only reads it
+    try:
+        fingerprint()  # now, in eager code: a trace only reads it
+    except Fp8DispatchError:  # a bad setting: the next call raises it, in its own words
+        pass
 
 
 _fingerprint: str | None = None

@@ -255,4 +255,4 @@ def _block_from_scale(n: int, k: int, shape: tuple[int, ...]) -> Block:
 
 def _recipe_of(block: Block, n: int, k: int) -> str:
     """The recipe a weight [N, K] in `block`s implies: matmul's own reading of its transpose."""
-    return api._recipe_carried((block[1], block[0]), k, n, from_a=False)[0]
+    return planning.recipe_carried((block[1], block[0]), k, n, from_a=False)[0]
