@@ -1,7 +1,8 @@
 """The registry: backends as frozen data, and the plain-Python choice among them.
 
-A backend is a name, a priority, a `probe()` run once per process, a `why_not(op, problem)`
-that returns every reason it cannot run a problem, and one function per op it serves. Choice,
+A backend is a name, a priority, a `probe()` run once per process whose result is frozen, a
+`why_not(op, problem, found)` that returns every reason it cannot run a problem (a pure function
+of the problem and what the probe found), and one function per op it serves. Choice,
 first match wins: the call's `backend=`; `FP8DISPATCH_<OP>_BACKEND`; `FP8DISPATCH_BACKEND`; a
 measured routing table; the static priority order. Decisions are cached per problem.
 """
@@ -40,8 +41,10 @@ class Backend:
     """
 
     name: str
-    probe: Callable[[], str | None]
-    why_not: Callable[[str, Problem], list[str]]
+    # The reason it cannot serve here (a str), or what it found (frozen; None if nothing to say).
+    probe: Callable[[], object]
+    # Every reason it cannot run a problem, from the problem and what the probe found only.
+    why_not: Callable[[str, Problem, object], list[str]]
     quantize: Callable | None = None
     dequantize: Callable | None = None
     matmul: Callable | None = None
@@ -65,7 +68,7 @@ class Backend:
 
 
 _backends: dict[str, Backend] = {}
-_probes: dict[str, str | None] = {}
+_probes: dict[str, object] = {}
 _decisions: dict[tuple, Backend] = {}
 _builtins_loaded = False
 _settings: Settings | None = None
@@ -186,8 +189,9 @@ def get_backend(name: str) -> Backend:
         ) from None
 
 
-def probe_result(name: str) -> str | None:
-    """The backend's probe, run once per process: None if it can serve, else why not."""
+def probed(name: str) -> object:
+    """The backend's probe, run once per process and frozen: a str is why it cannot serve here;
+    anything else is what it found, which `why_not` receives."""
     if name not in _probes:
         backend = get_backend(name)
         try:
@@ -197,17 +201,23 @@ def probe_result(name: str) -> str | None:
     return _probes[name]
 
 
+def probe_result(name: str) -> str | None:
+    """None if the backend can serve in this process, else why not."""
+    found = probed(name)
+    return found if isinstance(found, str) else None
+
+
 def reasons(backend: Backend, problem: Problem) -> list[str]:
     """Every reason `backend` cannot run `problem`; empty means it can."""
     if backend.name in settings().disabled:
         return ["disabled by FP8DISPATCH_DISABLE"]
-    unavailable = probe_result(backend.name)
-    if unavailable:
-        return [unavailable]
+    found = probed(backend.name)
+    if isinstance(found, str):
+        return [found]
     if backend.function(problem.op) is None:
         return [f"does not implement {problem.op}"]
     try:
-        return list(backend.why_not(problem.op, problem))
+        return list(backend.why_not(problem.op, problem, found))
     except Exception as e:
         return [f"why_not raised {type(e).__name__}: {e}"]
 
