@@ -33,6 +33,10 @@ DEEPSEEK_M = (1, 16, 64, 128, 512, 4096, 8192)
 SQUARES = (1024, 2048, 4096, 8192)
 QUICK_M = (1, 128, 4096)
 QUICK_NK = ((2112, 7168), (7168, 2048))
+# --quick on a CPU, which checks the plumbing with the reference (and the Triton interpreter if
+# enabled), not speed: a grid that finishes in seconds.
+CPU_QUICK_M = (1, 64)
+CPU_QUICK_NK = ((256, 512),)
 OPS = ("matmul", "quantize", "linear")
 # The conformance bound of DESIGN.md for matmul, 1 - 2Σxy/Σ(x²+y²) < 1e-3, applied to every op
 # (for quantize, on the dequantized values against the reference's).
@@ -49,7 +53,8 @@ class Shape:
 
     @property
     def label(self) -> str:
-        return f"{self.m}x{self.n}x{self.k}"
+        """MxNxK; a quantize point (an activation [M, K], n = 0) is MxK."""
+        return f"{self.m}x{self.n}x{self.k}" if self.n else f"{self.m}x{self.k}"
 
 
 # --- shape sets ---------------------------------------------------------------------------------
@@ -73,6 +78,8 @@ def parse_shapes(spec: str, ms: Iterable[int] = DEEPSEEK_M) -> list[Shape]:
             shapes += [Shape(m, n, k) for n, k in DEEPSEEK_NK for m in ms]
         elif item == "quick":
             shapes += [Shape(m, n, k) for n, k in QUICK_NK for m in ms]
+        elif item == "cpu-quick":
+            shapes += [Shape(m, n, k) for n, k in CPU_QUICK_NK for m in ms]
         elif item == "squares":
             shapes += [Shape(s, s, s) for s in SQUARES]
         else:
