@@ -12,8 +12,9 @@ import importlib.util
 
 import torch
 
-from fp8dispatch.backends import _library as lib
 from fp8dispatch.registry import Backend
+
+from . import _library as lib
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 GROUP, BLOCK = (1, 128), (128, 128)

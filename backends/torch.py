@@ -1,6 +1,6 @@
 """The `torch` backend: PyTorch's own `torch._scaled_mm` / `F.scaled_mm` (cuBLASLt, CUTLASS) matmul.
 
-Imported as `fp8dispatch.backends.torch`; absolute imports make `import torch` below the real
+Named after PyTorch; imports are absolute in Python 3, so `import torch` below is the real
 PyTorch, never this module.
 """
 
@@ -11,9 +11,10 @@ import ctypes
 import torch
 import torch.nn.functional as F
 
-from fp8dispatch.backends import _library as lib
 from fp8dispatch.blocks import cdiv
 from fp8dispatch.registry import Backend
+
+from . import _library as lib
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)

@@ -1,11 +1,15 @@
 """fp8dispatch: FP8 quantize, dequantize and scaled matmul on the best kernel a machine has.
 
-Importing the package costs nothing: the first public name used imports the library (torch, the
-backends, the measured routing table), so `fp8dispatch --help` and `--version` answer at once.
+Importing the package costs nothing: the first public name used imports the library (torch and
+the measured routing table), so `fp8dispatch --help` and `--version` answer at once.
 `fp8dispatch.nn` and `fp8dispatch.compat` are imported the first time they are used.
 """
 
 import importlib
+
+from fp8dispatch import checkout
+
+checkout.install()  # from a source checkout, fp8dispatch.backends is ../backends (docs/decisions.md)
 
 __version__ = "0.1.0"
 
@@ -13,15 +17,15 @@ __version__ = "0.1.0"
 _PUBLIC = {
     **dict.fromkeys(("dequantize", "explain", "linear", "matmul", "quantize"), "api"),
     **dict.fromkeys(("GRANULARITIES", "RECIPES"), "blocks"),
-    **dict.fromkeys(("Fp8DispatchError", "Fp8IndexError", "Fp8TypeError", "Fp8ValueError", "NoBackend", "NumericalOverflowError",
-                     "Unsupported", "UnknownBackend"), "errors"),
+    **dict.fromkeys(("Fp8DispatchError", "Fp8IndexError", "Fp8TypeError", "Fp8ValueError", "NoBackend",
+                     "NumericalOverflowError", "Unsupported", "UnknownBackend"), "errors"),
     **dict.fromkeys(("FORMATS", "FP8Format", "fp8_format", "max_value", "min_normal"), "formats"),
-    **dict.fromkeys(("Backend", "refresh", "register_backend", "unregister_backend"), "registry"),
+    **dict.fromkeys(("Backend", "backend_names", "refresh", "register_backend", "unregister_backend"), "registry"),
     "Fp8Tensor": "tensor",
 }
-_LAZY_SUBMODULES = ("backends", "compat", "nn")  # `backends` is also the function backends() -> names
+_LAZY_SUBMODULES = ("compat", "nn")
 
-__all__ = sorted([*_PUBLIC, "backends"])
+__all__ = sorted(_PUBLIC)
 
 
 def _load() -> None:

@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
+from fp8dispatch.errors import Fp8TypeError
+from fp8dispatch.scaling import scale_from_amax
+
 
 @dataclass(frozen=True)
 class FP8Format:
@@ -19,14 +22,10 @@ class FP8Format:
 
     def compute_scale(self, x: torch.Tensor) -> torch.Tensor:
         """The tensorwise dequantization scale of `x`, `amax / max_value` (amax 0 gives 1)."""
-        from fp8dispatch.scaling import scale_from_amax
-
         return scale_from_amax(finite_amax(x.float()), self)
 
     def compute_scale_per_channel(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """One scale per slice along `dim`; the result keeps `dim` (size 1) for broadcasting."""
-        from fp8dispatch.scaling import scale_from_amax
-
         dims = [d for d in range(x.dim()) if d != dim % x.dim()]
         return scale_from_amax(finite_amax(x.float(), dims), self)
 
@@ -63,8 +62,6 @@ def fp8_format(dtype: torch.dtype) -> FP8Format:
     try:
         return FORMATS[dtype]
     except KeyError:
-        from fp8dispatch.errors import Fp8TypeError
-
         known = ", ".join(str(d) for d in FORMATS)
         raise Fp8TypeError(f"dtype: expected an FP8 dtype ({known}), got {dtype}") from None
 

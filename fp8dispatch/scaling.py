@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from fp8dispatch.formats import FP8Format
+if TYPE_CHECKING:  # formats.py builds its scale methods on this module; the format is only a type here
+    from fp8dispatch.formats import FP8Format
 
 _MANTISSA = 0x007FFFFF
 _EXPONENT = 0x7F800000

@@ -1,4 +1,7 @@
-"""pytest entry of the conformance suite: `--backend`, `--op`, `--full`, `--conformance-device`.
+"""The conformance suite's pytest plugin: `--backend`, `--op`, `--full`, `--conformance-device`.
+
+The repository's conftest.py loads it; the test itself is conformance/tests/test_conformance.py,
+which stays out of the installed package.
 
 Tests are generated from the registry at collection time, case by case with every backend beside
 it (so each case's inputs and reference answer are built once). A backend registered by a plugin
@@ -7,26 +10,19 @@ it (so each case's inputs and reference answer are built once). A backend regist
 
 import pytest
 
-from fp8dispatch.conformance import runner
+from . import runner
 
 
 def pytest_addoption(parser):
     group = parser.getgroup("fp8dispatch conformance")
-    _option(group, "--backend", action="append", default=None, metavar="NAME",
-            help="conformance: backends to check, repeatable or comma-separated (default: all registered)")
-    _option(group, "--op", action="append", default=None, metavar="OP",
-            help="conformance: quantize, dequantize and/or matmul (default: all)")
-    _option(group, "--full", action="store_true", default=False,
-            help="conformance: add the large shapes (M up to 8192); for a GPU")
-    _option(group, "--conformance-device", default=None, metavar="DEVICE",
-            help="conformance: cpu or cuda (default: cuda if present)")
-
-
-def _option(group, name, **kwargs):
-    try:
-        group.addoption(name, **kwargs)
-    except ValueError:  # another conftest already defines it; the value is read the same way
-        pass
+    group.addoption("--backend", action="append", default=None, metavar="NAME",
+                    help="conformance: backends to check, repeatable or comma-separated (default: all registered)")
+    group.addoption("--op", action="append", default=None, metavar="OP",
+                    help="conformance: quantize, dequantize and/or matmul (default: all)")
+    group.addoption("--full", action="store_true", default=False,
+                    help="conformance: add the large shapes (M up to 8192); for a GPU")
+    group.addoption("--conformance-device", default=None, metavar="DEVICE",
+                    help="conformance: cpu or cuda (default: cuda if present)")
 
 
 def pytest_generate_tests(metafunc):
