@@ -24,7 +24,7 @@ OPS = ("quantize_fp8_per_row", "quantize_fp8_per_tensor", "f8f8bf16_rowwise", "f
        "f8f8bf16_groupwise", "f8f8bf16_blockwise")
 # f8f8bf16_groupwise loads the [K/128, M] activation scales by TMA, whose row strides must be
 # 16-byte multiples: M=17 failed to build the descriptor and poisoned the context (illegal
-# instruction; H100, docs/backends-h100-run2-groupwise-crash.log). Other M are padded with zero
+# instruction; H100, docs/backends.md). Other M are padded with zero
 # rows to a multiple of 4.
 GROUPWISE_M_MULTIPLE = 4
 
@@ -229,10 +229,6 @@ BACKEND = Backend(
     why_not=why_not,
     dequantize=dequantize,
     matmul=matmul,
-    priority=50,
-    # Measured on the H100 (docs/routing.md): 100 fastest, 90 second, 80 third.
-    priorities={"matmul.row": 100, "matmul.tensor": 90, "matmul.block": 80, "matmul.mixed": 100,
-                "dequantize": 100},
     version=_version,
     description="fbgemm-gpu-genai: CUTLASS rowwise/groupwise/blockwise FP8 GEMMs and Triton dequantizers",
 )

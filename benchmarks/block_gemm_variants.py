@@ -11,7 +11,7 @@ not carried), and `tl.range(..., warp_specialize=True)` changes nothing on Hoppe
   instructions are serialized due to non wgmma instructions reading accumulator registers of a
   wgmma between start and end of the pipeline stage", and the SASS has a `WARPGROUP.DEPBAR.LE
   gsb0, 0x0` after every HGMMA, even with the loop unrolled by two so each partial keeps its
-  registers. 0.78–1.05× the portable kernel (docs/benchmarks/block-gemm-ahead.json).
+  registers. 0.78–1.05× the portable kernel (docs/results/h100/block-gemm-ahead.json).
 - `ws`: the backend's Hopper kernel (`backends/triton/hopper.py`), warp-specialized like
   DeepGEMM: a TMA producer warp and two consumer warpgroups that each wait 0, which ptxas
   accepts, and overlap each other; persistent, with a TMA-store epilogue.
@@ -22,7 +22,7 @@ dequantized operands, tails in M and N, a bias, two calls bitwise equal), then e
 with FBGEMM's `f8f8bf16_groupwise` and bf16 `torch.matmul` in the same run (CUDA-graph replays,
 L2 flushed):
 
-    python benchmarks/block_gemm_variants.py --out docs/benchmarks/block-gemm-hopper.json
+    python benchmarks/block_gemm_variants.py --out docs/results/h100/block-gemm-hopper.json
 """
 
 from __future__ import annotations

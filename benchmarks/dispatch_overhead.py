@@ -6,7 +6,7 @@ CPU: a `null` backend that returns preallocated results, so the difference is di
 host time per call; then the same calls captured in a CUDA graph, replayed and compared with
 eager, with the cached decisions unchanged by the capture.
 
-    python benchmarks/dispatch_overhead.py [--out docs/benchmarks/dispatch_overhead.json]
+    python benchmarks/dispatch_overhead.py [--out docs/results/h100/dispatch-overhead.json]
     git show REV:fp8dispatch/api.py > /tmp/api_rev.py   # before/after, in the same rounds:
     python benchmarks/dispatch_overhead.py --baseline /tmp/api_rev.py
 """

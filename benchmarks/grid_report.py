@@ -1,6 +1,6 @@
-"""Turn `fp8dispatch bench --out` JSON into the Markdown tables of docs/benchmarks/h100.md.
+"""Turn `fp8dispatch bench --out` JSON into the Markdown tables of docs/results/h100/benchmarks.md.
 
-    python benchmarks/grid_report.py docs/benchmarks/h100.json > tables.md
+    python benchmarks/grid_report.py docs/results/h100/benchmarks.json > tables.md
 
 One summary table (per op and recipe: points, `auto` at ≥ 0.97× the fastest backend, the worst
 point, which backend was fastest how often, `auto` against the bf16 baseline), then one table per

@@ -1,6 +1,6 @@
 """Quantize variants of the triton backend, checked bit for bit against the reference and timed against a bf16 copy.
 
-    python benchmarks/quantize_variants.py --out docs/benchmarks/quantize-variants.json   # GPU, < 3 min
+    python benchmarks/quantize_variants.py --out docs/results/h100/quantize-variants.json   # GPU, < 3 min
     python benchmarks/quantize_variants.py --smoke                                         # CPU interpreter
 
 For 8192×8192 and 4096×7168 bf16 (e4m3fn out): a bf16 copy (the bandwidth ceiling, 4 bytes per
@@ -8,7 +8,7 @@ element), the row path as it was (the one-pass `_groups_kernel` with g = C, padd
 two), the row path `quantize()` now picks, the two-sweep `_wide_groups_kernel` over rows per
 program × chunk × warps (× cache hints), and the group (1×128) and block (128×128) paths over
 tiles and warps. Quantize bandwidth counts 3 bytes per element (2 read, 1 written), as
-docs/benchmarks/triton-h100.md does. GPU time alone: each variant is captured in a CUDA graph and
+docs/results/h100/triton-kernels.md does. GPU time alone: each variant is captured in a CUDA graph and
 its replays timed by `fp8dispatch.timing.time_cuda` (median, L2 flushed between runs). The
 defaults and the copy are timed twice, first and last, to show the run's spread.
 

@@ -7,9 +7,9 @@ and compares the compiled output with the bf16 block's by the conformance bound
 `1 - 2Σxy/Σ(x²+y²) < 1e-3`. It records graph breaks, where each op routed, the compiled-vs-eager
 difference and, on CUDA, the median forward time next to the compiled bf16 block's. Every backend
 runs under its own time limit and its failures are caught and reported; the script never stops
-at the first one. It writes a Markdown report to OUT and the same data as JSON to OUT.json.
+at the first one. It writes a Markdown report to OUT (a .md path) and the same data as JSON beside it (.json).
 
-    python scripts/verify_nn_gpu.py docs/nn-h100.md                      # the lead's H100 run
+    python scripts/verify_nn_gpu.py docs/results/h100/nn.md                      # a GPU's run
     python scripts/verify_nn_gpu.py /tmp/nn.md --device cpu --dim 256 --ffn 768 --tokens 64  # smoke test
 """
 
@@ -121,7 +121,7 @@ def run_one(name, recipe, model, x, ref, device, timing) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("out", help="Markdown report path (JSON goes to OUT.json)")
+    p.add_argument("out", help="Markdown report path (the JSON goes beside it, suffix .json)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--recipes", default="block,row,tensor")
     p.add_argument("--backends", default="", help="comma list (default: every registered backend, then auto)")
@@ -192,12 +192,12 @@ def main(argv=None) -> int:
             log(json.dumps({k: v for k, v in row.items() if k != "trace"}))
     write(args.out, rows, gpu, args)
     failed = [r for r in rows if r["status"] in ("FAIL", "error")]
-    log(f"wrote {args.out} and {args.out}.json; {len(failed)} failed runs")
+    log(f"wrote {args.out} and {os.path.splitext(args.out)[0]}.json; {len(failed)} failed runs")
     return 1 if failed else 0
 
 
 def write(path, rows, gpu, args):
-    with open(path + ".json", "w") as f:
+    with open(os.path.splitext(path)[0] + ".json", "w") as f:
         json.dump({"device": gpu, "torch": torch.__version__, "args": vars(args), "rows": rows}, f, indent=1)
     lines = [
         f"# fp8dispatch.nn on {gpu}: a converted transformer block, compiled fullgraph",

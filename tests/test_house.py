@@ -114,6 +114,15 @@ def test_doc_links_resolve(doc):
     assert broken == []
 
 
+# What only the machines we build on have: docs speak of what a user can install and run.
+OUTSIDE = re.compile(r"/work/|\bshared/|\$OUT\b|/root/|device tool|test machine|10-minute")
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_docs_name_nothing_outside_the_repository(doc):
+    assert OUTSIDE.findall(doc.read_text()) == []
+
+
 def test_no_test_file_is_installed():
     tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11's tomllib")
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]

@@ -45,7 +45,7 @@ from .tiles import sm_count
 BLOCK_M, BLOCK_N, BLOCK_K = 128, 128, 128  # BLOCK_K = the scale group; BLOCK_N = the weight block's width
 HALF = BLOCK_M // 2  # rows per consumer warpgroup: wgmma's M side
 # 4 stages × 32 KB of operands + two 64×128 output tiles (≤ 64 KB) fit the 227 KB of shared memory;
-# 4 and 5 stages measured within 1 % of each other on the H100 (docs/benchmarks/block-gemm-hopper.json).
+# 4 and 5 stages measured within 1 % of each other on the H100 (docs/results/h100/block-gemm-hopper.json).
 STAGES = 4
 GROUP_M = 8
 CONSUMER_WARPS = gl.constexpr(4)

@@ -2,7 +2,7 @@
 
 The interpreter converts floats with a bit-twiddling `triton.runtime.interpreter._convert_float`
 that loses rounding carries, rounds ties away from zero, never saturates and mangles NaN/inf
-(Triton 3.4 to 3.9; measured in ../shared/research/cpu-ci.md). Every FP8 cast and every
+(measured on Triton 3.4 to 3.9). Every FP8 cast and every
 fp32 -> bf16 cast of a kernel run on CPU goes through it. We replace it with torch's `.to()`,
 which rounds to nearest even and saturates e4m3fn exactly as the GPU's `cvt.rn.satfinite` does;
 the kernels clamp to ±max before casting, so e5m2's overflow rule never comes into play.

@@ -2,7 +2,7 @@
 
 `kernel[grid](...)` re-binds every argument, re-derives its specialization (16-byte alignment of
 pointers; integers equal to 1 or divisible by 16), hashes a cache key and reads several knobs on
-each call. On the H100 test machine a decode-sized matmul call cost 50-110 µs of host time that
+each call. On an H100 a decode-sized matmul call cost 50-110 µs of host time that
 way, several times its GPU time; with this launcher and the matmul's cached plans, 27-34 µs
 (docs/triton.md). The first call with a given specialization goes through Triton (compiling if
 needed) and keeps the `CompiledKernel`; later calls rebuild only our own key, a superset of what

@@ -21,7 +21,7 @@ def TILE() -> int:  # noqa: N802 - reads like the constant it stands for
 
 # The two-sweep 1×g kernel (rows wider than a tile, or not a power of two): rows per program,
 # columns per step, warps, cache hints, unroll (0: the compiler's choice). Measured on the H100
-# (docs/benchmarks/quantize-variants.md, 4096×7168 bf16 rows): one row, 1024 columns per step over
+# (docs/results/h100/quantize-variants.md, 4096×7168 bf16 rows): one row, 1024 columns per step over
 # 8 warps reads 0.81 of a bf16 copy's bandwidth, against 0.68 at 4 warps and 0.65 for the padded
 # one-pass tile; more rows per program or wider steps were slower.
 WIDE_BLOCK_R = 1

@@ -1,12 +1,12 @@
 """The triton backend on a GPU: bit-exactness against the reference, then speed against its peers.
 
-    python benchmarks/triton_h100.py --out docs/benchmarks            # correctness + benchmark
-    python benchmarks/triton_h100.py --only correctness               # or: bench, sweep
+    python benchmarks/triton_kernels.py --out docs/results/h100          # correctness + benchmark
+    python benchmarks/triton_kernels.py --only correctness               # or: bench, sweep
 
 Peers run in the same process where installed: FBGEMM (`f8f8bf16_groupwise`,
 `quantize_fp8_per_tensor`, `quantize_fp8_per_row`), `torch._scaled_mm`, bf16 `torch.matmul`, and a
 bf16 copy for the bandwidth ceiling. Every figure is a median of `fp8dispatch.timing.time_cuda`
-(L2 flushed between runs). Writes triton-h100.json and triton-h100.md under --out.
+(L2 flushed between runs). Writes triton-kernels.json and triton-kernels.md under --out.
 """
 
 from __future__ import annotations
@@ -420,10 +420,10 @@ def markdown(report: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=None, help="folder for triton-h100.json and .md")
+    parser.add_argument("--out", default=None, help="folder for triton-kernels.json and .md")
     parser.add_argument("--only", default="correctness,bench", help="comma list of correctness, bench, sweep, qsweep")
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
-    parser.add_argument("--name", default="triton-h100", help="file name of the outputs, without suffix")
+    parser.add_argument("--name", default="triton-kernels", help="file name of the outputs, without suffix")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -434,7 +434,7 @@ def main(argv=None) -> int:
     fbgemm = fbgemm_ops() if "bench" in parts else None
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "python": platform.python_version(), "fbgemm": fbgemm is not None,
-              "command": "python benchmarks/triton_h100.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "command": "python benchmarks/triton_kernels.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     big = [(4096, n, k) for n, k in DEEPSEEK] + [(8192, 8192, 8192)]
     small = [(m, n, k) for m in SMALL_M for n, k in ((7168, 2048), (24576, 1536))]
