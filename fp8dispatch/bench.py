@@ -34,8 +34,7 @@ DEEPSEEK_M = (1, 16, 64, 128, 512, 4096, 8192)
 SQUARES = (1024, 2048, 4096, 8192)
 QUICK_M = (1, 128, 4096)
 QUICK_NK = ((2112, 7168), (7168, 2048))
-# --quick on a CPU, which checks the plumbing with the reference (and the Triton interpreter if
-# enabled), not speed: a grid that finishes in seconds.
+# --quick on a CPU checks the plumbing, not speed: a grid that finishes in seconds.
 CPU_QUICK_M = (1, 64)
 CPU_QUICK_NK = ((256, 512),)
 OPS = ("matmul", "quantize", "linear")
