@@ -9,6 +9,7 @@ import torch
 import fp8dispatch
 from fp8dispatch import cli
 from fp8dispatch.cli import positive_int
+from fp8dispatch.numerics import relative_error
 
 
 def add_arguments(parser) -> None:
@@ -17,13 +18,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("-n", type=positive_int, default=None,
                         help="output features (default 2048 on CPU, 7168 on a GPU)")
     parser.add_argument("-k", type=positive_int, default=7168, help="input features (default 7168)")
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """DeepGEMM's measure, 1 - 2Σxy / Σ(x² + y²), in float64; 0 is identical."""
-    x, y = out.double(), ref.double()
-    denominator = (x * x + y * y).sum()
-    return float(1 - 2 * (x * y).sum() / denominator) if denominator > 0 else 0.0
 
 
 def _timed(fn, device, repeats):
