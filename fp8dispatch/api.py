@@ -21,6 +21,10 @@ from fp8dispatch.formats import HIGH_PRECISION
 from fp8dispatch.tensor import Fp8Tensor
 
 _is_compiling = torch.compiler.is_compiling  # bound once: dynamo folds the same function to True
+try:  # the routing fingerprint the traced ops carry, read now: a torch.compile trace only reads it
+    registry.fingerprint()
+except Fp8DispatchError:  # a bad setting: the first call raises it, in its own words
+    pass
 _runs, _run_for = planning.runs, planning.run_for  # key -> the plan's run
 _quantize_key, _dequantize_key, _matmul_key = planning.quantize_key, planning.dequantize_key, planning.matmul_key
 

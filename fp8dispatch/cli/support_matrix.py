@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import difflib
-import os
 import sys
 from pathlib import Path
 
 import torch
 
-from fp8dispatch import registry
+from fp8dispatch import cli, registry
 from fp8dispatch.blocks import RECIPES, recipe_blocks
 from fp8dispatch.formats import FORMATS
 from fp8dispatch.problem import dequantize_problem, matmul_problem, quantize_problem
 
 DEFAULT_PATH = Path("docs/support-matrix.md")
 
-# Where to ask: (heading, device, capability). The probe is not consulted, so a CPU machine can
+# Where to ask: (heading, device, capability). The probe is not consulted (each built-in `why_not`
+# is asked without a probe result, so it describes a complete install), so a CPU machine can
 # describe a GPU: the matrix states what each backend declares, not what this machine has.
 TARGETS = (
     ("sm90: H100, H200", torch.device("cuda", 0), (9, 0)),
@@ -39,9 +39,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    if os.environ.get("TRITON_INTERPRET"):
-        print("note: TRITON_INTERPRET is set, so the triton backend describes its CPU interpreter; "
-              "the committed matrix is generated without it", file=sys.stderr)
     text = generate()
     path = Path(args.output)
     if args.check:
@@ -53,7 +50,8 @@ def run(args) -> int:
         print("\n".join(list(diff)[:40]), file=sys.stderr)
         print(f"{path} is stale: regenerate it with `fp8dispatch support-matrix --output {path}`", file=sys.stderr)
         return 1
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.parent.is_dir():  # write only where told: never create folders (docs/ outside the repository)
+        raise cli.UsageError("--output", f"{path}: the folder {path.parent} does not exist")
     path.write_text(text, encoding="utf-8")
     print(f"wrote {path}")
     return 0
