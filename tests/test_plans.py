@@ -28,7 +28,7 @@ def planning_backend(name, plans, runs):
         run.kernel = f"{name}'s {op} kernel for {problem.op}"
         return run
 
-    return Backend(name=name, probe=lambda: None, why_not=lambda op, p: [], quantize=reference.quantize,
+    return Backend(name=name, probe=lambda: None, why_not=lambda op, p, found: [], quantize=reference.quantize,
                    matmul=reference.matmul, plan=plan, priority=1000)
 
 
