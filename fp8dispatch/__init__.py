@@ -15,6 +15,8 @@ from fp8dispatch.errors import (
     Unsupported,
     UnknownBackend,
 )
+from fp8dispatch.grouped import GroupedFp8Tensor, quantize_grouped
+from fp8dispatch.grouped_api import explain_grouped, grouped_linear
 from fp8dispatch.formats import FORMATS, FP8Format, fp8_format, max_value, min_normal
 from fp8dispatch.registry import Backend, backend_names, refresh, register_backend, unregister_backend
 from fp8dispatch.tensor import Fp8Tensor
@@ -28,6 +30,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Backend", "FORMATS", "FP8Format", "Fp8DispatchError", "Fp8Tensor", "Fp8TypeError", "Fp8ValueError",
     "GRANULARITIES", "NoBackend", "NumericalOverflowError", "RECIPES", "UnknownBackend", "Unsupported",
-    "backend_names", "dequantize", "explain", "fp8_format", "linear", "matmul", "max_value", "min_normal",
+    "GroupedFp8Tensor", "backend_names", "dequantize", "explain", "explain_grouped", "fp8_format",
+    "grouped_linear", "linear", "quantize_grouped", "matmul", "max_value", "min_normal",
     "quantize", "refresh", "register_backend", "unregister_backend",
 ]

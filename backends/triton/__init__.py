@@ -98,6 +98,20 @@ def why_not(op, problem) -> list[str]:
         reasons += _size_reasons("data", *problem.shape)
     elif op == "matmul":
         reasons += _matmul_reasons(problem)
+    elif op == "grouped_linear":
+        reasons += _grouped_reasons(problem)
+    return reasons
+
+
+def _grouped_reasons(p) -> list[str]:
+    reasons = _format_reasons("x", p.x_dtype) + _format_reasons("w", p.w_dtype)
+    if p.recipe == "block" and p.x_block[1] < p.k and p.x_block[1] % 32:
+        reasons.append(f"K group g={p.x_block[1]}: needs g % 32 == 0 (the K step of an FP8 tensor-core dot)")
+    if not p.x_row_major:
+        reasons.append("x: needs row-major (contiguous) data; call .contiguous() on it")
+    rows = p.groups * p.m if p.layout == "masked" else p.m
+    reasons += _size_reasons("x", rows, p.k) + _size_reasons("the output", rows, p.n)
+    reasons += _size_reasons("one expert's weight", p.n, p.k)
     return reasons
 
 
@@ -120,10 +134,11 @@ def _matmul_reasons(p) -> list[str]:
 @cache
 def kernels():
     """The kernel modules, imported on first use (importing triton costs ~0.15 s; probe first)."""
-    from . import dequantize, interpreter, matmul, quantize  # the submodules replace no names here
+    from . import dequantize, grouped, interpreter, matmul, quantize  # the submodules replace no names here
 
     interpreter.install()  # before any kernel runs on CPU tensors, even without the registry
-    return SimpleNamespace(quantize=quantize.quantize, dequantize=dequantize.dequantize, matmul=matmul.matmul)
+    return SimpleNamespace(quantize=quantize.quantize, dequantize=dequantize.dequantize, matmul=matmul.matmul,
+                           grouped_linear=grouped.grouped_linear)
 
 
 def _quantize(x, block, dtype, scale=None, scale_ub=None, pow2_scale=False):
@@ -138,6 +153,10 @@ def _matmul(a, b, out_dtype, bias=None):
     return kernels().matmul(a, b, out_dtype, bias)
 
 
+def _grouped_linear(x, w, offsets, masked_m, out_dtype, bias=None):
+    return kernels().grouped_linear(x, w, offsets, masked_m, out_dtype, bias)
+
+
 BACKEND = Backend(
     name="triton",
     probe=probe,
@@ -145,6 +164,7 @@ BACKEND = Backend(
     quantize=_quantize,
     dequantize=_dequantize,
     matmul=_matmul,
+    grouped_linear=_grouped_linear,
     # 100 = fastest measured on the H100 for that op and recipe, 90 second, 80 third (reference 0);
     # from docs/results/h100/triton-kernels.md, peers in the same run (docs/triton.md explains each).
     priority=50,
@@ -162,6 +182,9 @@ BACKEND = Backend(
         "matmul.block": 100,
         "matmul.row": 85,  # 0.88-1.02x torch._scaled_mm at M=4096
         "matmul.tensor": 85,  # 0.82-0.97x torch._scaled_mm
+        # One launch for all experts; the only grouped kernel checked on CPU (the interpreter), so
+        # first until the H200 run measures its peers (fbgemm, torch rank below it meanwhile).
+        "grouped_linear": 100,
     },
     version=_triton_version,
     description="fp8dispatch's own Triton kernels (sm89+; the interpreter on CPU)",
