@@ -229,10 +229,6 @@ BACKEND = Backend(
     why_not=why_not,
     dequantize=dequantize,
     matmul=matmul,
-    priority=50,
-    # Measured on the H100 (docs/routing.md): 100 fastest, 90 second, 80 third.
-    priorities={"matmul.row": 100, "matmul.tensor": 90, "matmul.block": 80, "matmul.mixed": 100,
-                "dequantize": 100},
     version=_version,
     description="fbgemm-gpu-genai: CUTLASS rowwise/groupwise/blockwise FP8 GEMMs and Triton dequantizers",
 )

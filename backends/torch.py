@@ -26,10 +26,11 @@ CUBLASLT_BLOCKWISE = 120900
 # column-major activation scales need 16-byte aligned columns. Other M are padded with zero rows.
 BLOCK_M_MULTIPLE = 4
 
-# What the probe found: the cuBLASLt version and whether F.scaled_mm (torch >= 2.10) exists.
-# Until the probe runs (only `fp8dispatch support-matrix` asks why_not before it), why_not
-# describes a complete install: cuBLASLt new enough and F.scaled_mm present.
-_found: dict = {"probed": False, "cublaslt": None, "scaled_mm_v2": False}
+# What the probe found: the cuBLASLt version, whether F.scaled_mm (torch >= 2.10) exists, and
+# why this device's torch._scaled_mm cannot take per-row scales (None: it can; torch 2.11 on a
+# CPU runs tensorwise scales only). Until the probe runs (only `fp8dispatch support-matrix` asks
+# why_not before it), why_not describes a complete install.
+_found: dict = {"probed": False, "cublaslt": None, "scaled_mm_v2": False, "rowwise": None}
 
 
 def _device() -> torch.device:
@@ -42,23 +43,25 @@ def probe() -> str | None:
         return reason
     if not hasattr(torch, "_scaled_mm"):
         return f"torch {torch.__version__} has no torch._scaled_mm"
-    reason = _self_test(_device())
-    _found.update(probed=True, cublaslt=cublaslt_version(), scaled_mm_v2=hasattr(F, "scaled_mm"))
+    device = _device()
+    reason = _self_test(device, "tensorwise")
+    _found.update(probed=True, cublaslt=cublaslt_version(), scaled_mm_v2=hasattr(F, "scaled_mm"),
+                  rowwise=None if reason else _self_test(device, "rowwise"))
     return reason
 
 
-def _self_test(device: torch.device) -> str | None:
-    """One rowwise product whose answer is exact: ones · ones over K=32 with scales 2 and 3 is 192."""
+def _self_test(device: torch.device, scaling: str) -> str | None:
+    """One product whose answer is exact: ones · ones over K=32 with scales 2 and 3 is 192."""
     a = torch.ones(16, 32, device=device).to(E4M3)
     b = torch.ones(16, 32, device=device).to(E4M3).t()
-    sa = torch.full((16, 1), 2.0, device=device)
-    sb = torch.full((1, 16), 3.0, device=device)
+    rows, cols = ((16, 1), (1, 16)) if scaling == "rowwise" else ((1, 1), (1, 1))
+    sa, sb = torch.full(rows, 2.0, device=device), torch.full(cols, 3.0, device=device)
     try:
         out = torch._scaled_mm(a, b, sa, sb, out_dtype=torch.bfloat16)
     except Exception as e:  # a driver or cuBLASLt that cannot run FP8 reports here, not later
-        return f"self-test: torch._scaled_mm raised {type(e).__name__}: {lib._first_line(e)}"
+        return f"self-test: torch._scaled_mm {scaling} raised {type(e).__name__}: {lib._first_line(e)}"
     if not torch.equal(out.float().cpu(), torch.full((16, 16), 192.0)):
-        return f"self-test: torch._scaled_mm rowwise gave {out.flatten()[0].item()}, expected 192"
+        return f"self-test: torch._scaled_mm {scaling} gave {out.flatten()[0].item()}, expected 192"
     return None
 
 
@@ -98,6 +101,8 @@ def why_not(op: str, p) -> list[str]:
         reasons.append(f"bias: a {p.bias_dtype} bias with {p.out_dtype} output cannot ride in the epilogue "
                        f"(it takes the output's dtype, row and tensor recipes), and adding it afterwards "
                        f"would round twice; fp32 output takes any bias")
+    if p.recipe == "row" and _found["rowwise"]:
+        reasons.append(f"row recipe: torch._scaled_mm here takes tensorwise scales only ({_found['rowwise']})")
     if p.recipe == "block":
         reasons += _block_reasons(p)
     elif p.recipe not in ("row", "tensor"):
@@ -162,9 +167,6 @@ BACKEND = Backend(
     probe=probe,
     why_not=why_not,
     matmul=matmul,
-    priority=50,
-    # Measured on the H100 (docs/routing.md): 100 fastest, 90 second, 80 third of the library backends.
-    priorities={"matmul.tensor": 100, "matmul.row": 90, "matmul.block": 90},
     version=lambda: f"{torch.__version__} (cuBLASLt {_found['cublaslt'] or '?'})",
     description="torch._scaled_mm / F.scaled_mm: cuBLASLt and CUTLASS FP8 GEMMs shipped with PyTorch",
 )

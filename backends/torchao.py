@@ -119,11 +119,8 @@ BACKEND = Backend(
     why_not=why_not,
     dequantize=dequantize,
     matmul=matmul,
-    priority=40,
-    # Measured on the H100 (docs/routing.md). No quantize: TorchAO's blockwise quantizers divide
-    # with Triton's approximate fp32 division, and 0 of 38 H100 cases of plain data were the
-    # contract bit for bit (docs/backends.md).
-    priorities={"matmul.block": 70, "dequantize": 90},
+    # No quantize: TorchAO's blockwise quantizers divide with Triton's approximate fp32 division,
+    # and 0 of 38 H100 cases of plain data were the contract bit for bit (docs/backends.md).
     version=lambda: _found["version"],
     description="TorchAO blockwise FP8 Triton kernels (1×128 activation, 128×128 weight quant and GEMM)",
 )

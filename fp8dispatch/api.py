@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from fp8dispatch import registry
+from fp8dispatch import registry, tuning
 from fp8dispatch.blocks import RECIPES, Block, block_for, expand_scale, scale_shape
 from fp8dispatch.errors import (
     Fp8DispatchError,
@@ -541,7 +541,8 @@ def explain(op: str, *args, **kwargs) -> str:
             problems.append(("matmul", plan.problem, backend))
         else:
             return f"explain: unknown op {op!r}; expected quantize, dequantize, matmul or linear"
-        return "\n\n".join(registry.explain_problem(p, req) for _, p, req in problems if p is not None)
+        return "\n\n".join([*(registry.explain_problem(p, req) for _, p, req in problems if p is not None),
+                            tuning.routing_source(problems[-1][1].device)])
     except (Fp8DispatchError, TypeError, ValueError) as e:
         return f"{type(e).__name__}: {e}"
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -459,6 +460,17 @@ def save_results(path: Path, env: dict, rows: list[dict], command: str = "") -> 
 
 def _jsonable(v):
     return None if isinstance(v, float) and not math.isfinite(v) else str(v)
+
+
+def save_table(path: Path, table: dict) -> None:
+    """Merge a routing table (`tuning.build_table`) into the document at `path`: entries of other
+    shapes and GPUs stay; a file that cannot be read is replaced, and says so."""
+    try:
+        document = tuning.read(path) if Path(path).is_file() else None
+    except (OSError, tuning.InvalidTable) as e:
+        print(f"replacing unreadable table {path}: {e}", file=sys.stderr)
+        document = None
+    tuning.write(path, tuning.merge(document, table))
 
 
 def load_results(paths: Iterable[Path]) -> tuple[dict | None, list[dict]]:

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
+from fp8dispatch import static_order
 from fp8dispatch.errors import Fp8TypeError, NoBackend, UnknownBackend
 from fp8dispatch.problem import Problem
 
@@ -31,7 +32,8 @@ class Backend:
     """One backend: a capability description plus the functions that run each op.
 
     `priority` orders the automatic choice (higher first); `priorities` overrides it per op or
-    per op and recipe/granularity, keyed "matmul", "matmul.block", "quantize.group", ...
+    per op and recipe/granularity, keyed "matmul", "matmul.block", "quantize.group", ... The
+    built-in backends take theirs from one table, `fp8dispatch.static_order.ORDER`.
     `quantize(x2d, block, dtype, scale, scale_ub, pow2_scale) -> (data, scale)`,
     `dequantize(data2d, scale, block, out_dtype) -> Tensor`,
     `matmul(a: Fp8Tensor, b: Fp8Tensor, out_dtype, bias) -> Tensor`, all on 2-D views.
@@ -56,6 +58,9 @@ class Backend:
 
     def priority_for(self, problem: Problem) -> int:
         detail = getattr(problem, "recipe", None) or getattr(problem, "granularity", None)
+        ranked = static_order.priority(self.name, problem.op, detail)
+        if ranked is not None:
+            return ranked
         for key in (f"{problem.op}.{detail}", problem.op):
             if key in self.priorities:
                 return self.priorities[key]
@@ -165,9 +170,9 @@ def _load_builtins() -> None:
 
 
 def all_backends() -> list[Backend]:
-    """Registered backends, highest default priority first."""
+    """Registered backends, highest default priority first, then by their place in the static order."""
     _load_builtins()
-    return sorted(_backends.values(), key=lambda b: (-b.priority, b.name))
+    return sorted(_backends.values(), key=lambda b: (-b.priority, static_order.best_place(b.name), b.name))
 
 
 def backend_names() -> list[str]:

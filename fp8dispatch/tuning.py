@@ -8,8 +8,11 @@ so this runs once per new problem, never on the hot path.
 
 Two sources, the first that has an entry wins: the user's table (`FP8DISPATCH_TUNING`, else
 `~/.cache/fp8dispatch/routing.json`; `off` disables both) and the tables shipped in
-`fp8dispatch/tuned/`. A file is only ever parsed as JSON and checked field by field: a corrupt,
-stale (other library versions) or foreign (other GPU) file is ignored with a warning.
+`fp8dispatch/tuned/`, one per GPU it was measured on (`h200.json`). A file is only ever parsed as
+JSON and checked field by field: a corrupt or stale (other library versions) file is ignored with a
+warning. A GPU without a table of its own borrows the closest measured GPU of its architecture
+(same compute capability) as a prior, and `routing_source` says so; a table of another
+architecture is never used.
 """
 
 from __future__ import annotations
@@ -21,13 +24,15 @@ import math
 import os
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import date
 from importlib import metadata
 from pathlib import Path
 
 import torch
 
 from fp8dispatch.blocks import granularity_of
+from fp8dispatch.devices import gpu_slug
 
 log = logging.getLogger("fp8dispatch")
 
@@ -165,7 +170,7 @@ def build_table(rows: list[dict], env: dict, command: str = "") -> dict:
             entries.append({"op": op, "variant": variant, "n": n, "k": k, "m_bucket": bucket,
                             "ranking": [{"backend": t["backend"], "median_s": t["median_s"],
                                          "error": t["error"]} for t in ranking]})
-    return {"environment": env, "command": command, "entries": entries}
+    return {"environment": env, "command": command, "measured": date.today().isoformat(), "entries": entries}
 
 
 def merge(document: dict | None, table: dict) -> dict:
@@ -291,9 +296,11 @@ class _Source:
 
 @dataclass
 class _Loaded:
-    """Entries for one device: key -> (sorted buckets, rankings), in source order."""
+    """Entries for one device: key -> (sorted buckets, rankings), in the order they are consulted;
+    per table, (its source, the GPU it was measured on, whether it is a prior: another GPU)."""
 
     tables: list[dict[tuple, tuple[list[int], list[tuple[str, ...]]]]]
+    used: list[tuple[_Source, str, bool]] = field(default_factory=list)
 
 
 _loaded: dict[torch.device, _Loaded] = {}
@@ -321,9 +328,14 @@ def sources() -> list[_Source]:
 
 
 def _load(device: torch.device) -> _Loaded:
+    """This GPU's own tables (the user's first), then the same architecture's as priors.
+
+    Priors are ordered: the same name family first (an H100 PCIe borrows the H100 SXM's table
+    before the H200's), then the user's own before shipped ones, then the newest measurement.
+    """
     name, capability = device_identity(device)
     here = libraries()
-    tables = []
+    own, priors = [], []
     for source in sources():
         if not source.path.is_file():
             continue
@@ -332,28 +344,44 @@ def _load(device: torch.device) -> _Loaded:
         except (OSError, InvalidTable) as e:
             _warn(source, f"routing table {source.path} ignored: {e}", always=True)
             continue
-        same_gpu = [t for t in document["tables"]
-                    if t["environment"]["device"] == name and t["environment"]["capability"] == capability]
-        if not same_gpu:
+        same_arch = [t for t in document["tables"]
+                     if t["environment"]["capability"] == capability
+                     and (capability is not None or t["environment"]["device"] == name)]
+        if not same_arch:
             seen = sorted({t["environment"]["device"] for t in document["tables"]})
             # A table for the GPU says nothing about CPU calls: only another GPU deserves a warning.
             _warn(source, f"routing table {source.path} ignored: measured on {', '.join(seen) or 'no device'}, "
-                          f"this is {name}", quiet=device.type != "cuda")
+                          f"this is {name} ({_arch(capability)})", quiet=device.type != "cuda")
             continue
-        fresh = [t for t in same_gpu if not _stale(t["environment"]["libraries"], here, not source.shipped)]
+        fresh = [t for t in same_arch if not _stale(t["environment"]["libraries"], here, not source.shipped)]
         if not fresh:
-            diff = "; ".join(_stale(same_gpu[0]["environment"]["libraries"], here, not source.shipped))
+            diff = "; ".join(_stale(same_arch[0]["environment"]["libraries"], here, not source.shipped))
             _warn(source, f"routing table {source.path} ignored: measured with other libraries: {diff}; "
                           f"re-run `fp8dispatch tune`")
             continue
+        mine = [t for t in fresh if t["environment"]["device"] == name]
+        own += [(source, mine[-1])] if mine else []
+        priors += [(source, t) for t in fresh if t["environment"]["device"] != name]
+    family = gpu_slug(name)
+    priors.sort(key=lambda st: str(st[1].get("measured", "")), reverse=True)  # stable sorts: newest first
+    priors.sort(key=lambda st: (gpu_slug(st[1]["environment"]["device"]) != family, st[0].shipped))
+    loaded = _Loaded([])
+    for source, table in own + priors:
         index: dict[tuple, tuple[list[int], list[tuple[str, ...]]]] = {}
-        for e in sorted(fresh[-1]["entries"], key=lambda e: e["m_bucket"]):
+        for e in sorted(table["entries"], key=lambda e: e["m_bucket"]):
             buckets, rankings = index.setdefault((e["op"], e["variant"], e["n"], e["k"]), ([], []))
             buckets.append(e["m_bucket"])
             rankings.append(tuple(r["backend"] for r in e["ranking"]))
-        tables.append(index)
-        log.info("routing table %s: %d entries for %s", source.path, len(fresh[-1]["entries"]), name)
-    return _Loaded(tables)
+        measured_on = table["environment"]["device"]
+        loaded.tables.append(index)
+        loaded.used.append((source, measured_on, measured_on != name))
+        log.info("routing table %s: %d entries measured on %s, for %s", source.path, len(table["entries"]),
+                 measured_on, name)
+    return loaded
+
+
+def _arch(capability) -> str:
+    return "no GPU" if capability is None else f"sm{capability[0]}{capability[1]}"
 
 
 def _warn(source: _Source, message: str, always: bool = False, quiet: bool = False) -> None:
@@ -369,15 +397,19 @@ def ranking_for(problem) -> tuple[str, ...]:
     key = key_of(problem)
     if key is None:
         return ()
-    loaded = _loaded.get(problem.device)
-    if loaded is None:
-        loaded = _loaded[problem.device] = _load(problem.device)
     op, variant, n, k, m = key
-    for index in loaded.tables:
+    for index in _tables_for(problem.device).tables:
         found = index.get((op, variant, n, k))
         if found:
             return found[1][_nearest(found[0], m_bucket(m))]
     return ()
+
+
+def _tables_for(device: torch.device) -> _Loaded:
+    loaded = _loaded.get(device)
+    if loaded is None:
+        loaded = _loaded[device] = _load(device)
+    return loaded
 
 
 def _nearest(buckets: list[int], bucket: int) -> int:
@@ -426,18 +458,42 @@ def install() -> None:
 
 
 def status(device: torch.device) -> list[str]:
-    """One line per table source and what it means for `device` (for `fp8dispatch info`)."""
+    """Where `auto` routes from on `device`, then one line per table source (for `fp8dispatch info`)."""
     if not sources():
-        return [f"routing tables off ({ENV_VAR}={os.environ.get(ENV_VAR)})"]
+        return [routing_source(device)]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         loaded = _load(device)
-    lines = []
+    lines = [routing_source(device, loaded)]
     for source in sources():
         kind = "shipped" if source.shipped else "user"
         if not source.path.is_file():
             lines.append(f"{kind} table {source.path}: none")
-    lines += [f"{len(index)} (op, variant, N, K) keys from a table for {device_identity(device)[0]}"
-              for index in loaded.tables]
+    lines += [f"{len(index)} (op, variant, N, K) keys from {_label(source, measured_on)}"
+              + (f" (a prior: same {_arch(device_identity(device)[1])})" if prior else "")
+              for index, (source, measured_on, prior) in zip(loaded.tables, loaded.used)]
     lines += [str(w.message) for w in caught]
     return lines
+
+
+def routing_source(device: torch.device, loaded: _Loaded | None = None) -> str:
+    """One line for `info` and `explain`: which measured table `auto` routes from, or why none."""
+    name, capability = device_identity(device)
+    if not sources():
+        return f"routing by the static order: routing tables are off ({ENV_VAR}={os.environ.get(ENV_VAR)})"
+    loaded = loaded or _tables_for(device)
+    own = [_label(source, on) for source, on, prior in loaded.used if not prior]
+    priors = [_label(source, on) for source, on, prior in loaded.used if prior]
+    measure = "run `fp8dispatch tune` to measure this GPU"
+    if own:
+        return (f"routing from {' and '.join(own)} (measured on this {'GPU' if capability else 'device'})"
+                + (f", then {priors[0]} (same {_arch(capability)}) for shapes not measured here" if priors else ""))
+    if priors:
+        return f"routing from {priors[0]} (same {_arch(capability)}); {measure}"
+    if capability is None:
+        return f"routing by the static order (no routing table for {name})"
+    return f"routing by the static order (no table measured on an {_arch(capability)} GPU); {measure}"
+
+
+def _label(source: _Source, measured_on: str) -> str:
+    return f"the {measured_on} table" if source.shipped else f"your table {source.path} ({measured_on})"

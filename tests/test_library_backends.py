@@ -209,9 +209,33 @@ def torch_fakes(monkeypatch):
     return monkeypatch
 
 
-def test_torch_self_test_passes_on_cpus_scaled_mm(torch_fakes):
-    assert tb.probe() is None  # CPU torch._scaled_mm runs rowwise exactly
+def test_torch_probe_passes_on_cpus_scaled_mm_and_records_rowwise(torch_fakes):
+    """CPU torch._scaled_mm runs tensorwise scales exactly (torch 2.11 and newer); rowwise ones
+    only on some releases: the probe records which, and why_not follows it."""
+    assert tb.probe() is None
     assert tb._found["scaled_mm_v2"] == hasattr(torch.nn.functional, "scaled_mm")
+    rowwise = tb._found["rowwise"]
+    assert rowwise is None or rowwise.startswith("self-test: torch._scaled_mm rowwise ")
+    row = [r for r in tb.why_not("matmul", matmul_problem("row")) if "tensorwise scales only" in r]
+    assert row == ([] if rowwise is None else [f"row recipe: torch._scaled_mm here takes tensorwise scales only "
+                                                f"({rowwise})"])
+    assert not tb.why_not("matmul", matmul_problem("tensor"))
+
+
+def test_a_scaled_mm_without_rowwise_serves_tensor_only(torch_fakes):
+    """What torch 2.11's CPU _scaled_mm does: per-row scales raise, scalar ones work."""
+    real = torch._scaled_mm
+
+    def tensorwise_only(a, b, scale_a, scale_b, **kwargs):
+        if scale_a.numel() != 1 or scale_b.numel() != 1:
+            raise RuntimeError("Invalid scaling configuration")
+        return real(a, b, scale_a, scale_b, **kwargs)
+
+    torch_fakes.setattr(torch, "_scaled_mm", tensorwise_only)
+    assert tb.probe() is None
+    assert tb._found["rowwise"] == "self-test: torch._scaled_mm rowwise raised RuntimeError: Invalid scaling configuration"
+    assert any("tensorwise scales only" in r for r in tb.why_not("matmul", matmul_problem("row")))
+    assert not tb.why_not("matmul", matmul_problem("tensor"))
 
 
 def test_torch_without_scaled_mm(torch_fakes):
@@ -220,24 +244,27 @@ def test_torch_without_scaled_mm(torch_fakes):
 
 
 @pytest.mark.parametrize("fake, expected", [
-    (lambda *a, **k: torch.zeros(16, 16, dtype=BF16), "self-test: torch._scaled_mm rowwise gave 0.0, expected 192"),
+    (lambda *a, **k: torch.zeros(16, 16, dtype=BF16), "self-test: torch._scaled_mm tensorwise gave 0.0, expected 192"),
     (lambda *a, **k: (_ for _ in ()).throw(RuntimeError("CUBLAS_STATUS_NOT_SUPPORTED")),
-     "self-test: torch._scaled_mm raised RuntimeError: CUBLAS_STATUS_NOT_SUPPORTED"),
+     "self-test: torch._scaled_mm tensorwise raised RuntimeError: CUBLAS_STATUS_NOT_SUPPORTED"),
 ])
 def test_torch_self_test_wrong_or_raising(torch_fakes, fake, expected):
     torch_fakes.setattr(torch, "_scaled_mm", fake)
     assert tb.probe() == expected
 
 
-def test_torch_row_and_tensor_translation_on_cpu():
-    """CPU torch._scaled_mm runs rowwise and tensorwise: the scale layouts we build are right."""
+@pytest.mark.parametrize("ga, gw", [("tensor", "tensor"), ("row", "row"), ("tensor", "row"), ((2, 64), "row")],
+                         ids=["tensor", "row", "tensor-row", "row-pairs"])
+def test_torch_row_and_tensor_translation_on_cpu(torch_fakes, ga, gw):
+    """CPU torch._scaled_mm checks the scale layouts we build, as far as this torch's CPU kernel
+    goes: tensorwise always, per-row scales where the probe found them to work."""
+    tb.probe()
+    if gw == "row" and tb._found["rowwise"]:
+        pytest.skip(f"this torch's CPU _scaled_mm takes no per-row scales ({tb._found['rowwise']})")
     x, w = torch.randn(6, 64), torch.randn(48, 64)
-    for ga, gw in (("row", "row"), ("tensor", "tensor"), ("tensor", "row")):
-        a = fp8dispatch.quantize(x, ga, backend="reference")
-        b = fp8dispatch.quantize(w, gw, backend="reference").t()
-        expected = fp8dispatch.matmul(a, b, out_dtype=torch.float32, backend="reference")
-        assert torch.allclose(tb.matmul(a, b, torch.float32), expected, rtol=1e-5, atol=1e-4)
-    a = fp8dispatch.quantize(x, "block", block_size=(2, 64), backend="reference")  # rows in pairs
+    a = (fp8dispatch.quantize(x, "block", block_size=ga, backend="reference") if isinstance(ga, tuple)
+         else fp8dispatch.quantize(x, ga, backend="reference"))  # (2, 64): rows in pairs
+    b = fp8dispatch.quantize(w, gw, backend="reference").t()
     expected = fp8dispatch.matmul(a, b, out_dtype=torch.float32, backend="reference")
     assert torch.allclose(tb.matmul(a, b, torch.float32), expected, rtol=1e-5, atol=1e-4)
 

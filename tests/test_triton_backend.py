@@ -1,5 +1,7 @@
-"""The triton backend's kernels under the interpreter: bit-identical to the reference, two launches
-for tensorwise, the interpreter cast fix, and the reasons `why_not` gives."""
+"""The triton backend's kernels: bit-identical to the reference, two launches for tensorwise, the
+interpreter cast fix, and the reasons `why_not` gives. They run where the backend runs: on the GPU
+when there is one, else on CPU tensors in Triton's interpreter (conftest sets TRITON_INTERPRET=1
+on a machine without a GPU)."""
 
 from __future__ import annotations
 
@@ -9,16 +11,20 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("CPU interpreter tests (conftest sets TRITON_INTERPRET=1 without a GPU)", allow_module_level=True)
 
 import fp8dispatch  # noqa: E402
 from fp8dispatch.backends import reference  # noqa: E402
 from fp8dispatch.backends import triton as backend  # noqa: E402
 from fp8dispatch.blocks import block_for  # noqa: E402
-from fp8dispatch.problem import MatmulProblem, QuantizeProblem  # noqa: E402
+from fp8dispatch.problem import MatmulProblem, QuantizeProblem, device_capability  # noqa: E402
 from fp8dispatch.registry import probe_result  # noqa: E402
 from fp8dispatch.tensor import Fp8Tensor  # noqa: E402
+
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = torch.device("cpu" if INTERPRETER or not torch.cuda.is_available() else "cuda")
+if probe_result("triton") is not None:
+    pytest.skip(f"the triton backend cannot run here: {probe_result('triton')}", allow_module_level=True)
+interpreter_only = pytest.mark.skipif(not INTERPRETER, reason="checks the interpreter (CPU tensors)")
 
 kernels = backend.kernels()
 # The special values overflow numpy on purpose inside the interpreter (x / tiny scale -> inf).
@@ -37,7 +43,7 @@ def special_values(rows: int, cols: int, dtype=torch.float32, seed: int = 0) -> 
     picks = torch.randperm(flat.numel(), generator=g)[: min(flat.numel() // 3, 3 * specials.numel())]
     flat[picks] = specials.repeat(3)[: picks.numel()]
     x[: max(1, rows // 3), : min(cols, 64)] = 0.0
-    return x.to(dtype)
+    return x.to(dtype).to(DEVICE)
 
 
 def assert_same_bits(got, want):
@@ -56,6 +62,7 @@ def calc_diff(x, y) -> float:
 # --- the interpreter's cast fix ---------------------------------------------------------------
 
 
+@interpreter_only
 def test_interpreter_fix_is_installed_once():
     from triton.runtime import interpreter as triton_interpreter
 
@@ -69,8 +76,9 @@ def test_interpreter_fix_is_installed_once():
 def test_every_bf16_pattern_casts_like_torch(fp8):
     """All 65536 bf16 bit patterns through a kernel's saturating cast equal torch's clamp + cast."""
     x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).reshape(256, 256)
-    data, scale = kernels.quantize(x, (256, 256), fp8, scale=torch.ones(1, 1))
-    want = reference.quantize(x, (256, 256), fp8, scale=torch.ones(1, 1))[0]
+    x, one = x.to(DEVICE), torch.ones(1, 1, device=DEVICE)
+    data, scale = kernels.quantize(x, (256, 256), fp8, scale=one)
+    want = reference.quantize(x, (256, 256), fp8, scale=one)[0]
     assert_same_bits(data, want)
 
 
@@ -220,7 +228,7 @@ def test_wide_groups_knobs_must_be_powers_of_two(knob):
     from fp8dispatch.errors import Fp8ValueError
 
     with pytest.raises(Fp8ValueError, match=f"{knob}: expected a power of two"):
-        q._quantize_wide_groups(torch.zeros(2, 1100), 1100, E4M3, None, None, False, **{knob: 100})
+        q._quantize_wide_groups(torch.zeros(2, 1100, device=DEVICE), 1100, E4M3, None, None, False, **{knob: 100})
 
 def test_quantize_strided_input():
     x = special_values(300, 64, seed=4).t()  # [64, 300], column-major
@@ -262,7 +270,7 @@ def test_tensorwise_two_launches_and_reciprocal(monkeypatch):
     want_data, want_scale = reference.quantize(x, (300, 500), E4M3)
     assert_same_bits(scales[:1].view(1, 1), want_scale)
     assert_same_bits(data, want_data)
-    assert_same_bits(scales[1:], torch.tensor([1.0]) / want_scale.view(1))
+    assert_same_bits(scales[1:], torch.tensor([1.0], device=DEVICE) / want_scale.view(1))
 
 
 # --- dequantize -------------------------------------------------------------------------------
@@ -286,7 +294,7 @@ def test_dequantize_exact(granularity, out_dtype):
 
 def _operands(m, n, k, recipe, group=128, seed=0):
     g = torch.Generator().manual_seed(seed)
-    a, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+    a, w = torch.randn(m, k, generator=g).to(DEVICE), torch.randn(n, k, generator=g).to(DEVICE)
     a_block = {"block": (1, group), "row": (1, k), "tensor": (m, k)}[recipe]
     w_block = {"block": (group, group), "row": (1, k), "tensor": (n, k)}[recipe]
     return (Fp8Tensor(*reference.quantize(a, a_block, E4M3), a_block),
@@ -298,7 +306,7 @@ def _operands(m, n, k, recipe, group=128, seed=0):
 def test_matmul_matches_reference(recipe, m, n, k):
     """M = 1 takes the swapped small-M kernel, 70 and 130 the tiled one; N and K have tails."""
     qa, qw = _operands(m, n, k, recipe)
-    bias = torch.randn(n).to(torch.bfloat16)
+    bias = torch.randn(n).to(torch.bfloat16).to(DEVICE)
     for out_dtype, b in ((torch.bfloat16, None), (torch.float32, bias)):
         got = kernels.matmul(qa, qw.t(), out_dtype, b)
         want = reference.matmul(qa, qw.t(), out_dtype, b)
@@ -332,6 +340,7 @@ def test_which_calls_the_hopper_kernel_takes(change, reason):
     assert why == reason if reason is None else reason in why
 
 
+@interpreter_only
 def test_the_interpreter_never_takes_the_hopper_kernel():
     from fp8dispatch.backends.triton import matmul as portable
 
@@ -372,7 +381,7 @@ def test_a_hopper_kernel_that_cannot_compile_leaves_the_portable_one(monkeypatch
 
 
 def test_public_linear_routes_to_triton():
-    x, w = torch.randn(3, 5, 256), torch.randn(192, 256)
+    x, w = torch.randn(3, 5, 256, device=DEVICE), torch.randn(192, 256, device=DEVICE)
     got = fp8dispatch.linear(x.bfloat16(), w.bfloat16(), backend="triton")
     want = fp8dispatch.linear(x.bfloat16(), w.bfloat16(), backend="reference")
     assert got.shape == (3, 5, 192)
@@ -383,14 +392,14 @@ def test_public_linear_routes_to_triton():
 
 
 def _matmul_problem(**changes):
-    fields = dict(device=torch.device("cpu"), capability=None, recipe="block", a_dtype=E4M3, b_dtype=E4M3,
+    fields = dict(device=DEVICE, capability=device_capability(DEVICE), recipe="block", a_dtype=E4M3, b_dtype=E4M3,
                   m=64, n=256, k=512, a_block=(1, 128), b_block=(128, 128), a_row_major=True,
                   b_col_major=True, out_dtype=torch.bfloat16, bias_dtype=None)
     fields.update(changes)
     return MatmulProblem(**fields)
 
 
-def test_probe_passes_under_the_interpreter():
+def test_probe_passes_here():
     assert probe_result("triton") is None
 
 
@@ -401,14 +410,15 @@ def test_why_not_names_each_limit():
     assert any("row-major" in r for r in why("matmul", _matmul_problem(a_row_major=False)))
     assert any("block recipe" in r for r in why("matmul", _matmul_problem(recipe="mixed")))
     assert any("g % 32" in r for r in why("matmul", _matmul_problem(a_block=(1, 48), b_block=(48, 48))))
-    assert any("CPU tensors only" in r for r in why("matmul", _matmul_problem(device=torch.device("meta"))))
-    fnuz = QuantizeProblem(device=torch.device("cpu"), capability=None, in_dtype=torch.float32, shape=(4, 128),
+    elsewhere = "CPU tensors only" if INTERPRETER else "needs a CUDA tensor"
+    assert any(elsewhere in r for r in why("matmul", _matmul_problem(device=torch.device("meta"))))
+    fnuz = QuantizeProblem(device=DEVICE, capability=device_capability(DEVICE), in_dtype=torch.float32, shape=(4, 128),
                            contiguous=True, block=(1, 128), fp8_dtype=torch.float8_e4m3fnuz, user_scale=False,
                            scale_ub=False, pow2_scale=False)
     import triton
 
     major_minor = tuple(int(p) for p in triton.__version__.split(".")[:2])
-    assert bool(why("quantize", fnuz)) == (major_minor < (3, 8))
+    assert bool(why("quantize", fnuz)) == (not INTERPRETER or major_minor < (3, 8))  # on a GPU: AMD only
 
 
 @pytest.mark.parametrize("granularity", ["tensor", "row", "group", "block"])
@@ -419,6 +429,7 @@ def test_blocks_of_denormals(granularity):
     x[0, :128] = torch.randn(128, generator=g) * 1e-39
     x[1, 5] = 3e-42
     x[2, 130:] = torch.randn(126, generator=g) * 1e-41
+    x = x.to(DEVICE)
     block = block_for(granularity, 4, 256, 128)
     for options in ({}, {"pow2_scale": True}):
         got = kernels.quantize(x, block, E4M3, **options)

@@ -192,12 +192,12 @@ def test_stale_and_foreign_tables_are_ignored_with_a_warning(tables):
         assert tuning.lookup(quantize_problem()) is None
 
 
-def test_a_table_for_another_gpu_warns(tables, monkeypatch):
+def test_a_table_for_another_architecture_warns(tables, monkeypatch):
     gpu = torch.device("cuda", 0)
     monkeypatch.setitem(tuning._identities, gpu, ("NVIDIA Imaginary 2", [9, 0]))  # no GPU needed
     p = QuantizeProblem(gpu, (9, 0), torch.bfloat16, (4, 256), True, (1, 128), torch.float8_e4m3fn,
                         False, False, False)
-    env = {"device": "NVIDIA Imaginary 1", "capability": [9, 0], "libraries": tuning.libraries()}
+    env = {"device": "NVIDIA Imaginary 1", "capability": [8, 9], "libraries": tuning.libraries()}
     write_table(tables, rows_for(p, {"reference": (1e-5, 0.0)}), env)
     with pytest.warns(tuning.TuningWarning, match="measured on NVIDIA Imaginary 1, this is NVIDIA Imaginary 2"):
         assert tuning.lookup(p) is None
@@ -232,4 +232,4 @@ def test_status_says_what_serves_a_device(tables, sandbox):
     fp8dispatch.refresh()
     assert any("1 (op, variant, N, K) keys" in line for line in tuning.status(CPU))
     sandbox.env(FP8DISPATCH_TUNING="off")
-    assert tuning.status(CPU) == ["routing tables off (FP8DISPATCH_TUNING=off)"]
+    assert tuning.status(CPU) == ["routing by the static order: routing tables are off (FP8DISPATCH_TUNING=off)"]

@@ -165,27 +165,6 @@ BACKEND = Backend(
     dequantize=_dequantize,
     matmul=_matmul,
     grouped_linear=_grouped_linear,
-    # 100 = fastest measured on the H100 for that op and recipe, 90 second, 80 third (reference 0);
-    # from docs/results/h100/triton-kernels.md, peers in the same run (docs/triton.md explains each).
-    priority=50,
-    priorities={
-        "quantize.tensor": 100,  # 1.9x FBGEMM quantize_fp8_per_tensor
-        "quantize.group": 100,  # the only 1x128 quantizer measured at 0.87-0.90 of a bf16 copy
-        "quantize.block": 100,
-        "quantize.row": 100,  # 1.05-1.10x FBGEMM quantize_fp8_per_row (no longer offered)
-        "quantize.col": 90,
-        "dequantize": 80,  # one pass, but not measured against a peer
-        # The block recipe: the smallest worst case over the DeepSeek-V3 grid (0.66x the fastest,
-        # against torch's 0.54x and fbgemm's 0.52x; docs/routing.md), 1.02-1.26x FBGEMM groupwise
-        # at M=4096 with the Hopper kernel. Row and tensor: third at M=4096, the tuned table
-        # picks triton where it wins.
-        "matmul.block": 100,
-        "matmul.row": 85,  # 0.88-1.02x torch._scaled_mm at M=4096
-        "matmul.tensor": 85,  # 0.82-0.97x torch._scaled_mm
-        # One launch for all experts; the only grouped kernel checked on CPU (the interpreter), so
-        # first until the H200 run measures its peers (fbgemm, torch rank below it meanwhile).
-        "grouped_linear": 100,
-    },
     version=_triton_version,
     description="fp8dispatch's own Triton kernels (sm89+; the interpreter on CPU)",
 )

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from fp8dispatch import bench, tuning
 from fp8dispatch.blocks import GRANULARITIES, RECIPES
+from fp8dispatch.devices import gpu_slug
 from fp8dispatch.errors import Fp8DispatchError
 
 # Datasheet dense peaks (TFLOPS fp8, bf16; TB/s) for the roofline; the measured copy rate and
@@ -40,7 +41,9 @@ def add_selection(parser, *, ops_default: str) -> None:
                         f"M {','.join(map(str, bench.QUICK_M))}, 20 runs")
     g.add_argument("--runs", type=int, default=None, help="timed runs per row (default 50, --quick 20)")
     g.add_argument("--warmup", type=int, default=5, help="untimed runs first (autotuners run here)")
-    g.add_argument("--out", default=None, help="write OUT.json and OUT.csv, the JSON after every point")
+    g.add_argument("--out", default=None,
+                   help="write OUT.json and OUT.csv, the JSON after every point; '{gpu}' in OUT becomes the "
+                        "GPU's short name (results/{gpu}/grid -> results/h200/grid)")
     g.add_argument("--resume", action="store_true", help="keep the rows already in OUT.json, measure the rest")
     g.add_argument("--no-graphs", action="store_true", help="time eager calls, not CUDA graph replays")
 
@@ -50,7 +53,8 @@ def add_arguments(parser) -> None:
     g = parser.add_argument_group("output")
     g.add_argument("--from", dest="sources", nargs="+", default=None, metavar="JSON",
                    help="measure nothing: merge these result files and report them")
-    g.add_argument("--plots", default=None, metavar="DIR", help="write PNG plots here (needs matplotlib)")
+    g.add_argument("--plots", default=None, metavar="DIR",
+                   help="write PNG plots here (needs matplotlib); '{gpu}' as in --out")
     g.add_argument("--no-auto", action="store_true", help="skip the auto rows")
     g.add_argument("--no-baselines", action="store_true", help="skip the bf16 baselines")
     g.add_argument("--all", action="store_true", help="also list unsupported and failed rows in the table")
@@ -94,6 +98,7 @@ def measure(args) -> tuple[dict, list[dict]]:
     """Run the selected grid (resuming from OUT.json if asked); returns (environment, rows)."""
     grid, backends, settings = selection(args)
     env = tuning.environment(settings.device)
+    args.out = named(args.out, env)
     out = Path(args.out + ".json") if args.out else None
     rows: list[dict] = []
     if args.resume and out is not None and out.is_file():
@@ -118,6 +123,11 @@ def measure(args) -> tuple[dict, list[dict]]:
     if out is not None:
         bench.save_results(out, env, rows, command)
     return env, rows
+
+
+def named(path: str | None, env: dict) -> str | None:
+    """An output path with '{gpu}' replaced by the short name of the GPU it was measured on."""
+    return path.replace("{gpu}", gpu_slug(env["device"])) if path else path
 
 
 def row_point(row: dict) -> tuple:
@@ -321,6 +331,7 @@ def run(args) -> int:
     try:
         if args.sources:
             env, rows = bench.load_results([Path(p) for p in args.sources])
+            args.out = named(args.out, env)
             if args.out:
                 bench.save_results(Path(args.out + ".json"), env, rows, "merged: " + " ".join(args.sources))
         else:
@@ -341,6 +352,6 @@ def run(args) -> int:
         write_csv(Path(args.out + ".csv"), rows)
         print(f"\nwrote {args.out}.json and {args.out}.csv")
     if args.plots:
-        for path in plots(Path(args.plots), env, rows):
+        for path in plots(Path(named(args.plots, env)), env, rows):
             print(f"wrote {path}")
     return 0

@@ -6,7 +6,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from fp8dispatch import bench, registry, tuning
+from fp8dispatch import bench, models, registry, tuning
 from fp8dispatch.cli import bench as bench_cli
 from fp8dispatch.errors import Fp8DispatchError
 
@@ -14,10 +14,16 @@ from fp8dispatch.errors import Fp8DispatchError
 def add_arguments(parser) -> None:
     bench_cli.add_selection(parser, ops_default="matmul,quantize")
     g = parser.add_argument_group("the table")
+    g.add_argument("--model", default=None, metavar="PATH",
+                   help="measure this model's linear shapes (a config.json, a .safetensors file, "
+                        f"{models.INDEX} or their directory) at each --m (default "
+                        f"{','.join(map(str, models.MODEL_M))}); {', '.join(models.SLOW_TO_TUNE)} and, on a "
+                        "GPU, the reference only if named in --backends")
     g.add_argument("--from", dest="sources", nargs="+", default=None, metavar="JSON",
                    help="measure nothing: build the table from these `bench --out` result files")
     g.add_argument("--table", default=None, metavar="PATH",
-                   help=f"where to write (default ${tuning.ENV_VAR}, else {_default_path()})")
+                   help=f"where to write (default ${tuning.ENV_VAR}, else {_default_path()}); "
+                        "'{gpu}' in PATH becomes the GPU's short name (h200)")
     g.add_argument("--dry-run", action="store_true", help="print the table, write nothing")
 
 
@@ -27,12 +33,14 @@ def _default_path() -> str:
 
 def run(args) -> int:
     try:
+        if args.model:
+            _select_model(args)
         if args.sources:
             env, rows = bench.load_results([Path(p) for p in args.sources])
         else:
             args.no_auto = args.no_baselines = True  # the table needs the backends alone
             env, rows = bench_cli.measure(args)
-        path = Path(args.table).expanduser() if args.table else tuning.user_path()
+        path = Path(bench_cli.named(args.table, env)).expanduser() if args.table else tuning.user_path()
         if path is None and not args.dry_run:
             raise Fp8DispatchError(f"{tuning.ENV_VAR}=off disables routing tables: pass --table PATH to write one")
     except Fp8DispatchError as e:
@@ -50,12 +58,23 @@ def run(args) -> int:
         return 1
     if args.dry_run:
         return 0
-    try:
-        document = tuning.read(path) if path.is_file() else None
-    except (OSError, tuning.InvalidTable) as e:
-        print(f"replacing unreadable table {path}: {e}", file=sys.stderr)
-        document = None
-    tuning.write(path, tuning.merge(document, table))
+    bench.save_table(path, table)
     registry.refresh()
     print(f"wrote {path}")
     return 0
+
+
+def _select_model(args) -> None:
+    """--model: its (N, K) at each --m become the shapes; torchao only when named (it is slow to tune)."""
+    clash = [flag for flag, given in (("--shapes", args.shapes), ("--quick", args.quick), ("--from", args.sources))
+             if given]
+    if clash:
+        raise Fp8DispatchError(f"--model: measures the model's own shapes; drop {', '.join(clash)}")
+    shapes = models.shapes_of(args.model)
+    args.shapes = ",".join(f"{n}x{k}" for n, k in shapes)
+    args.m = ",".join(map(str, bench_cli._ints("m", args.m) if args.m else models.MODEL_M))
+    if not args.backends:
+        device = bench.require_device(args.device)  # no GPU: the clear message, before probing anything
+        args.backends = ",".join(models.default_backends(device))
+    print(f"{args.model}: {len(shapes)} linear shapes (N x K): {args.shapes.replace(',', ' ')}", file=sys.stderr)
+
