@@ -85,6 +85,8 @@ def cublaslt_version() -> int | None:
 def why_not(op: str, p) -> list[str]:
     if p.device.type != "cuda":
         return [f"needs a CUDA tensor, got device {p.device}"]
+    if op == "grouped_linear":
+        return _grouped_reasons(p)
     reasons = []
     if p.capability < (8, 9):
         reasons.append(f"needs sm89 or newer (FP8 tensor cores), this GPU is {lib.sm(p.capability)}")
@@ -162,11 +164,85 @@ def _block_matmul(a, b, out_dtype):
     return out[:m] if data.shape[0] != m else out
 
 
+# --- grouped_linear: torch._scaled_grouped_mm --------------------------------------------------
+
+_grouped_found: dict = {}
+
+
+def grouped_probe(device: torch.device) -> str | None:
+    """Whether this torch runs `torch._scaled_grouped_mm` on `device`: the op exists, has a kernel for
+    the device's dispatch key, and (on CUDA) one exact product comes out right. Run once per device
+    type; torch 2.13's CPU build has the op but no CPU kernel, torch 2.11 has a CUDA one (sm90)."""
+    key = device.type
+    if key not in _grouped_found:
+        _grouped_found[key] = _grouped_self_test(device)
+    return _grouped_found[key]
+
+
+def _grouped_self_test(device: torch.device) -> str | None:
+    if not hasattr(torch, "_scaled_grouped_mm"):
+        return f"torch {torch.__version__} has no torch._scaled_grouped_mm"
+    dispatch_key = "CUDA" if device.type == "cuda" else device.type.upper()
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("aten::_scaled_grouped_mm", dispatch_key):
+        return f"torch {torch.__version__} has no {dispatch_key} kernel for torch._scaled_grouped_mm"
+    x = torch.ones(32, 32, device=device).to(E4M3)
+    w = torch.ones(2, 16, 32, device=device).to(E4M3)
+    ends = torch.tensor([16, 32], dtype=torch.int32, device=device)
+    try:
+        out = torch._scaled_grouped_mm(x, w.transpose(-2, -1), torch.full((32,), 2.0, device=device),
+                                       torch.full((2, 16), 3.0, device=device), offs=ends, out_dtype=torch.bfloat16)
+    except Exception as e:  # noqa: BLE001 - an op that cannot run here is a reason
+        return f"self-test: torch._scaled_grouped_mm raised {type(e).__name__}: {lib._first_line(e)}"
+    if not torch.equal(out.float().cpu(), torch.full((32, 16), 192.0)):
+        return f"self-test: torch._scaled_grouped_mm gave {out.flatten()[0].item()}, expected 192"
+    return None
+
+
+def _grouped_reasons(p) -> list[str]:
+    reasons = []
+    unavailable = grouped_probe(p.device)
+    if unavailable:
+        reasons.append(unavailable)
+    if p.capability not in ((9, 0), (10, 0)):
+        reasons.append(f"torch._scaled_grouped_mm runs FP8 on sm90 and sm100 only, this GPU is {lib.sm(p.capability)}")
+    if p.recipe != "row":
+        reasons.append("block recipe: torch._scaled_grouped_mm takes rowwise scales (and MX formats on sm100), "
+                       "not 1×128 · 128×128 blocks; use triton or fbgemm")
+    if (p.x_dtype, p.w_dtype) != (E4M3, E4M3):
+        reasons.append(f"x, w: torch._scaled_grouped_mm takes float8_e4m3fn only, got {p.x_dtype} × {p.w_dtype}")
+    if p.out_dtype != torch.bfloat16:
+        reasons.append(f"out_dtype: torch._scaled_grouped_mm writes bf16 only, asked {p.out_dtype}")
+    if p.bias_dtype is not None:
+        reasons.append("bias: torch._scaled_grouped_mm takes no bias, and adding it to the bf16 output would "
+                       "round twice")
+    if p.k % 16 or p.n % 16:
+        reasons.append(f"K={p.k}, N={p.n}: needs K % 16 == 0 and N % 16 == 0 (16-byte aligned strides)")
+    if not (p.x_row_major and p.w_contiguous):
+        reasons.append("x, w: need contiguous data (x row-major [M, K], w [G, N, K])")
+    return reasons
+
+
+def grouped_linear(x, w, offsets, masked_m, out_dtype, bias=None):
+    """Rows past an expert's end: the masked layout runs as contiguous over every slot, then zeroes them."""
+    groups, n, k = w.data.shape
+    data = x.data.reshape(-1, k)
+    if offsets is None:
+        offsets = lib.masked_as_contiguous(groups, x.data.shape[1], data.device)
+    sa = lib.per_row(x.scale, x.block[0], data.shape[0]).view(-1)
+    sb = w.scale.reshape(groups, n)
+    out = torch._scaled_grouped_mm(data, w.data.transpose(-2, -1), sa, sb, offs=offsets[1:].to(torch.int32),
+                                   out_dtype=torch.bfloat16, use_fast_accum=True)
+    if masked_m is not None:
+        out = lib.zero_past_masked(out.view(groups, -1, n), masked_m)
+    return out
+
+
 BACKEND = Backend(
     name="torch",
     probe=probe,
     why_not=why_not,
     matmul=matmul,
+    grouped_linear=grouped_linear,
     version=lambda: f"{torch.__version__} (cuBLASLt {_found['cublaslt'] or '?'})",
     description="torch._scaled_mm / F.scaled_mm: cuBLASLt and CUTLASS FP8 GEMMs shipped with PyTorch",
 )
