@@ -20,8 +20,10 @@ import fp8dispatch
 from fp8dispatch import api, registry
 from fp8dispatch.errors import Unsupported
 from fp8dispatch.problem import DequantizeProblem, device_capability
+from fp8dispatch.grouped import GroupedFp8Tensor
 from fp8dispatch.tensor import Fp8Tensor
 
+from . import grouped
 from .cases import Case
 
 # DeepGEMM's FP8 bar for `calc_diff` (deepseek-ai/DeepGEMM tests); research/anchors.md §4.1.
@@ -46,6 +48,8 @@ class Expected:
 
 def call(case: Case, inputs: dict, backend: str):
     """Run the case through the public API with `backend=`, so dispatch is part of what is tested."""
+    if case.op == "grouped_linear":
+        return grouped.call(case, inputs, backend)
     if case.op == "quantize":
         return fp8dispatch.quantize(inputs["x"], case.granularity, dtype=case.fp8, block_size=case.block_size,
                                     scale=inputs["scale"], scale_ub=inputs["scale_ub"],
@@ -58,6 +62,8 @@ def call(case: Case, inputs: dict, backend: str):
 
 def problem_of(case: Case, inputs: dict):
     """The problem the dispatcher will hand to `why_not`, from the API's own planners."""
+    if case.op == "grouped_linear":
+        return grouped.problem_of(case, inputs)
     if case.op == "quantize":
         x = inputs["x"]
         return api._plan_quantize(x, case.granularity, case.fp8, case.block_size, inputs["scale"],
@@ -72,6 +78,8 @@ def problem_of(case: Case, inputs: dict):
 
 def expected(case: Case, inputs: dict) -> Expected:
     result = call(case, inputs, "reference")
+    if case.op == "grouped_linear":
+        return Expected(result, grouped.product(case, inputs))
     if case.op != "matmul":
         return Expected(result)
     a, b, bias = inputs["a"], inputs["b"], inputs["bias"]
@@ -139,6 +147,8 @@ def compare(case: Case, got, want: Expected, inputs: dict) -> list[str]:
         return problems
     if case.op == "dequantize":
         return _bits_differ("output", got, ref)
+    if case.op == "grouped_linear":
+        return grouped.padding_not_zero(case, got) or _matmul_differs(case, got, want)
     return _matmul_differs(case, got, want)
 
 
@@ -184,7 +194,7 @@ def _same_layout(name, got, ref) -> list[str]:
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
     t = t.contiguous()
-    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
 def _bits_differ(name, got, ref, source=None, source_name="") -> list[str]:
@@ -257,7 +267,7 @@ def poisoned_allocations(byte: int):
 
 
 def _tensors(obj):
-    if isinstance(obj, Fp8Tensor):
+    if isinstance(obj, (Fp8Tensor, GroupedFp8Tensor)):
         return [obj.data, obj.scale]
     if isinstance(obj, torch.Tensor):
         return [obj]

@@ -203,12 +203,13 @@ def _plan(x, w, offsets, masked_m, bias, recipe, out_dtype, backend) -> Callable
     rows, n, k = problem.m, problem.n, problem.k
     out_shape = (problem.groups, rows, n) if masked else (rows, n)
     check_values = _masked_m_checker(rows) if masked else _offsets_checker(rows)
+    chosen = registry.choose(problem, backend)  # a backend asked for by name must be able to run it
     if rows * n * problem.groups == 0 or k == 0:
         def empty(x, w, offsets, masked_m, bias):
             check_values(offsets if offsets is not None else masked_m)
             return _bias_only(out_shape, out_dtype, x.device, offsets, masked_m, bias)
         return empty
-    run = registry.choose(problem, backend).grouped_linear
+    run = chosen.grouped_linear
     x_gran = "group" if problem.recipe == "block" else "row"
     x_group, w_recipe = problem.x_block[1], problem.recipe
     w_size = problem.w_block[1] if problem.recipe == "block" else 128
