@@ -260,7 +260,7 @@ def _grouped_reasons(p) -> list[str]:
 
 
 def grouped_linear(x, w, offsets, masked_m, out_dtype, bias=None):
-    ops = torch.ops.fbgemm
+    ops = _ops()
     groups, n, k = w.data.shape
     xq = x.data.reshape(-1, k)
     if offsets is None:
