@@ -281,30 +281,35 @@ def explain_grouped(x, w, offsets=None, *, masked_m=None, bias=None, recipe=None
 
 @torch.library.custom_op("fp8dispatch::grouped_linear", mutates_args=())
 def grouped_linear_op(
-    x: torch.Tensor, x_scale: Optional[torch.Tensor], x_block: list[int],
-    w: torch.Tensor, w_scale: Optional[torch.Tensor], w_block: list[int],
+    x: torch.Tensor, x_fp8: Optional[torch.dtype], x_scale: Optional[torch.Tensor], x_block: Optional[list[int]],
+    w: torch.Tensor, w_fp8: Optional[torch.dtype], w_scale: Optional[torch.Tensor], w_block: Optional[list[int]],
     offsets: Optional[torch.Tensor], masked_m: Optional[torch.Tensor], bias: Optional[torch.Tensor],
     recipe: Optional[str], out_dtype: Optional[torch.dtype], backend: str,
 ) -> torch.Tensor:
-    """`grouped_linear` as one opaque op: FP8 operands cross as (data, scale, block)."""
-    xa = Fp8Tensor._trusted(x, x_scale, tuple(x_block)) if x_scale is not None else x
-    wa = GroupedFp8Tensor(w, w_scale, tuple(w_block)) if w_scale is not None else w
+    """`grouped_linear` as one opaque op. An FP8 operand comes as (uint8 bits, its FP8 dtype, scale,
+    block), as in fp8dispatch/ops.py; a high-precision one as (tensor, None, None, None)."""
+    xa = x if x_fp8 is None else Fp8Tensor(x.view(x_fp8), x_scale, (x_block[0], x_block[1]))
+    wa = w if w_fp8 is None else GroupedFp8Tensor(w.view(w_fp8), w_scale, (w_block[0], w_block[1]))
     out = grouped_linear(xa, wa, offsets, masked_m=masked_m, bias=bias, recipe=recipe, out_dtype=out_dtype,
                          backend=backend)
-    return out.clone() if out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() else out
+    return out.clone() if any(t is not None and t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr()
+                              for t in (x, w, bias)) else out
 
 
 @grouped_linear_op.register_fake
-def _(x, x_scale, x_block, w, w_scale, w_block, offsets, masked_m, bias, recipe, out_dtype, backend):
+def _(x, x_fp8, x_scale, x_block, w, w_fp8, w_scale, w_block, offsets, masked_m, bias, recipe, out_dtype, backend):
     if out_dtype is None:
-        out_dtype = x.dtype if x.dtype in HIGH_PRECISION else torch.bfloat16
+        out_dtype = x.dtype if x_fp8 is None and x.dtype in HIGH_PRECISION else torch.bfloat16
     return x.new_empty((*x.shape[:-1], w.shape[1]), dtype=out_dtype)
 
 
-def _traced(x, w, offsets, masked_m, bias, recipe, out_dtype, backend):
-    x_parts = (x.data, x.scale, list(x.block)) if isinstance(x, Fp8Tensor) else (x, None, [])
-    w_parts = (w.data, w.scale, list(w.block)) if isinstance(w, GroupedFp8Tensor) else (w, None, [])
-    return grouped_linear_op(*x_parts, *w_parts, offsets, masked_m, bias, recipe, out_dtype, backend)
+def _parts(t) -> tuple:
+    if isinstance(t, (Fp8Tensor, GroupedFp8Tensor)):
+        return t.data.view(torch.uint8), t.data.dtype, t.scale, list(t.block)
+    return t, None, None, None
 
+
+def _traced(x, w, offsets, masked_m, bias, recipe, out_dtype, backend):
+    return grouped_linear_op(*_parts(x), *_parts(w), offsets, masked_m, bias, recipe, out_dtype, backend)
 
 __all__ = ["explain_grouped", "grouped_linear", "plan_problem"]
