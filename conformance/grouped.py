@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 import fp8dispatch
+from fp8dispatch.grouped import skewed_counts
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 
@@ -75,15 +76,6 @@ class GroupedCase:
                 f"bias={_short(self.bias)}, values={self.values}")
 
 
-def skewed(groups: int, total: int, seed: int = 0) -> tuple[int, ...]:
-    """Row counts of a routed batch: a few hot experts, a long tail of 0, 1 and small counts."""
-    gen = torch.Generator().manual_seed(seed)
-    weights = torch.rand(groups, generator=gen) ** 6
-    counts = (weights / weights.sum() * total).floor().long()
-    counts[torch.randint(0, groups, (1,), generator=gen)] += total - int(counts.sum())
-    return tuple(int(c) for c in counts)
-
-
 def cases(quick: bool = True) -> list:
     out = []
     for j, recipe in enumerate(("block", "row")):
@@ -94,7 +86,7 @@ def cases(quick: bool = True) -> list:
         out.append(GroupedCase(recipe, "contiguous", (0, 0, 9, 0), n=64, k=128))
         out.append(GroupedCase(recipe, "contiguous", (0, 0, 0), n=64, k=128))
         # 256 experts with skewed counts (tiny N and K: the interpreter walks every expert).
-        out.append(GroupedCase(recipe, "contiguous", skewed(256, 300, seed=j), n=48, k=160))
+        out.append(GroupedCase(recipe, "contiguous", skewed_counts(256, 300, seed=j), n=48, k=160))
         # Masked (decode): empty, full and partial experts; x's padding rows hold NaN.
         out.append(GroupedCase(recipe, "masked", (0, 8, 3, 1), n=200, k=300, max_m=8, bias=torch.bfloat16))
         out.append(GroupedCase(recipe, "masked", (0, 0, 0), n=64, k=128, max_m=4))
@@ -113,8 +105,8 @@ def cases(quick: bool = True) -> list:
         if not quick:  # DeepSeek-V3's experts: gate/up fused 4096×7168, down 7168×2048
             for n, k in ((4096, 7168), (7168, 2048)):
                 out.append(GroupedCase(recipe, "contiguous", (4096,) * 8, n=n, k=k))
-                out.append(GroupedCase(recipe, "contiguous", skewed(32, 4096, seed=1), n=n, k=k))
-                out.append(GroupedCase(recipe, "masked", skewed(256, 256 * 32, seed=2), n=n, k=k, max_m=64))
+                out.append(GroupedCase(recipe, "contiguous", skewed_counts(32, 4096, seed=1), n=n, k=k))
+                out.append(GroupedCase(recipe, "masked", skewed_counts(256, 256 * 32, seed=2), n=n, k=k, max_m=64))
     return out
 
 
@@ -225,4 +217,4 @@ def padding_not_zero(case: GroupedCase, got: torch.Tensor) -> list[str]:
     return []
 
 
-__all__ = ["GroupedCase", "build", "call", "cases", "padding_not_zero", "problem_of", "product", "skewed"]
+__all__ = ["GroupedCase", "build", "call", "cases", "padding_not_zero", "problem_of", "product"]

@@ -21,7 +21,7 @@ from typing import Callable, Iterable
 import torch
 
 import fp8dispatch
-from fp8dispatch import registry, tuning
+from fp8dispatch import bench_grouped, registry, tuning
 from fp8dispatch.blocks import GRANULARITIES, RECIPES, block_for, scale_shape
 from fp8dispatch.errors import Fp8DispatchError, Fp8ValueError
 from fp8dispatch.problem import MatmulProblem, QuantizeProblem, device_capability, recipe_of
@@ -34,7 +34,7 @@ DEEPSEEK_M = (1, 16, 64, 128, 512, 4096, 8192)
 SQUARES = (1024, 2048, 4096, 8192)
 QUICK_M = (1, 128, 4096)
 QUICK_NK = ((2112, 7168), (7168, 2048))
-OPS = ("matmul", "quantize", "linear")
+OPS = ("matmul", "quantize", "linear", "grouped")  # grouped: fp8dispatch/bench_grouped.py
 # The conformance bound of DESIGN.md for matmul, 1 - 2Σxy/Σ(x²+y²) < 1e-3, applied to every op
 # (for quantize, on the dequantized values against the reference's).
 ERROR_LIMIT = 1e-3
@@ -105,6 +105,8 @@ def points(shapes: list[Shape], ops=OPS, recipes=RECIPES, granularities=GRANULAR
             out += [Point(op, g, s) for s in acts for g in granularities]
         elif op in ("matmul", "linear"):
             out += [Point(op, r, s) for s in shapes for r in recipes]
+        elif op == "grouped":  # DeepSeek-V3's experts, whatever the shapes
+            out += bench_grouped.points(recipes)
         else:
             raise Fp8ValueError(f"ops: expected some of {', '.join(OPS)}, got {op!r}")
     return out
@@ -251,6 +253,8 @@ def row_id(row: dict) -> tuple:
 
 def measure(point: Point, backends: list[str], settings: Settings, operands: Operands | None = None) -> list[dict]:
     """Rows for one point: each named backend (or the reasons it cannot run), auto, the baseline."""
+    if point.op == "grouped":
+        return bench_grouped.measure(point, backends, settings)
     operands = operands or Operands(point.shape, settings.device)
     make = {"matmul": _matmul_cases, "quantize": _quantize_cases, "linear": _linear_cases}[point.op]
     cases, baseline = make(point, operands, settings.device)
@@ -423,7 +427,7 @@ def run(grid: list[Point], backends: list[str], settings: Settings, *, done: set
         full = Shape(point.shape.m, point.shape.n, point.shape.k)
         if full not in cache:
             cache.clear()  # one shape's operands at a time: the large ones take GBs
-            cache[full] = Operands(full, settings.device)
+            cache[full] = Operands(full, settings.device) if point.op != "grouped" else None
         step = Settings(settings.device, settings.warmup, settings.runs, want_auto, want_base, settings.graphs)
         for row in measure(point, todo, step, cache[full]):
             rows.append(row)
@@ -435,7 +439,7 @@ def run(grid: list[Point], backends: list[str], settings: Settings, *, done: set
 
 
 def _baseline_name(op: str) -> str:
-    return "bf16 copy" if op == "quantize" else "bf16 matmul"
+    return {"quantize": "bf16 copy", "grouped": bench_grouped.BF16_GROUPED}.get(op, "bf16 matmul")
 
 
 # --- result files -----------------------------------------------------------------------------

@@ -137,6 +137,16 @@ def quantize_grouped(w: torch.Tensor, recipe: str = "block", *, dtype: torch.dty
     return GroupedFp8Tensor(data, q.scale.view(grouped_scale_shape((g, rows, k), block)), block)
 
 
+def skewed_counts(groups: int, total: int, seed: int = 0) -> tuple[int, ...]:
+    """Row counts of a routed batch summing to `total`: a few hot experts, a long tail of 0, 1 and
+    small counts (weights drawn uniform, raised to the 6th power). Deterministic per seed."""
+    gen = torch.Generator().manual_seed(seed)
+    weights = torch.rand(groups, generator=gen) ** 6
+    counts = (weights / weights.sum() * total).floor().long()
+    counts[int(torch.randint(0, groups, (1,), generator=gen))] += total - int(counts.sum())
+    return tuple(int(c) for c in counts)
+
+
 @dataclass(frozen=True)
 class GroupedLinearProblem:
     """`out[rows of g] = x[rows of g] @ w[g].T` for G experts; per-expert row counts are values, not part of it."""
