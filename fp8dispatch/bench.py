@@ -106,7 +106,7 @@ def points(shapes: list[Shape], ops=OPS, recipes=RECIPES, granularities=GRANULAR
         elif op in ("matmul", "linear"):
             out += [Point(op, r, s) for s in shapes for r in recipes]
         elif op == "grouped":  # DeepSeek-V3's experts, whatever the shapes
-            out += bench_grouped.points(recipes)
+            out += bench_grouped.points(Point, Shape, recipes)
         else:
             raise Fp8ValueError(f"ops: expected some of {', '.join(OPS)}, got {op!r}")
     return out
@@ -254,7 +254,7 @@ def row_id(row: dict) -> tuple:
 def measure(point: Point, backends: list[str], settings: Settings, operands: Operands | None = None) -> list[dict]:
     """Rows for one point: each named backend (or the reasons it cannot run), auto, the baseline."""
     if point.op == "grouped":
-        return bench_grouped.measure(point, backends, settings)
+        return bench_grouped.measure(point, backends, settings, _timed_row, _row, relative_error)
     operands = operands or Operands(point.shape, settings.device)
     make = {"matmul": _matmul_cases, "quantize": _quantize_cases, "linear": _linear_cases}[point.op]
     cases, baseline = make(point, operands, settings.device)

@@ -38,10 +38,9 @@ GRID = (
 LOOP, BF16_GROUPED = "fd.linear loop", "bf16 grouped"
 
 
-def points(recipes=("block",), nk=EXPERT_NK, grid=GRID) -> list:
-    from fp8dispatch.bench import Point, Shape
-
-    return [Point("grouped", f"{recipe}:{layout}:g{g}:{counts}", Shape(rows, n, k))
+def points(point, shape, recipes=("block",), nk=EXPERT_NK, grid=GRID) -> list:
+    """The grid as `point(op, variant, shape(rows, n, k))`s (bench's Point and Shape)."""
+    return [point("grouped", f"{recipe}:{layout}:g{g}:{counts}", shape(rows, n, k))
             for recipe in recipes if recipe in GROUPED_RECIPES for n, k in nk for layout, g, rows, counts in grid]
 
 
@@ -96,19 +95,18 @@ class GroupedOperands:
         self.work = (2 * computed * s.n * s.k, weight_bytes if self.masked else None)
 
 
-def measure(point, backends: list[str], settings) -> list[dict]:
-    """Rows for one grouped point: the two baselines, each backend (or its reasons), auto."""
-    from fp8dispatch.bench import _timed_row, relative_error
-
+def measure(point, backends: list[str], settings, timed_row, unsupported_row, relative_error) -> list[dict]:
+    """Rows for one grouped point: the two baselines, each backend (or its reasons), auto. bench
+    passes its row makers and error measure, so there is one of each."""
     ops = GroupedOperands(point, settings.device)
     problem = plan_problem(ops.xq, ops.wq, ops.offsets, ops.masked_m, None, None, BF16, "auto")
     check = lambda out: relative_error(out, ops.product)  # noqa: E731
     rows, base, loop_s = [], None, None
     if settings.baselines:
         how, fn = _bf16_grouped(ops)
-        base = _timed_row(point, BF16_GROUPED, fn, None, ops.work, settings, None)
+        base = timed_row(point, BF16_GROUPED, fn, None, ops.work, settings, None)
         base["note"] = how
-        loop = _timed_row(point, LOOP, _linear_loop(ops), check, ops.work, settings, base)
+        loop = timed_row(point, LOOP, _linear_loop(ops), check, ops.work, settings, base)
         for row in (base, loop):
             if row["status"] == "ok":
                 row["status"] = "baseline"
@@ -118,26 +116,20 @@ def measure(point, backends: list[str], settings) -> list[dict]:
         backend = registry.get_backend(name)
         why = registry.reasons(backend, problem)
         if why:
-            rows.append(_unsupported(point, name, "; ".join(why)))
+            rows.append(unsupported_row(point, name, status="unsupported", note="; ".join(why)))
             continue
         run = backend.grouped_linear
         fn = lambda run=run: run(ops.xq, ops.wq, ops.offsets, ops.masked_m, BF16, None)  # noqa: E731
-        rows.append(_with_loop(_timed_row(point, name, fn, check, ops.work, settings, base), settings, loop_s))
+        rows.append(_with_loop(timed_row(point, name, fn, check, ops.work, settings, base), settings, loop_s))
     if settings.auto:
         try:
             chosen = registry.choose(problem).name
         except Fp8DispatchError as e:
             chosen = f"none ({type(e).__name__})"
         fn = lambda: fp8dispatch.grouped_linear(ops.xq, ops.wq, ops.offsets, masked_m=ops.masked_m)  # noqa: E731
-        rows.append(_with_loop(_timed_row(point, "auto", fn, check, ops.work, settings, base, None, chosen),
+        rows.append(_with_loop(timed_row(point, "auto", fn, check, ops.work, settings, base, None, chosen),
                                settings, loop_s))
     return rows
-
-
-def _unsupported(point, name, note) -> dict:
-    from fp8dispatch.bench import _row
-
-    return _row(point, name, status="unsupported", note=note)
 
 
 def _with_loop(row: dict, settings, loop_s) -> dict:
