@@ -49,6 +49,18 @@ def quiet_import(name: str, importer=importlib.import_module):
         return None, f"{name} raised on import: {type(e).__name__}: {_first_line(e)}"
 
 
+def load(min_capability: tuple[int, int], package: str, install: str, module: str, find_spec, importer):
+    """(module, None) once the device gate passes and the library imports quietly, or (None, reason).
+
+    `find_spec` and `importer` are the backend's own hooks (tests replace them)."""
+    reason = cuda_reason(min_capability)
+    if reason:
+        return None, reason
+    if find_spec(package) is None:
+        return None, f"{package} is not installed (pip install {install})"
+    return quiet_import(module, importer=importer)
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else "(no message)"

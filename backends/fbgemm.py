@@ -49,12 +49,8 @@ def _capability(device: torch.device):
 
 
 def probe() -> str | None:
-    reason = lib.cuda_reason((8, 0))  # the quantizers ship sm_80 cubins; the GEMMs are gated below
-    if reason:
-        return reason
-    if _find_spec("fbgemm_gpu") is None:
-        return "fbgemm_gpu is not installed (pip install fbgemm-gpu-genai)"
-    module, reason = lib.quiet_import(GENAI, importer=_import)
+    # The quantizers ship sm_80 cubins; the GEMMs are gated per problem in why_not.
+    module, reason = lib.load((8, 0), "fbgemm_gpu", "fbgemm-gpu-genai", GENAI, _find_spec, _import)
     if reason:
         return reason
     ops = _ops()

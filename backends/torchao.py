@@ -38,12 +38,8 @@ def _has_triton() -> bool:
 
 
 def probe() -> str | None:
-    reason = lib.cuda_reason((8, 9))  # Triton FP8 tl.dot and casts need sm89
-    if reason:
-        return reason
-    if _find_spec("torchao") is None:
-        return "torchao is not installed (pip install torchao)"
-    module, reason = lib.quiet_import(MODULE, importer=_import)
+    # Triton's FP8 tl.dot and casts need sm89.
+    module, reason = lib.load((8, 9), "torchao", "torchao", MODULE, _find_spec, _import)
     if reason:
         return reason
     version = getattr(_import("torchao"), "__version__", None)

@@ -40,7 +40,9 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from fp8dispatch.backends.triton import hopper, kernels
+from fp8dispatch.backends.triton.hopper import grouped_tile
 from fp8dispatch.backends.triton import matmul as portable
+from fp8dispatch.numerics import ERROR_BOUND, relative_error
 from fp8dispatch.tensor import Fp8Tensor
 from fp8dispatch.timing import time_graph
 
@@ -128,11 +130,7 @@ def _block_scaled_mm_kernel(
     pid = gl.program_id(0)
     tiles_m = gl.cdiv(M, BM)
     tiles_n = gl.cdiv(N, BN)
-    per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
-    group_m = min(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_m
-    pid_n = (pid % per_group) // group_m
+    pid_m, pid_n = grouped_tile(pid, tiles_m, tiles_n, GROUP_M)
     off_m = pid_m * BM
     off_n = pid_n * BN
 
@@ -223,11 +221,6 @@ def block_scaled_mm(a_data, b_weight, sa, sb, out_dtype, bias=None, group_m=8, s
 # --- the run ------------------------------------------------------------------------------
 
 
-def calc_diff(x, y) -> float:
-    x, y = x.double(), y.double()
-    return float(1 - 2 * (x * y).sum() / (x * x + y * y).sum())
-
-
 def operands(m, n, k, seed=0):
     torch.manual_seed(seed)
     be = kernels()
@@ -273,8 +266,8 @@ def main(argv=None) -> int:
             for s in stages:
                 got = fn(qa.data, qw.data, qa.scale, qw.scale.t(), torch.bfloat16, bias, stages=s)
                 again = fn(qa.data, qw.data, qa.scale, qw.scale.t(), torch.bfloat16, bias, stages=s)
-                diff = calc_diff(got.float(), expected)
-                ok = diff < 1e-3 and torch.equal(got, again) and not got.isnan().any()
+                diff = relative_error(got.float(), expected)
+                ok = diff < ERROR_BOUND and torch.equal(got, again) and not got.isnan().any()
                 failed += not ok
                 report["checks"].append({"kernel": name, "m": m, "n": n, "k": k, "stages": s, "diff": diff, "ok": ok})
                 print(f"check {name} {m}x{n}x{k} stages={s}: diff {diff:.2e} {'ok' if ok else 'FAIL'}", flush=True)

@@ -23,8 +23,9 @@ import time
 import torch
 
 import fp8dispatch
-from fp8dispatch import Backend, Fp8Tensor, api, bench, registry
+from fp8dispatch import Backend, Fp8Tensor, api, registry
 from fp8dispatch.backends import reference
+from fp8dispatch.problem import matmul_problem_of, quantize_problem
 
 TARGET_US = 3.0  # issue 6: dispatch overhead per call
 BASELINE = None  # --baseline: another api.py, timed alongside
@@ -161,7 +162,7 @@ def cpu_section(calls: int, repeats: int) -> list[dict]:
         wq = fp8dispatch.quantize(w, "block")
         xq = fp8dispatch.quantize(x, "group")
         wt = wq.t()
-        assert registry.choose(bench.quantize_problem(device, (1, 256), (1, 128))).name == "null"
+        assert registry.choose(quantize_problem(device, (1, 256), (1, 128))).name == "null"
         rows.append(compare("null: quantize(x[1,256], 'group')", lambda api: api.quantize(x, "group"),
                             lambda: null.quantize(x, (1, 128), torch.float8_e4m3fn, None, None, False), calls, repeats))
         rows.append(compare("null: quantize(x, 'group', backend='null')",
@@ -198,8 +199,8 @@ def gpu_section(calls: int, repeats: int) -> tuple[list[dict], dict]:
     xq = fp8dispatch.quantize(x, "group")
     wt = wq.t()
     sync = torch.cuda.synchronize
-    q_problem = bench.quantize_problem(device, (1, 7168), (1, 128))
-    mm_problem = bench.matmul_problem(device, xq, wt)
+    q_problem = quantize_problem(device, (1, 7168), (1, 128))
+    mm_problem = matmul_problem_of(xq, wt)
     q_backend, mm_backend = registry.choose(q_problem), registry.choose(mm_problem)
     print(f"  auto chose: quantize -> {q_backend.name}, matmul -> {mm_backend.name}")
     rows = [

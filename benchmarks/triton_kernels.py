@@ -25,6 +25,7 @@ from fp8dispatch.backends.triton import kernels
 from fp8dispatch.backends.triton import matmul as mm
 from fp8dispatch.backends.triton.quantize import quantize_tensorwise
 from fp8dispatch.blocks import block_for
+from fp8dispatch.numerics import ERROR_BOUND, relative_error, special_values
 from fp8dispatch.tensor import Fp8Tensor
 from fp8dispatch.timing import time_cuda, time_graph
 
@@ -37,32 +38,7 @@ MATMUL_SHAPES = [(m, n, k) for m in (1, 7, 64, 100, 513, 4096, 8192) for n, k in
 GRANULARITIES = ("tensor", "row", "group", "block")
 
 
-def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
-    """1 - 2Σxy / Σ(x² + y²), in float64: 0 for equal tensors, DeepGEMM's acceptance metric."""
-    x, y = x.double(), y.double()
-    denominator = (x * x + y * y).sum()
-    return float(1 - 2 * (x * y).sum() / denominator) if denominator > 0 else 0.0
-
-
 # --- correctness ----------------------------------------------------------------------------
-
-
-def special_values(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
-    """Random data with the contract's hard cases planted: zero blocks, ±max, ties, subnormals,
-    values above max, a huge range inside a block, NaN, ±inf, fp32 denormals."""
-    g = torch.Generator(device=DEVICE).manual_seed(rows * 7919 + cols)
-    x = torch.randn(rows, cols, device=DEVICE, generator=g) * torch.logspace(-4, 4, cols, device=DEVICE)
-    flat = x.view(-1)
-    n = flat.numel()
-    picks = torch.randperm(n, device=DEVICE, generator=g)
-    specials = torch.tensor([0.0, 448.0, -448.0, 57344.0, 1e6, -3e38, 2.0**-9, 2.0**-10, 1.5 * 2.0**-9,
-                             float("nan"), float("inf"), float("-inf"), 1e-40, -1e-42, 3.0e-3, 17.0, 18.0],
-                            device=DEVICE)
-    k = min(n // 4, 4 * specials.numel())
-    flat[picks[:k]] = specials.repeat(4)[:k]
-    if rows >= 2 and cols >= 2:
-        x[: rows // 2, : min(cols, 128)] = 0.0  # whole zero blocks
-    return x.to(dtype)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -81,7 +57,7 @@ def check_quantize(log: list) -> None:
               (torch.float32, torch.float8_e5m2, ({},))]
     for rows, cols in shapes:
         for in_dtype, fp8, options in combos:
-            x = special_values(rows, cols, in_dtype)
+            x = special_values(rows, cols, in_dtype, seed=rows * 7919 + cols, device=DEVICE)
             if True:
                 for gran in GRANULARITIES:
                     block = block_for(gran, rows, cols, 128)
@@ -136,10 +112,10 @@ def check_matmul(log: list) -> None:
                 ref = qa.dequantize(torch.float32) @ qw.dequantize(torch.float32).t()
                 if bias is not None:
                     ref += bias.float()
-                diff = calc_diff(out.float(), ref) if torch.isfinite(out).all() else float("inf")
+                diff = relative_error(out.float(), ref)
                 worst = max(worst, diff)
                 results.append({"m": m, "n": n, "k": k, "recipe": recipe, "out": str(out_dtype),
-                                "bias": with_bias, "diff": diff, "ok": diff < 1e-3})
+                                "bias": with_bias, "diff": diff, "ok": diff < ERROR_BOUND})
     bad = [r for r in results if not r["ok"]]
     log.append({"check": "matmul 1 - 2Σxy/Σ(x²+y²) < 1e-3 vs fp32 product of dequantized inputs",
                 "cases": len(results), "worst": worst, "failures": bad})

@@ -31,7 +31,11 @@ GRANULARITIES = ("tensor", "row", "group", "block")
 MATMUL_RECIPES = ("block", "row", "tensor")
 
 # Value patterns, each a question the contract answers (see `_values`).
-PATTERNS = ("randn", "zero_blocks", "ties", "saturate", "subnormals", "huge_range", "nonfinite", "representable")
+PATTERNS = ("randn", "zero_blocks", "ties", "saturate", "subnormals", "huge_range", "nonfinite", "representable",
+            "zero_beside_max", "tiny_amax")
+# Matmul values whose products and partial sums are exact in fp32, checked bit for bit: "sparse"
+# (most blocks zero) and "cancel" (+P, s, -P across K blocks: a ~14-bit accumulator loses s).
+EXACT_MATMUL = ("representable", "sparse", "cancel")
 
 
 @dataclass(frozen=True)
@@ -92,7 +96,7 @@ class Case:
     @property
     def exact(self) -> bool:
         """A matmul whose every product and partial sum is exact in fp32: must match bit for bit."""
-        return self.op == "matmul" and self.values == "representable"
+        return self.op == "matmul" and self.values in EXACT_MATMUL
 
     def describe(self) -> str:
         fields = {"op": self.op, "shape": list(self.shape), "granularity": self.granularity,
@@ -176,9 +180,9 @@ def _quantize_cases(quick: bool) -> list[Case]:
         for gran in GRANULARITIES:
             fmts = (_rotate((E4M3, E5M2), i),) if quick else (E4M3, E5M2)
             mode = {"saturate": "ub", "representable": "pow2"}.get(values, "auto")
+            in_dtype = torch.float32 if values == "tiny_amax" else _rotate(HIGH, i)  # 1e-28 is 0 in fp16
             for f in fmts:
-                out.append(Case("quantize", special, gran, fp8=f, in_dtype=_rotate(HIGH, i), values=values,
-                                scale_mode=mode))
+                out.append(Case("quantize", special, gran, fp8=f, in_dtype=in_dtype, values=values, scale_mode=mode))
             i += 1
     # Saturation with a given scale, ties under a given scale, and the scale options on plain data.
     for gran in GRANULARITIES:
@@ -233,6 +237,23 @@ def _matmul_cases(quick: bool) -> list[Case]:
         out.append(Case("matmul", (64, 256), recipe, n=128, layout="row_major_b"))
     # Blocks that name no recipe: 1×128 groups against per-column b.
     out.append(Case("matmul", (64, 256), "mixed", n=128))
+    # Per-block extremes: zero blocks beside ±max ones, amax 1e-28, a 4× block at the tail corner
+    # (a scale read from the wrong block shows), sparse exact operands (a dropped block is gross).
+    for j, recipe in enumerate(MATMUL_RECIPES):
+        out.append(Case("matmul", (64, 256), recipe, n=128, values="zero_beside_max", out_dtype=torch.float32))
+        out.append(Case("matmul", (64, 256), recipe, n=128, values="tiny_amax", in_dtype=torch.float32))
+        out.append(Case("matmul", (72, 200), recipe, n=136, values="corner", out_dtype=_rotate(HIGH, j)))
+        out.append(Case("matmul", (64, 384), recipe, n=136, values="sparse", out_dtype=torch.float32))
+    # fp32 accumulation across K blocks, which the block recipe requires (no fast accumulation).
+    out.append(Case("matmul", (16, 384), "block", n=72, values="cancel", out_dtype=torch.float32))
+    out.append(Case("matmul", (3, 5, 384), "block", n=136, values="cancel", out_dtype=torch.bfloat16))
+    if not quick:
+        # Tails of DeepSeek-like sizes: N = 576 (4.5 blocks), K = 3884 (30 blocks and 44).
+        out.append(Case("matmul", (4, 3884), "block", n=576, out_dtype=torch.float32))
+        out.append(Case("matmul", (1000, 3884), "block", n=576))
+        out.append(Case("matmul", (64, 3884), "block", n=576, values="cancel", out_dtype=torch.float32))
+        for recipe in MATMUL_RECIPES:
+            out.append(Case("matmul", (1040, 2100), recipe, n=1000, values="corner"))
     return out
 
 
@@ -359,6 +380,15 @@ def _values(pattern: str, rows: int, cols: int, block, fmt, in_dtype, gen) -> to
         x = torch.where(roll < 0.03, float("nan"), torch.where(roll < 0.06, float("inf") * sign, x))
         whole = (index == index.max()) & (index.max() > index.min())
         x = torch.where(whole, torch.where(roll < 0.5, float("nan"), float("inf") * sign), x)
+    elif pattern == "zero_beside_max":
+        # Every other block all zero (scale 1); the rest reach exactly ±max (scale 1, codes = x).
+        x = (torch.randn(shape, generator=gen) * fmt.max_value / 4).clamp(-fmt.max_value, fmt.max_value)
+        x = torch.where(first, fmt.max_value * sign, x)
+        x = torch.where(index % 2 == 0, 0.0, x)
+    elif pattern == "tiny_amax":
+        # Blocks of amax about 1e-28 (normal in fp32, far below any FP8 value) beside ordinary ones.
+        x = torch.randn(shape, generator=gen)
+        x = torch.where(index % 2 == 0, x * 2.5e-29, x)
     elif pattern == "representable":
         # FP8 values times a per-block power of two: pow2 scales reproduce them exactly.
         grid = fp8_grid(fmt.dtype)
@@ -398,11 +428,16 @@ def _matmul_inputs(case, gen, device) -> dict:
                       "mixed": ("group", "row")}[case.granularity]
     a_block = block_for(a_gran, m, k)
     w_block = block_for(b_gran, n, k)
-    if case.values == "representable":
+    if case.values in ("representable", "sparse"):
         a = _small_integers(m, k, a_block, gen)
         w = _small_integers(n, k, w_block, gen)
+        if case.values == "sparse":  # one block in three of a and one in two of w kept
+            a = torch.where(_block_first(m, k, a_block)[0] % 3 == 0, a, 0.0)
+            w = torch.where(_block_first(n, k, w_block)[0] % 2 == 0, w, 0.0)
+    elif case.values == "cancel":
+        a, w = _cancelling(m, k, n, gen)
     else:
-        pattern = "zero_blocks" if case.values == "zero_blocks" else "randn"
+        pattern = case.values if case.values in ("zero_blocks", "zero_beside_max", "tiny_amax") else "randn"
         a = _values(pattern, m, k, a_block, fp8_format(case.fp8), case.in_dtype, gen)
         if case.values == "huge_range":
             # 40 decades inside each block of a: the product stays finite in fp32 and bf16.
@@ -410,8 +445,12 @@ def _matmul_inputs(case, gen, device) -> dict:
             a = torch.pow(10.0, torch.empty(m, k).uniform_(-20, 20, generator=gen)) * sign
         # The weight keeps a modest range: a huge range on both sides is one question, not two.
         w = _values("randn", n, k, w_block, fp8_format(b_fp8), case.in_dtype, gen) / k**0.5
+        if case.values == "corner":  # the last block of each operand, where tails meet, 4× the rest
+            a = a.clone()
+            a[(m - 1) // 128 * 128:, (k - 1) // 128 * 128:] *= 4
+            w[(n - 1) // 128 * 128:, (k - 1) // 128 * 128:] *= 4
     a, w = a.to(case.in_dtype).to(device), w.to(case.in_dtype).to(device)
-    pow2 = case.values == "representable"
+    pow2 = case.values in EXACT_MATMUL
     aq = fp8dispatch.quantize(a, a_gran, dtype=case.fp8, pow2_scale=pow2, backend="reference")
     aq = fp8dispatch.Fp8Tensor(aq.data.reshape(case.shape), aq.scale, aq.block)
     if case.layout == "row_major_b":
@@ -431,6 +470,23 @@ def _matmul_inputs(case, gen, device) -> dict:
             torch.randn(n, generator=gen).to(case.bias)
         bias = bias.to(device)
     return {"a": aq, "b": b, "bias": bias}
+
+
+def _cancelling(m, k, n, gen) -> tuple[torch.Tensor, torch.Tensor]:
+    """a [m, k] and w [n, k] whose product sums, per row, +P, a small s and -P over K blocks 0, 1, 2:
+    a is +2^14, integers in [-2, 2], -2^14 (repeating); w is 1 or 2, block 2 a copy of block 0.
+    P ≤ 2^22: fp32 gets P + s and then s exactly, ~14 significant bits round P + s to a multiple of
+    2^9 and return 0. Values are exact in e4m3 under pow2 scales and each block's own sum is exact
+    even in 14 bits: only accumulation across K blocks is tested."""
+    kblock = torch.arange(k) // 128 % 3
+    small = torch.randint(-2, 3, (m, k), generator=gen).float()
+    small[:, ::128] = 2.0
+    a = torch.where(kblock == 0, 2.0**14, torch.where(kblock == 2, -(2.0**14), small))
+    w = torch.randint(1, 3, (n, k), generator=gen).float()
+    for start in range(256, k, 384):  # block 2 of each triple repeats block 0
+        width = min(128, k - start)
+        w[:, start:start + width] = w[:, start - 256:start - 256 + width]
+    return a, w
 
 
 def _small_integers(rows, cols, block, gen) -> torch.Tensor:

@@ -9,9 +9,7 @@ poisoned memory); leave its inputs alone; and give the same bits twice.
 
 from __future__ import annotations
 
-import functools
 import traceback
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -19,15 +17,13 @@ import torch
 import fp8dispatch
 from fp8dispatch import api, registry
 from fp8dispatch.errors import Unsupported
-from fp8dispatch.problem import DequantizeProblem, device_capability
 from fp8dispatch.grouped import GroupedFp8Tensor
+from fp8dispatch.numerics import ERROR_BOUND, fill_freed_memory, poisoned_allocations, relative_error
+from fp8dispatch.problem import dequantize_problem
 from fp8dispatch.tensor import Fp8Tensor
 
 from . import grouped
 from .cases import Case
-
-# DeepGEMM's FP8 bar for `calc_diff` (deepseek-ai/DeepGEMM tests); research/anchors.md §4.1.
-MATMUL_TOLERANCE = 1e-3
 
 PASSED, FAILED, UNSUPPORTED = "passed", "failed", "unsupported"
 
@@ -70,9 +66,8 @@ def problem_of(case: Case, inputs: dict):
                                   inputs["scale_ub"], inputs["pow2_scale"], "saturate", "reference").problem
     if case.op == "dequantize":
         t = inputs["t"]
-        return DequantizeProblem(device=t.device, capability=device_capability(t.device), fp8_dtype=t.dtype,
-                                 shape=t.shape2d, contiguous=t.data.is_contiguous(), block=t.block,
-                                 out_dtype=case.out_dtype)
+        return dequantize_problem(t.device, t.shape2d, t.block, fp8_dtype=t.dtype, out_dtype=case.out_dtype,
+                                  contiguous=t.data.is_contiguous())
     return api._plan_matmul(inputs["a"], inputs["b"], None, case.out_dtype, inputs["bias"], "reference").problem
 
 
@@ -91,11 +86,13 @@ def expected(case: Case, inputs: dict) -> Expected:
 
 
 def check(backend: str, case: Case, inputs: dict, want: Expected) -> Outcome:
-    """Hold `backend` to the reference on one case."""
+    """Hold `backend` to the reference on one case, on its own copy of the inputs: a backend that
+    writes them is blamed, and the next backend still gets the case as built."""
     reasons = registry.reasons(registry.get_backend(backend), problem_of(case, inputs))
+    before = inputs
+    inputs = fresh(inputs)
     if reasons:
         return _declined(backend, case, inputs, reasons)
-    before = _snapshot(inputs)
     try:
         first = _poisoned_call(case, inputs, backend, want, 0xFF)
         second = _poisoned_call(case, inputs, backend, want, 0x00)
@@ -163,20 +160,13 @@ def _matmul_differs(case: Case, got: torch.Tensor, want: Expected) -> list[str]:
     if case.exact:
         return _bits_differ("output", got, want.result)
     error = relative_error(got, exact)
-    if not error < MATMUL_TOLERANCE:
+    if not error < ERROR_BOUND:
         worst = (got.float() - exact).abs().flatten().argmax().item()
         at = tuple(torch.unravel_index(torch.tensor(worst), got.shape))
         at = tuple(int(i) for i in at)
-        return [f"1 - 2Σxy/Σ(x²+y²) = {error:.3e} against the fp32 product (needs < {MATMUL_TOLERANCE:g}); "
+        return [f"1 - 2Σxy/Σ(x²+y²) = {error:.3e} against the fp32 product (needs < {ERROR_BOUND:g}); "
                 f"worst element {at}: got {got[at].item()!r}, expected {exact[at].item()!r}"]
     return []
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """DeepGEMM's `calc_diff`, 1 - 2Σxy/Σ(x²+y²), in float64; 0 is identical."""
-    x, y = out.double(), ref.double()
-    denominator = (x * x + y * y).sum()
-    return float(1 - 2 * (x * y).sum() / denominator) if denominator > 0 else 0.0
 
 
 def _same_layout(name, got, ref) -> list[str]:
@@ -221,49 +211,20 @@ def _mask(t):
 def _poisoned_call(case, inputs, backend, want, byte):
     """Run the case with every fresh buffer holding `byte`, so an element the backend never writes shows.
 
-    Two layers: freed memory is filled just before the call (on CUDA the caching allocator hands it
-    back for the outputs), and during the call torch's uninitialised constructors (`torch.empty`,
-    `empty_like`, `empty_strided`, `Tensor.new_empty`) return filled tensors, which also covers CPU
-    and buffers a backend allocates before its output. 0xFF is NaN in fp32, bf16, fp16, e4m3fn and
-    e5m2; the second run uses 0x00, so an unwritten element also breaks the two-run comparison.
+    Two layers: freed memory of the outputs' sizes is filled just before the call, and during the
+    call torch's uninitialised constructors return filled tensors (fp8dispatch.numerics). The first
+    run uses 0xFF (NaN in every float dtype here), the second 0x00, so an unwritten element also
+    breaks the two-run comparison.
     """
     ref = want.result
     sizes = [ref.data.nbytes, ref.scale.nbytes] if isinstance(ref, Fp8Tensor) else [ref.nbytes]
     device = ref.data.device if isinstance(ref, Fp8Tensor) else ref.device
-    junk = [torch.full((max(n, 1) * f,), byte, dtype=torch.uint8, device=device) for n in sizes for f in (1, 4)]
-    del junk
+    fill_freed_memory([n * f for n in sizes for f in (1, 4)], byte, device)
     with poisoned_allocations(byte):
         got = call(case, inputs, backend)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return got
-
-
-_CONSTRUCTORS = ((torch, "empty"), (torch, "empty_like"), (torch, "empty_strided"), (torch.Tensor, "new_empty"))
-
-
-@contextmanager
-def poisoned_allocations(byte: int):
-    """Within the block, torch's uninitialised tensor constructors fill their memory with `byte`."""
-    saved = [(owner, name, getattr(owner, name)) for owner, name in _CONSTRUCTORS]
-
-    def poisoning(make):
-        @functools.wraps(make)
-        def poisoned(*args, **kwargs):
-            t = make(*args, **kwargs)
-            if isinstance(t, torch.Tensor) and t.numel():
-                t.untyped_storage().fill_(byte)
-            return t
-
-        return poisoned
-
-    try:
-        for owner, name, make in saved:
-            setattr(owner, name, poisoning(make))
-        yield
-    finally:
-        for owner, name, make in saved:
-            setattr(owner, name, make)
 
 
 def _tensors(obj):
@@ -274,13 +235,23 @@ def _tensors(obj):
     return []
 
 
-def _snapshot(inputs: dict) -> dict:
-    return {name: [t.clone() for t in _tensors(value)] for name, value in inputs.items()}
+def fresh(inputs: dict) -> dict:
+    """A copy of a case's inputs with the same dtypes, shapes and strides (a transposed view stays one)."""
+    return {name: _copy(value) for name, value in inputs.items()}
+
+
+def _copy(value):
+    if isinstance(value, Fp8Tensor):
+        return Fp8Tensor(_copy(value.data), _copy(value.scale), value.block)
+    if isinstance(value, torch.Tensor):
+        out = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=value.device)
+        return out.copy_(value)
+    return value
 
 
 def _changed(before: dict, inputs: dict) -> str | None:
-    for name, saved in before.items():
-        for old, new in zip(saved, _tensors(inputs[name])):
+    for name, value in before.items():
+        for old, new in zip(_tensors(value), _tensors(inputs[name])):
             if not torch.equal(_bits(old), _bits(new)):
                 return name
     return None

@@ -6,9 +6,11 @@ import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from fp8dispatch.numerics import ERROR_BOUND
+
 from . import cases as case_lists
 from .cases import OPS
-from .checks import FAILED, MATMUL_TOLERANCE, PASSED, UNSUPPORTED, Outcome
+from .checks import FAILED, PASSED, UNSUPPORTED, Outcome
 from .runner import Result, Run
 
 # Matrix columns per op: granularities for quantize/dequantize, recipes for matmul.
@@ -82,7 +84,7 @@ def to_markdown(run: Run) -> str:
              f"**{summary_line(run)}.**", "",
              "Every backend is held to the `reference` backend through the public API with `backend=<name>`. "
              "quantize: values and scales bit for bit (any NaN code matches a NaN). dequantize: bit for bit. "
-             f"matmul: 1 − 2Σxy/Σ(x²+y²) < {MATMUL_TOLERANCE:g} against the fp32 product of the dequantized "
+             f"matmul: 1 − 2Σxy/Σ(x²+y²) < {ERROR_BOUND:g} against the fp32 product of the dequantized "
              "operands, bit for bit on exactly representable operands. Outputs are allocated over poisoned "
              "memory and run twice (identical bits), and inputs must come back unchanged. A case the "
              "backend's `why_not` declines must raise `Unsupported`. How to read this: docs/conformance.md.",

@@ -1,8 +1,9 @@
 """The runner: every selected backend × op × case, from the registry, into a list of results.
 
-Cases run one at a time and every backend sees the same inputs and the same reference answer,
-computed once per case; so a backend registered with `fp8dispatch.register_backend` before the
-run is covered with no change here.
+Cases run one at a time; the inputs and the reference answer are computed once per case, and every
+backend checks its own copy of the inputs (`checks.fresh`), so one backend's fault is never blamed
+on another. A backend registered with `fp8dispatch.register_backend` before the run is covered
+with no change here.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def select_cases(ops: list[str], quick: bool, match: list[str] | None = None) ->
 
 
 class ReferenceCache:
-    """Inputs and the reference's answer for the last few cases (each backend reuses them)."""
+    """Inputs and the reference's answer for the last few cases (each backend checks a copy)."""
 
     def __init__(self, device, size: int = 4):
         self.device, self.size = torch.device(device), size

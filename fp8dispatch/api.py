@@ -7,6 +7,7 @@ registry for a backend and stores a plan; later calls with the same key only run
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -29,6 +30,7 @@ from fp8dispatch.problem import (
     device_capability,
     recipe_of,
 )
+from fp8dispatch.scaling import FP32_MAX, SMALLEST_SCALE
 from fp8dispatch.tensor import Fp8Tensor
 
 # Under torch.compile each public op becomes one opaque custom op (fp8dispatch/ops.py), so the
@@ -242,8 +244,9 @@ def _scale_ub(scale_ub) -> float:
         scale_ub = scale_ub.item()
     if isinstance(scale_ub, bool) or not isinstance(scale_ub, (int, float)):
         raise Fp8TypeError(f"scale_ub: expected a positive float, got {type(scale_ub).__name__}")
-    if not (math.isfinite(scale_ub) and scale_ub > 0):
-        raise Fp8ValueError(f"scale_ub: expected a positive finite float, got {scale_ub!r}")
+    if not (SMALLEST_SCALE / 2 < scale_ub <= FP32_MAX):  # what rounds to a positive finite fp32; NaN fails
+        raise Fp8ValueError(f"scale_ub: expected a positive float within fp32's range ({SMALLEST_SCALE / 2:g}, "
+                            f"{FP32_MAX:g}], got {scale_ub!r}")
     return float(scale_ub)
 
 
@@ -382,7 +385,27 @@ def linear(
         if len(w.shape) != 2:
             raise Fp8ValueError(f"w: expected a 2-d weight [N, K], got shape {tuple(w.shape)}")
         wt = w.t()
-    return matmul(x, wt, recipe=recipe, out_dtype=out_dtype, bias=bias, backend=backend)
+    try:
+        return matmul(x, wt, recipe=recipe, out_dtype=out_dtype, bias=bias, backend=backend)
+    except Fp8DispatchError:
+        _check_linear(x, w)  # raise the same finding in linear's own terms: x, w and w's shape
+        raise
+
+
+def _check_linear(x, w) -> None:
+    """The operand checks of matmul, worded for `linear(x, w)`; run only once matmul has refused."""
+    for name, t in (("x", x), ("w", w)):
+        if isinstance(t, torch.Tensor):
+            _check_high_precision(name, t)
+        elif not isinstance(t, Fp8Tensor):
+            raise Fp8TypeError(f"{name}: expected a torch.Tensor or Fp8Tensor, got {type(t).__name__}")
+    if len(x.shape) < 2:
+        raise Fp8ValueError(f"x: expected at least 2 dimensions [..., M, K], got shape {tuple(x.shape)}"
+                            + (" (use x.unsqueeze(0) for a single row)" if len(x.shape) == 1 else ""))
+    if x.shape[-1] != w.shape[1]:
+        raise Fp8ValueError(f"w: expected [N, {x.shape[-1]}] to match x's last dim K, got shape {tuple(w.shape)}")
+    if x.device != w.device:
+        raise Fp8ValueError(f"w: expected device {x.device} (x's), got {w.device}")
 
 
 def _operand_key(name: str, t) -> tuple:
@@ -442,7 +465,12 @@ def _plan_matmul(a, b, recipe, out_dtype, bias, backend) -> _MatmulPlan:
 
 
 def _operand_blocks(a, b, recipe, m, k, n) -> tuple[Block, Block, str]:
-    """The blocks both operands will have: from the Fp8Tensors, else from the recipe."""
+    """The blocks both operands will have: from the Fp8Tensors, else from the recipe.
+
+    An explicit `recipe` is carried through, not re-read from block shapes (at 128×128 or smaller
+    a weight's 128×128 block also covers the whole tensor): an Fp8Tensor operand only has to be
+    able to serve it.
+    """
     a_fp8, b_fp8 = isinstance(a, Fp8Tensor), isinstance(b, Fp8Tensor)
     if a_fp8 and b_fp8:
         a_block, b_block = a.block, b.block
@@ -450,18 +478,23 @@ def _operand_blocks(a, b, recipe, m, k, n) -> tuple[Block, Block, str]:
             raise Fp8ValueError(f"b: K blocks must line up with a's: a has {a_block[1]}-wide K blocks, "
                                 f"b has {b_block[0]}-tall ones")
         named = recipe_of(a_block, b_block, m, k, n)
-        if recipe is not None and recipe != named:
-            raise Fp8ValueError(f"recipe: {recipe!r} contradicts the operands' blocks ({named})")
+        if recipe is not None:
+            for name, t, rows, cols in (("a", a, m, k), ("b", b, k, n)):
+                if _k_group(recipe, t.block, rows, cols, from_a=name == "a") is None:
+                    raise Fp8ValueError(f"recipe: {recipe!r} contradicts the blocks {t.block} of {name} "
+                                        f"(the operands' blocks make {named!r})")
         return a_block, b_block, named
     if a_fp8 or b_fp8:
-        given = a if a_fp8 else b
+        given, name = (a, "a") if a_fp8 else (b, "b")
         rows, cols = (m, k) if a_fp8 else (k, n)
-        carried = _recipe_carried(given.block, rows, cols, from_a=a_fp8)
-        if recipe is not None and recipe != carried[0]:
-            raise Fp8ValueError(f"recipe: {recipe!r} contradicts the blocks {given.block} of "
-                                f"{'a' if a_fp8 else 'b'}, which say {carried[0]!r}")
-        recipe = carried[0]
-        group = carried[1]
+        if recipe is None:
+            recipe, group = _recipe_carried(given.block, rows, cols, from_a=a_fp8)
+        else:
+            group = _k_group(recipe, given.block, rows, cols, from_a=a_fp8)
+            if group is None:
+                carried = _recipe_carried(given.block, rows, cols, from_a=a_fp8)[0]
+                raise Fp8ValueError(f"recipe: {recipe!r} contradicts the blocks {given.block} of "
+                                    f"{name}, which say {carried!r}")
     else:
         recipe, group = recipe or "block", 128
     a_block = a.block if a_fp8 else {"block": (1, group), "row": (1, max(k, 1)), "tensor": (max(m, 1), max(k, 1))}[recipe]
@@ -470,14 +503,37 @@ def _operand_blocks(a, b, recipe, m, k, n) -> tuple[Block, Block, str]:
 
 
 def _recipe_carried(block: Block, rows: int, cols: int, from_a: bool) -> tuple[str, int]:
-    """The recipe an Fp8Tensor operand implies, and its K block size."""
+    """The recipe an Fp8Tensor operand implies when the call names none, and its K block size.
+
+    A weight (b) whose block covers it whole is "tensor" only if the block is exactly its shape
+    and not the block recipe's 128×128: `quantize(w, "block")` on a weight of at most 128×128
+    gives a 128×128 block too, and reading that as "tensor" would quantize the activation with one
+    scale for all its tokens. An exactly 128×128 tensor-scaled weight thus gets per-token
+    activations (the row recipe's numerics): more accurate, never less.
+    """
     k_block = block[1] if from_a else block[0]
     k = cols if from_a else rows
     if k_block < k:
         return "block", k_block
-    if block[0] >= rows and block[1] >= cols:
+    covers = block[0] >= rows and block[1] >= cols
+    if covers and not from_a and (block != (max(rows, 1), max(cols, 1)) or block == (_BLOCK_SIZE, _BLOCK_SIZE)):
+        return "block", k_block
+    if covers:
         return "tensor", k
     return "row", k
+
+
+def _k_group(recipe: str, block: Block, rows: int, cols: int, from_a: bool) -> int | None:
+    """The K block size an Fp8Tensor operand's `block` gives under `recipe`; None if it cannot serve it."""
+    k_block, across = (block[1], block[0]) if from_a else (block[0], block[1])
+    k, width = (cols, rows) if from_a else (rows, cols)
+    if recipe == "block":  # a in 1×g groups; b in blocks, not per output channel
+        return k_block if (block[0] == 1 if from_a else across > 1 or width == 1) else None
+    if k_block < k:  # row and tensor: no scale varies along K
+        return None
+    if recipe == "row":
+        return k if across == 1 or across >= width else None
+    return k if across >= width else None
 
 
 def _empty_product(a, plan: _MatmulPlan, out_dtype, bias) -> torch.Tensor:
@@ -519,34 +575,53 @@ def _shape2d(shape: torch.Size) -> tuple[int, int]:
 
 
 def explain(op: str, *args, **kwargs) -> str:
-    """The routing table for this call (each backend, and why it can or cannot serve); never raises."""
+    """The routing table for this call (each backend, and why it can or cannot serve); never raises.
+
+    A call the op itself would refuse gets, instead of the table, the error it would raise.
+    """
+    ops = {"quantize": quantize, "dequantize": dequantize, "matmul": matmul, "linear": linear}
+    if not isinstance(op, str) or op not in ops:
+        return f"explain: unknown op {op!r}; expected quantize, dequantize, matmul or linear"
     try:
-        backend = kwargs.get("backend", "auto")
-        if op == "quantize":
-            problems = [("quantize", _plan_quantize(*_quantize_args(*args, **kwargs)).problem, backend)]
-        elif op == "dequantize":
-            t, dtype = args[0], (args[1] if len(args) > 1 else kwargs.get("dtype", torch.bfloat16))
-            _plan_dequantize(t, dtype, backend)
-            problems = [("dequantize", DequantizeProblem(
-                device=t.device, capability=device_capability(t.device), fp8_dtype=t.dtype, shape=t.shape2d,
-                contiguous=t.data.is_contiguous(), block=t.block, out_dtype=dtype), backend)]
-        elif op in ("matmul", "linear"):
-            a, b = args[0], args[1]
-            if op == "linear":
-                b = b.t()
-            plan = _plan_matmul(a, b, kwargs.get("recipe"), kwargs.get("out_dtype", torch.bfloat16),
-                                kwargs.get("bias", args[2] if op == "linear" and len(args) > 2 else None), backend)
-            problems = [(f"quantize {name}", q.problem, "auto")
-                        for name, q in (("a", plan.quantize_a), ("b", plan.quantize_b)) if q is not None]
-            problems.append(("matmul", plan.problem, backend))
-        else:
-            return f"explain: unknown op {op!r}; expected quantize, dequantize, matmul or linear"
-        return "\n\n".join([*(registry.explain_problem(p, req) for _, p, req in problems if p is not None),
-                            tuning.routing_source(problems[-1][1].device)])
-    except (Fp8DispatchError, TypeError, ValueError) as e:
+        call = inspect.signature(ops[op]).bind(*args, **kwargs)
+    except TypeError as e:
+        return f"explain: {op}() cannot be called this way: {e}"
+    call.apply_defaults()
+    given = call.arguments
+    try:
+        return _explain(op, given)
+    except Exception as e:  # noqa: BLE001 - never raises: whatever the call would hit is the answer
         return f"{type(e).__name__}: {e}"
 
 
-def _quantize_args(x, granularity="row", *, dtype=torch.float8_e4m3fn, block_size=128, scale=None,
-                   scale_ub=None, pow2_scale=False, overflow="saturate", backend="auto"):
-    return x, granularity, dtype, block_size, scale, scale_ub, pow2_scale, overflow, backend
+def _explain(op: str, given: dict) -> str:
+    backend = given["backend"]
+    if op == "quantize":
+        plan = _plan_quantize(*(given[k] for k in ("x", "granularity", "dtype", "block_size", "scale", "scale_ub",
+                                                  "pow2_scale", "overflow", "backend")))
+        problems = [(plan.problem, backend)]
+    elif op == "dequantize":
+        t, dtype = given["t"], given["dtype"]
+        if not isinstance(t, Fp8Tensor):
+            raise Fp8TypeError(f"t: expected an Fp8Tensor, got {type(t).__name__}")
+        _plan_dequantize(t, dtype, backend)
+        problems = [(DequantizeProblem(
+            device=t.device, capability=device_capability(t.device), fp8_dtype=t.dtype, shape=t.shape2d,
+            contiguous=t.data.is_contiguous(), block=t.block, out_dtype=dtype), backend)]
+    else:
+        a, b = (given["a"], given["b"]) if op == "matmul" else (given["x"], given["w"])
+        out_dtype = given["out_dtype"]
+        if op == "linear":
+            if out_dtype is None:
+                out_dtype = a.dtype if isinstance(a, torch.Tensor) and a.dtype in HIGH_PRECISION else torch.bfloat16
+            if isinstance(a, (torch.Tensor, Fp8Tensor)) and isinstance(b, (torch.Tensor, Fp8Tensor)):
+                _check_linear(a, b)
+            b = b.t()
+        plan = _plan_matmul(a, b, given["recipe"], out_dtype, given["bias"], backend)
+        problems = [(q.problem, "auto") for q in (plan.quantize_a, plan.quantize_b) if q is not None]
+        problems.append((plan.problem, backend))
+    routed = [p for p, _ in problems if p is not None]
+    if not routed:
+        return "nothing to route: the tensors are empty"
+    return "\n\n".join([*(registry.explain_problem(p, req) for p, req in problems if p is not None),
+                        tuning.routing_source(routed[-1].device)])

@@ -22,9 +22,10 @@ import torch
 
 import fp8dispatch
 from fp8dispatch import bench_grouped, registry, tuning
-from fp8dispatch.blocks import GRANULARITIES, RECIPES, block_for, scale_shape
+from fp8dispatch.blocks import GRANULARITIES, RECIPES, block_for, recipe_blocks, scale_shape
 from fp8dispatch.errors import Fp8DispatchError, Fp8ValueError
-from fp8dispatch.problem import MatmulProblem, QuantizeProblem, device_capability, recipe_of
+from fp8dispatch.numerics import ERROR_BOUND, relative_error
+from fp8dispatch.problem import matmul_problem_of, quantize_problem
 from fp8dispatch.tensor import Fp8Tensor
 from fp8dispatch.timing import Timing, capture, time_cuda
 
@@ -35,9 +36,6 @@ SQUARES = (1024, 2048, 4096, 8192)
 QUICK_M = (1, 128, 4096)
 QUICK_NK = ((2112, 7168), (7168, 2048))
 OPS = ("matmul", "quantize", "linear", "grouped")  # grouped: fp8dispatch/bench_grouped.py
-# The conformance bound of DESIGN.md for matmul, 1 - 2Σxy/Σ(x²+y²) < 1e-3, applied to every op
-# (for quantize, on the dequantized values against the reference's).
-ERROR_LIMIT = 1e-3
 E4M3 = torch.float8_e4m3fn
 BF16 = torch.bfloat16
 
@@ -115,15 +113,6 @@ def points(shapes: list[Shape], ops=OPS, recipes=RECIPES, granularities=GRANULAR
 # --- errors and timing --------------------------------------------------------------------------
 
 
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """1 - 2Σxy/Σ(x²+y²) in float64 (DeepGEMM's measure); 0 is identical, NaN anywhere is inf."""
-    x, y = out.double(), ref.double()
-    if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
-        return math.inf
-    denominator = (x * x + y * y).sum()
-    return abs(float(1 - 2 * (x * y).sum() / denominator)) if denominator > 0 else 0.0
-
-
 def time_host(fn: Callable[[], object], *, warmup: int = 2, runs: int = 10) -> Timing:
     """Wall-clock timing for CPU tensors: only good for checking the plumbing, not for routing."""
     for _ in range(warmup):
@@ -153,25 +142,6 @@ def require_device(name: str | None) -> torch.device:
 # --- operands -----------------------------------------------------------------------------------
 
 
-def recipe_blocks(recipe: str, shape: Shape) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Blocks of the activation [M, K] and of the weight [N, K] for a recipe."""
-    m, n, k = shape.m, shape.n, shape.k
-    return {"block": ((1, 128), (128, 128)), "row": ((1, k), (1, k)), "tensor": ((m, k), (n, k))}[recipe]
-
-
-def matmul_problem(device, a: Fp8Tensor, b: Fp8Tensor, out_dtype=BF16) -> MatmulProblem:
-    """The problem `fp8dispatch.matmul(a, b)` describes for FP8 operands (b a transposed weight)."""
-    (m, k), n = a.data.shape, b.data.shape[1]
-    return MatmulProblem(device, device_capability(device), recipe_of(a.block, b.block, m, k, n),
-                         a.data.dtype, b.data.dtype, m, n, k, a.block, b.block, a.data.is_contiguous(),
-                         b.data.t().is_contiguous(), out_dtype, None)
-
-
-def quantize_problem(device, shape2d: tuple[int, int], block, in_dtype=BF16) -> QuantizeProblem:
-    return QuantizeProblem(device, device_capability(device), in_dtype, shape2d, True, block, E4M3,
-                           False, False, False)
-
-
 class Operands:
     """Random inputs and their reference results for one shape, made once and shared by rows."""
 
@@ -189,7 +159,8 @@ class Operands:
     def quantized(self, recipe: str) -> tuple[Fp8Tensor, Fp8Tensor]:
         """(a [M, K], b = wq.t() [K, N]) quantized by the reference, the recipe's blocks."""
         if ("q", recipe) not in self._cache:
-            a_block, w_block = recipe_blocks(recipe, self.shape)
+            a_block, b_block = recipe_blocks(recipe, self.shape.m, self.shape.k, self.shape.n)
+            w_block = b_block[::-1]  # the weight is stored [N, K]
             ref = self.reference()
             a = Fp8Tensor(*ref.quantize(self.x, a_block, E4M3), a_block)
             w = Fp8Tensor(*ref.quantize(self.w, w_block, E4M3), w_block)
@@ -254,7 +225,7 @@ def row_id(row: dict) -> tuple:
 def measure(point: Point, backends: list[str], settings: Settings, operands: Operands | None = None) -> list[dict]:
     """Rows for one point: each named backend (or the reasons it cannot run), auto, the baseline."""
     if point.op == "grouped":
-        return bench_grouped.measure(point, backends, settings, _timed_row, _row, relative_error)
+        return bench_grouped.measure(point, backends, settings, _timed_row, _row)
     operands = operands or Operands(point.shape, settings.device)
     make = {"matmul": _matmul_cases, "quantize": _quantize_cases, "linear": _linear_cases}[point.op]
     cases, baseline = make(point, operands, settings.device)
@@ -294,7 +265,7 @@ def _timed_row(point, name, fn, check, work, settings, base_row, key=None, chose
         timing, how = settings.time(fn)
     except Exception as e:  # noqa: BLE001 - one failing backend must not end the run
         return _row(point, name, status="failed", note=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
-    ok = error < ERROR_LIMIT
+    ok = error < ERROR_BOUND  # the matmul bound, for every op (quantize: on dequantized values)
     row = _row(point, name, status="ok" if ok else "wrong", ok=ok, median_s=timing.median_s,
                p10_s=timing.p10_s, p90_s=timing.p90_s, runs=timing.runs, spread=timing.spread, timing=how,
                error=error,
@@ -308,7 +279,7 @@ def _timed_row(point, name, fn, check, work, settings, base_row, key=None, chose
         row["baseline"] = base_row["backend"]
         row["speedup"] = base_row["median_s"] / timing.median_s
     if not ok:
-        row["note"] = f"error {error:.3g} >= {ERROR_LIMIT:g}: not a valid result"
+        row["note"] = f"error {error:.3g} >= {ERROR_BOUND:g}: not a valid result"
     return row
 
 
@@ -325,7 +296,7 @@ def _matmul_cases(point, ops: Operands, device):
     s = point.shape
     a, b = ops.quantized(point.variant)
     ref = ops.product(point.variant)
-    problem = matmul_problem(device, a, b)
+    problem = matmul_problem_of(a, b)
     key = tuning.key_of(problem)
     check = lambda out: relative_error(out, ref)  # noqa: E731
     work = (2 * s.m * s.n * s.k, None)
@@ -363,11 +334,11 @@ def _quantize_cases(point, ops: Operands, device):
 def _linear_cases(point, ops: Operands, device):
     """Quantize the bf16 activation then multiply by the FP8 weight, one backend for both."""
     s = point.shape
-    a_block, _ = recipe_blocks(point.variant, s)
+    a_block, _ = recipe_blocks(point.variant, s.m, s.k, s.n)
     a, b = ops.quantized(point.variant)
     ref = ops.product(point.variant)
     x = ops.x
-    mm_problem = matmul_problem(device, a, b)
+    mm_problem = matmul_problem_of(a, b)
     q_problem = quantize_problem(device, (s.m, s.k), a_block)
     check = lambda out: relative_error(out, ref)  # noqa: E731
     work = (2 * s.m * s.n * s.k, None)

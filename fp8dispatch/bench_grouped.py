@@ -19,6 +19,7 @@ from fp8dispatch import registry
 from fp8dispatch.errors import Fp8DispatchError, Fp8ValueError
 from fp8dispatch.grouped import GROUPED_RECIPES, quantize_grouped, skewed_counts
 from fp8dispatch.grouped_api import plan_problem
+from fp8dispatch.numerics import relative_error
 from fp8dispatch.tensor import Fp8Tensor
 
 BF16 = torch.bfloat16
@@ -95,9 +96,9 @@ class GroupedOperands:
         self.work = (2 * computed * s.n * s.k, weight_bytes if self.masked else None)
 
 
-def measure(point, backends: list[str], settings, timed_row, unsupported_row, relative_error) -> list[dict]:
+def measure(point, backends: list[str], settings, timed_row, unsupported_row) -> list[dict]:
     """Rows for one grouped point: the two baselines, each backend (or its reasons), auto. bench
-    passes its row makers and error measure, so there is one of each."""
+    passes its row makers, so rows have one format."""
     ops = GroupedOperands(point, settings.device)
     problem = plan_problem(ops.xq, ops.wq, ops.offsets, ops.masked_m, None, None, BF16, "auto")
     check = lambda out: relative_error(out, ops.product)  # noqa: E731

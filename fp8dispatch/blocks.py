@@ -39,6 +39,22 @@ def block_for(granularity: str, rows: int, cols: int, block_size: int | Block = 
     raise Fp8ValueError(f"granularity: expected one of {', '.join(GRANULARITIES)}, got {granularity!r}")
 
 
+def recipe_blocks(recipe: str, m: int, k: int, n: int, group: int = 128) -> tuple[Block, Block]:
+    """The blocks of `a [M, K]` and `b [K, N]` under a named recipe: the table of DESIGN.md.
+
+    block: a in 1×group groups, b in group×group blocks (DeepSeek-V3 when group is 128); row: one
+    scale per row of a and per column of b; tensor: one scale each. Empty dimensions count as 1.
+    """
+    m, k, n = max(m, 1), max(k, 1), max(n, 1)
+    if recipe == "block":
+        return (1, group), (group, group)
+    if recipe == "row":
+        return (1, k), (k, 1)
+    if recipe == "tensor":
+        return (m, k), (k, n)
+    raise Fp8ValueError(f"recipe: expected one of {', '.join(RECIPES)}, got {recipe!r}")
+
+
 def _positive(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise Fp8TypeError(f"{name}: expected a positive int, got {type(value).__name__} {value!r}")

@@ -104,7 +104,7 @@ def w8a8_block_fp8_matmul(A: torch.Tensor, B: torch.Tensor, As: torch.Tensor, Bs
     A [..., K] with As `[..., ceil(K/bk)]` (1×bk groups); B [N, K] with Bs `[ceil(N/bn), ceil(K/bk)]`;
     `block_size` is bk×bk or `[bn, bk]`. Returns `[..., N]` in `output_dtype` (vLLM's default fp16).
     """
-    bn, bk = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
+    bn, bk = _block_pair(block_size)
     k = A.shape[-1]
     a = Fp8Tensor(A.reshape(-1, k), _as_scale("As", As, A.device).reshape(-1, cdiv(k, bk)).contiguous(), (1, bk))
     b = Fp8Tensor(B, _as_scale("Bs", Bs, B.device).contiguous(), (bn, bk))
@@ -150,6 +150,8 @@ def quantize_fp8_with_overflow_handling(tensor: torch.Tensor, scale: torch.Tenso
     """`quantize_fp8` with a given multiplier that may overflow: halve it (double the dequantization
     scale) up to `max_attempts` times until every finite `|x * scale|` fits, else raise
     NumericalOverflowError. Returns `(q, final multiplier)`."""
+    if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 0:
+        raise Fp8ValueError(f"max_attempts: expected an int >= 0, got {max_attempts!r}")
     if scale is None:
         return quantize_fp8(tensor)
     x = _at_least_2d(tensor)
@@ -163,7 +165,6 @@ def quantize_fp8_with_overflow_handling(tensor: torch.Tensor, scale: torch.Tenso
             dequant = dequant * 2
             continue
         return t.data.view(tensor.shape), _reciprocal(t.scale).reshape(())
-    raise AssertionError("unreachable")
 
 
 def quantize_fp8_fused(x: torch.Tensor, scale: torch.Tensor | float | None = None, *, dtype: torch.dtype = E4M3):
@@ -210,6 +211,15 @@ def _rows(x: torch.Tensor) -> int:
     for d in x.shape[:-1]:
         rows *= d
     return rows
+
+
+def _block_pair(block_size) -> tuple[int, int]:
+    """vLLM's `block_size`: an int (bk×bk) or `[bn, bk]`, each a positive int."""
+    pair = (block_size, block_size) if isinstance(block_size, int) else block_size
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(
+            isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in pair):
+        raise Fp8ValueError(f"block_size: expected a positive int or [bn, bk] of positive ints, got {block_size!r}")
+    return tuple(pair)
 
 
 def _at_least_2d(x):

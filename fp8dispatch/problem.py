@@ -98,6 +98,41 @@ class MatmulProblem:
 
 Problem = QuantizeProblem | DequantizeProblem | MatmulProblem
 
+E4M3, BF16 = torch.float8_e4m3fn, torch.bfloat16
+_FROM_DEVICE = object()  # the capability of the device itself (pass one to describe another GPU)
+
+
+def quantize_problem(device: torch.device, shape: tuple[int, int], block: Block, *, in_dtype=BF16,
+                     fp8_dtype=E4M3, contiguous=True, user_scale=False, scale_ub=False, pow2_scale=False,
+                     capability=_FROM_DEVICE) -> QuantizeProblem:
+    """The problem of quantizing a [rows, cols] view; the defaults are the common bf16 → e4m3fn call."""
+    capability = device_capability(device) if capability is _FROM_DEVICE else capability
+    return QuantizeProblem(device, capability, in_dtype, tuple(shape), contiguous, block, fp8_dtype,
+                           user_scale, scale_ub, pow2_scale)
+
+
+def dequantize_problem(device: torch.device, shape: tuple[int, int], block: Block, *, fp8_dtype=E4M3,
+                       out_dtype=BF16, contiguous=True, capability=_FROM_DEVICE) -> DequantizeProblem:
+    capability = device_capability(device) if capability is _FROM_DEVICE else capability
+    return DequantizeProblem(device, capability, fp8_dtype, tuple(shape), contiguous, block, out_dtype)
+
+
+def matmul_problem(device: torch.device, m: int, n: int, k: int, a_block: Block, b_block: Block, *,
+                   a_dtype=E4M3, b_dtype=E4M3, out_dtype=BF16, bias_dtype=None, a_row_major=True,
+                   b_col_major=True, capability=_FROM_DEVICE) -> MatmulProblem:
+    """`a [M, K] @ b [K, N]` with these blocks; the recipe is named from them (`recipe_of`)."""
+    capability = device_capability(device) if capability is _FROM_DEVICE else capability
+    return MatmulProblem(device, capability, recipe_of(a_block, b_block, m, k, n), a_dtype, b_dtype, m, n, k,
+                         a_block, b_block, a_row_major, b_col_major, out_dtype, bias_dtype)
+
+
+def matmul_problem_of(a, b, out_dtype=BF16, bias=None) -> MatmulProblem:
+    """The problem `matmul(a, b)` poses for two Fp8Tensors (b usually a transposed weight)."""
+    (m, k), n = a.data.shape, b.data.shape[1]
+    return matmul_problem(a.data.device, m, n, k, a.block, b.block, a_dtype=a.data.dtype, b_dtype=b.data.dtype,
+                          out_dtype=out_dtype, bias_dtype=None if bias is None else bias.dtype,
+                          a_row_major=a.data.is_contiguous(), b_col_major=b.data.t().is_contiguous())
+
 
 def recipe_of(a_block: Block, b_block: Block, m: int, k: int, n: int) -> str:
     """Name the recipe of two operands by their scale shapes.

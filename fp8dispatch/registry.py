@@ -11,11 +11,12 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 from fp8dispatch import static_order
-from fp8dispatch.errors import Fp8TypeError, NoBackend, UnknownBackend
+from fp8dispatch.errors import Fp8TypeError, Fp8ValueError, NoBackend, UnknownBackend
 from fp8dispatch.problem import Problem
 
 log = logging.getLogger("fp8dispatch")
@@ -72,6 +73,9 @@ _probes: dict[str, str | None] = {}
 _decisions: dict[tuple, Backend] = {}
 _builtins_loaded = False
 _settings: Settings | None = None
+# Guards loading the built-ins and reading the environment: each happens once, and no thread
+# sees the registry half-filled. Reentrant, since importing a built-in may register a backend.
+_lock = threading.RLock()
 
 # Consulted after the environment and before the static order: `(problem) -> name | None`.
 # `fp8dispatch tune` installs the measured routing table here.
@@ -88,10 +92,13 @@ class Settings:
 
     @classmethod
     def from_environ(cls) -> Settings:
+        disabled = _names(os.environ.get("FP8DISPATCH_DISABLE", ""))
+        for name in disabled:
+            get_backend(name, "FP8DISPATCH_DISABLE")
         return cls(
             per_op={op: _names(os.environ.get(f"FP8DISPATCH_{op.upper()}_BACKEND", "")) for op in OPS},
             preference=_names(os.environ.get("FP8DISPATCH_BACKEND", "")),
-            disabled=frozenset(_names(os.environ.get("FP8DISPATCH_DISABLE", ""))),
+            disabled=frozenset(disabled),
         )
 
 
@@ -100,17 +107,31 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def settings() -> Settings:
+    current = _settings  # one read: `refresh()` on another thread may clear the global meanwhile
+    if current is not None:
+        return current
+    with _lock:
+        return _read_settings()
+
+
+def _read_settings() -> Settings:
     global _settings
     if _settings is None:
-        _settings = Settings.from_environ()
         level = os.environ.get("FP8DISPATCH_LOG", "").strip().lower()
+        if level and level not in LOG_LEVELS:
+            raise Fp8ValueError(f"FP8DISPATCH_LOG: expected one of {', '.join(LOG_LEVELS)}, got {level!r}")
+        current = Settings.from_environ()
         if level:
             _configure_logging(level)
+        _settings = current
     return _settings
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
 def _configure_logging(level: str) -> None:
-    log.setLevel(getattr(logging, level.upper(), logging.DEBUG))
+    log.setLevel(getattr(logging, level.upper()))
     if not log.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("[fp8dispatch] %(message)s"))
@@ -120,10 +141,11 @@ def _configure_logging(level: str) -> None:
 def refresh() -> None:
     """Forget cached decisions and re-read the environment (probe results stay frozen)."""
     global _settings
-    _settings = None
-    _decisions.clear()
-    for hook in _refresh_hooks:
-        hook()
+    with _lock:
+        _settings = None
+        _decisions.clear()
+        for hook in _refresh_hooks:
+            hook()
 
 
 _refresh_hooks: list[Callable[[], None]] = []
@@ -131,42 +153,70 @@ _refresh_hooks: list[Callable[[], None]] = []
 
 def register_backend(backend: Backend, *, replace: bool = False) -> Backend:
     """Add a backend; it takes part in dispatch, `explain`, `info` and conformance at once."""
+    _check_backend(backend)
+    name = backend.name.lower()
+    _load_builtins()
+    with _lock:
+        if name in _backends and not replace:
+            raise UnknownBackend(f"backend.name: {name!r} is already registered (pass replace=True)")
+        _backends[name] = backend
+        _probes.pop(name, None)
+        refresh()
+    return backend
+
+
+def _check_backend(backend) -> None:
+    """A malformed Backend is refused here, not found out by every later call that routes."""
     if not isinstance(backend, Backend):
         raise Fp8TypeError(f"backend: expected an fp8dispatch.Backend, got {type(backend).__name__}")
-    name = backend.name.lower()
-    if name == AUTO or not name.isidentifier():
-        raise UnknownBackend(f"backend.name: expected an identifier other than 'auto', got {backend.name!r}")
-    _load_builtins()
-    if name in _backends and not replace:
-        raise UnknownBackend(f"backend.name: {name!r} is already registered (pass replace=True)")
-    _backends[name] = backend
-    _probes.pop(name, None)
-    refresh()
-    return backend
+    name = backend.name
+    if not isinstance(name, str):
+        raise Fp8TypeError(f"backend.name: expected a str, got {type(name).__name__} {name!r}")
+    if name.lower() == AUTO or not name.isidentifier():
+        raise UnknownBackend(f"backend.name: expected an identifier other than 'auto', got {name!r}")
+    for field_name in ("probe", "why_not", "version"):
+        if not callable(getattr(backend, field_name)):
+            raise Fp8TypeError(f"backend.{field_name}: expected a callable, got {getattr(backend, field_name)!r}")
+    for op in OPS:
+        if not (backend.function(op) is None or callable(backend.function(op))):
+            raise Fp8TypeError(f"backend.{op}: expected a callable or None, got {backend.function(op)!r}")
+    if isinstance(backend.priority, bool) or not isinstance(backend.priority, int):
+        raise Fp8TypeError(f"backend.priority: expected an int, got {backend.priority!r}")
+    if not isinstance(backend.priorities, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+            for k, v in backend.priorities.items()):
+        raise Fp8TypeError(f"backend.priorities: expected a mapping of str to int, got {backend.priorities!r}")
+    if not isinstance(backend.description, str):
+        raise Fp8TypeError(f"backend.description: expected a str, got {backend.description!r}")
 
 
 def unregister_backend(name: str) -> None:
     _load_builtins()
-    _backends.pop(name, None)
-    _probes.pop(name, None)
-    refresh()
+    with _lock:
+        _backends.pop(name, None)
+        _probes.pop(name, None)
+        refresh()
 
 
 def _load_builtins() -> None:
+    """Import the built-in backends, once; a caller returns only after all of them are in."""
     global _builtins_loaded
     if _builtins_loaded:
         return
-    _builtins_loaded = True
-    for module in BUILTIN_MODULES:
-        try:
-            mod = importlib.import_module(f"fp8dispatch.backends.{module}")
-        except ModuleNotFoundError as e:
-            if e.name == f"fp8dispatch.backends.{module}":
-                continue  # not built yet in this checkout
-            raise
-        if getattr(mod, "__file__", None) is None:
-            continue  # an empty folder (a namespace package): a backend still being written
-        _backends.setdefault(mod.BACKEND.name, mod.BACKEND)
+    with _lock:
+        if _builtins_loaded:
+            return
+        for module in BUILTIN_MODULES:
+            try:
+                mod = importlib.import_module(f"fp8dispatch.backends.{module}")
+            except ModuleNotFoundError as e:
+                if e.name == f"fp8dispatch.backends.{module}":
+                    continue  # not built yet in this checkout
+                raise
+            if getattr(mod, "__file__", None) is None:
+                continue  # an empty folder (a namespace package): a backend still being written
+            _backends.setdefault(mod.BACKEND.name, mod.BACKEND)
+        _builtins_loaded = True
 
 
 def all_backends() -> list[Backend]:
@@ -179,25 +229,30 @@ def backend_names() -> list[str]:
     return [b.name for b in all_backends()]
 
 
-def get_backend(name: str) -> Backend:
+def get_backend(name: str, source: str = "backend") -> Backend:
+    """The backend called `name`; an unknown name is an error naming `source`, where it came from."""
     _load_builtins()
     try:
         return _backends[name.lower()]
     except KeyError:
         raise UnknownBackend(
-            f"backend: unknown name {name!r}; known: {', '.join(backend_names())} (or 'auto')"
+            f"{source}: unknown name {name!r}; known: {', '.join(backend_names())} (or 'auto')"
         ) from None
 
 
 def probe_result(name: str) -> str | None:
     """The backend's probe, run once per process: None if it can serve, else why not."""
-    if name not in _probes:
-        backend = get_backend(name)
-        try:
-            _probes[name] = backend.probe()
-        except Exception as e:  # a probe that raises is a backend that cannot serve
-            _probes[name] = f"probe raised {type(e).__name__}: {e}"
-    return _probes[name]
+    try:
+        return _probes[name]
+    except KeyError:
+        pass
+    backend = get_backend(name)
+    try:
+        result = backend.probe()
+    except Exception as e:  # a probe that raises is a backend that cannot serve
+        result = f"probe raised {type(e).__name__}: {e}"
+    _probes[name] = result
+    return result
 
 
 def reasons(backend: Backend, problem: Problem) -> list[str]:
@@ -244,7 +299,7 @@ def _decide(problem: Problem, requested: str | None) -> Backend:
     for name in names:
         if name == AUTO:  # an explicit "..., auto" at the end of a preference list
             break
-        backend = get_backend(name)
+        backend = get_backend(name, "backend" if source.startswith("the ") else source)
         if not reasons(backend, problem):
             return backend
         tried.append(backend)

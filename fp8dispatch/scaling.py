@@ -13,6 +13,13 @@ _MANTISSA = 0x007FFFFF
 _EXPONENT = 0x7F800000
 _EXPONENT_ONE = 0x00800000
 
+# The smallest scale a block can get: the smallest positive fp32 (a subnormal, 2**-149). A block
+# whose amax is positive but so small that `amax / fp8_max` underflows to 0 gets this instead, so a
+# finite input never divides by zero (0 / 0 would dequantize to NaN). With `pow2_scale` it rounds
+# up to 2**-126 like every other subnormal scale.
+SMALLEST_SCALE = 2.0**-149
+FP32_MAX = 3.4028234663852886e38
+
 
 def scale_from_amax(
     amax: torch.Tensor, fmt: FP8Format, scale_ub: float | None = None, pow2_scale: bool = False
@@ -20,13 +27,14 @@ def scale_from_amax(
     """Dequantization scales from block amaxes.
 
     `scale_ub` caps amax (FBGEMM's meaning). The divisor is a tensor on amax's device: torch turns
-    a Python or CPU-scalar divisor into a reciprocal multiply, which rounds differently.
+    a Python or CPU-scalar divisor into a reciprocal multiply, which rounds differently. amax 0
+    gives 1; a positive amax never gives less than SMALLEST_SCALE.
     """
     amax = amax.float()
     if scale_ub is not None:
         amax = torch.clamp(amax, max=scale_ub)
     scale = amax / torch.full_like(amax, fmt.max_value)
-    scale = torch.where(amax == 0, torch.ones_like(scale), scale)
+    scale = torch.where(amax == 0, torch.ones_like(scale), scale).clamp(min=SMALLEST_SCALE)
     return round_up_pow2(scale) if pow2_scale else scale
 
 

@@ -217,12 +217,13 @@ class InvalidTable(ValueError):
 
 
 def read(path: Path) -> dict:
-    """Parse and validate a document; raises InvalidTable (or OSError) naming what is wrong."""
+    """Parse and validate a document; raises InvalidTable (or OSError) naming what is wrong. Deep
+    nesting (RecursionError) and numbers past int's digit limit (ValueError) are broken files too."""
     try:
-        document = json.loads(Path(path).read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidTable(f"not JSON: {e}") from None
-    validate(document)
+        document = json.loads(Path(path).read_bytes())
+        validate(document)
+    except (ArithmeticError, LookupError, RecursionError, TypeError, ValueError) as e:
+        raise e if isinstance(e, InvalidTable) else InvalidTable(f"not JSON: {type(e).__name__}: {e}"[:300]) from None
     return document
 
 

@@ -27,7 +27,7 @@ import traceback
 import torch
 from torch import nn
 
-BOUND = 1e-3
+from fp8dispatch.numerics import ERROR_BOUND, relative_error
 
 
 class Block(nn.Module):
@@ -49,11 +49,6 @@ class Block(nn.Module):
         x = x + self.o(a.transpose(1, 2).reshape(b, t, d))
         h = self.norm2(x)
         return x + self.down(nn.functional.silu(self.gate(h)) * self.up(h))
-
-
-def error(x: torch.Tensor, y: torch.Tensor) -> float:
-    x, y = x.double(), y.double()
-    return (1 - 2 * (x * y).sum() / (x * x + y * y).sum()).item()
 
 
 class Timeout(Exception):
@@ -109,12 +104,12 @@ def run_one(name, recipe, model, x, ref, device, timing) -> dict:
             torch.cuda.synchronize()
         row["compile_s"] = round(time.perf_counter() - t0, 1)
         row["graph_breaks"] = sum(counters["graph_break"].values())
-        row["error_vs_bf16"] = error(out, ref)
-        row["compiled_vs_eager"] = error(out, eager)
-        row["eager_error_vs_bf16"] = error(eager, ref)
+        row["error_vs_bf16"] = relative_error(out, ref)
+        row["compiled_vs_eager"] = relative_error(out, eager)
+        row["eager_error_vs_bf16"] = relative_error(eager, ref)
         if timing is not None:
             row["ms"] = round(timing(lambda: compiled_fn(x)) * 1e3, 4)
-    ok = row["error_vs_bf16"] < BOUND and row["graph_breaks"] == 0
+    ok = row["error_vs_bf16"] < ERROR_BOUND and row["graph_breaks"] == 0
     row["status"] = "pass" if ok else "FAIL"
     return row
 
@@ -162,7 +157,7 @@ def main(argv=None) -> int:
         baseline = {"backend": "bf16 (no FP8)", "recipe": "-", "status": "baseline"}
         torch._dynamo.reset()
         compiled_ref = torch.compile(model, fullgraph=True)
-        baseline["error_vs_bf16"] = error(compiled_ref(x), ref)
+        baseline["error_vs_bf16"] = relative_error(compiled_ref(x), ref)
         if timing is not None:
             baseline["ms"] = round(timing(lambda: compiled_ref(x)) * 1e3, 4)
     rows = [baseline]
@@ -204,7 +199,7 @@ def write(path, rows, gpu, args):
         "",
         f"Block: d={args.dim}, ffn={args.ffn}, heads={args.heads}, {args.tokens} tokens (4 × {args.tokens // 4}), "
         f"bf16; torch {torch.__version__}. Error = 1 − 2Σxy/Σ(x²+y²) of the compiled FP8 block's output "
-        f"against the bf16 block's (bound {BOUND:g}). Command: `python scripts/verify_nn_gpu.py {args.out}`.",
+        f"against the bf16 block's (bound {ERROR_BOUND:g}). Command: `python scripts/verify_nn_gpu.py {args.out}`.",
         "",
         "| backend | recipe | status | error vs bf16 | compiled vs eager | graph breaks | routes (first layer) "
         "| ms (compiled) | compile s | notes |",

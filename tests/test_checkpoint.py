@@ -102,7 +102,7 @@ def test_a_converted_model_saves_as_a_deepseek_checkpoint_and_loads_back(tmp_pat
 
 def test_bad_checkpoints_raise_naming_the_tensor(tmp_path):
     state = _deepseek_state()
-    with pytest.raises(Fp8ValueError, match=r"up: weight_scale_inv: expected shape \(2, 2\).*got \(1, 2\)"):
+    with pytest.raises(Fp8ValueError, match=r"up.weight_scale_inv: expected shape \(2, 2\).*got \(1, 2\)"):
         load_fp8_checkpoint(Tiny(), {**state, "up.weight_scale_inv": torch.ones(1, 2)})
     with pytest.raises(Fp8TypeError, match="down.weight: expected FP8 data next to down.weight_scale_inv"):
         load_fp8_checkpoint(Tiny(), {**state, "down.weight": torch.zeros(256, 200)})

@@ -9,7 +9,7 @@ import textwrap
 import torch
 
 import fp8dispatch
-from fp8dispatch import Backend
+from fp8dispatch import Backend, Fp8Tensor
 from fp8dispatch.backends import reference
 from fp8dispatch.cli import main
 from fp8dispatch.conformance import cases, runner
@@ -234,3 +234,119 @@ def test_merge_keeps_other_backends_and_replaces_a_rerun_one(sandbox, tmp_path):
     assert sorted(merged.backends) == ["flipped", "reference"] and merged.ops == ["quantize", "dequantize"]
     assert len(merged.failed) == 4 and {r.backend for r in merged.failed} == {"flipped"}
     assert len([r for r in merged.results if r.backend == "reference"]) == 8
+
+
+def scribbling_quantize(x, block, dtype, scale=None, scale_ub=None, pow2_scale=False):
+    """The reference's answer, after which it doubles its input in place."""
+    out = reference.quantize(x, block, dtype, scale, scale_ub, pow2_scale)
+    x.mul_(2)
+    return out
+
+
+def _scribbler_and_clean():
+    """A faulty backend checked first, a clean one after it on the same cases."""
+    fp8dispatch.register_backend(_backend("scribbler", quantize=scribbling_quantize))
+    fp8dispatch.register_backend(Backend(name="clean", probe=lambda: None, why_not=lambda op, p: [],
+                                         quantize=reference.quantize, priority=-200))
+
+
+def test_a_backend_that_writes_its_input_is_blamed_alone(sandbox, capsys):
+    _scribbler_and_clean()
+    run = runner.run(backends=["scribbler", "clean"], ops=["quantize"], device="cpu", match=["-1x200-", "-7x130-"])
+    assert [r.backend for r in run.results][:2] == ["scribbler", "clean"]
+    assert {r.status for r in run.results if r.backend == "clean"} == {"passed"}
+    assert all("modified its input x" in r.outcome.detail for r in run.results if r.backend == "scribbler")
+    # pytest's path: the session's one cache of inputs, a check per backend
+    cache = runner.ReferenceCache("cpu")
+    for case in cases.cases("quantize")[:6]:
+        assert runner.check_case("scribbler", case, cache).status == "failed"
+        assert runner.check_case("clean", case, cache).status == "passed", case.id
+    code = main(["conformance", "--backend", "scribbler,clean", "--op", "quantize", "--case=-1x200-",
+                 "--quick", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert code == 1 and "FAILED scribbler quantize-" in out and "FAILED clean" not in out
+
+
+SCRIBBLER_PLUGIN = '''
+import fp8dispatch
+from fp8dispatch import Backend
+from fp8dispatch.backends import reference
+
+
+def scribbling_quantize(x, block, dtype, scale=None, scale_ub=None, pow2_scale=False):
+    out = reference.quantize(x, block, dtype, scale, scale_ub, pow2_scale)
+    x.mul_(2)
+    return out
+
+
+fp8dispatch.register_backend(Backend(name="scribbler", probe=lambda: None, why_not=lambda op, p: [],
+                                     quantize=scribbling_quantize, priority=-100))
+fp8dispatch.register_backend(Backend(name="clean", probe=lambda: None, why_not=lambda op, p: [],
+                                     quantize=reference.quantize, priority=-200))
+'''
+
+
+def test_pytest_blames_only_the_backend_that_writes_its_input(tmp_path):
+    (tmp_path / "scribbler_backends.py").write_text(SCRIBBLER_PLUGIN)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "conformance", "-p", "scribbler_backends", "--backend", "scribbler,clean",
+         "--op", "quantize", "-q", "-rfE", "-k", "1x200 or 7x130", "-p", "no:cacheprovider"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    failed = [line for line in proc.stdout.splitlines() if line.startswith("FAILED")]
+    assert failed and all("[scribbler-" in line for line in failed), proc.stdout[-3000:]
+    assert "8 passed" in proc.stdout and "8 failed" in proc.stdout, proc.stdout[-2000:]
+
+
+def _round_to_bits(x: torch.Tensor, bits: int) -> torch.Tensor:
+    mantissa, exponent = torch.frexp(x)
+    return torch.ldexp(torch.round(mantissa * 2**bits) / 2**bits, exponent)
+
+
+def reduced_accumulation_matmul(a, b, out_dtype, bias=None):
+    """Each K block's partial product in fp32, summed across blocks in an accumulator of 14
+    significant bits: Hopper's FP8 fast accumulation without promotion to fp32."""
+    x, y = reference.dequantize(*a, torch.float32), reference.dequantize(*b, torch.float32)
+    k = x.shape[1]
+    step = a.block[1] if a.block[1] < k else 128
+    acc = torch.zeros(x.shape[0], y.shape[1])
+    for start in range(0, k, step):
+        acc = _round_to_bits(acc + x[:, start:start + step] @ y[start:start + step], 14)
+    if bias is not None:
+        acc = acc + bias.float()
+    return acc.to(out_dtype)
+
+
+def test_a_reduced_precision_accumulator_fails_the_block_recipe(sandbox):
+    fp8dispatch.register_backend(_backend("fastacc", matmul=reduced_accumulation_matmul))
+    run = runner.run(backends=["fastacc"], ops=["matmul"], device="cpu", match=["matmul-block-"])
+    failed = {r.case.id for r in run.failed}
+    assert failed and all("cancel" in case_id for case_id in failed), failed
+    assert {r.case.id for r in run.results if "cancel" in r.case.id} == failed
+    exact = runner.run(backends=["reference"], ops=["matmul"], device="cpu", match=["cancel"])
+    assert exact.results and not exact.failed
+
+
+def test_per_block_extremes_catch_a_scale_read_from_the_wrong_block(sandbox):
+    def neighbour_scale_matmul(a, b, out_dtype, bias=None):
+        """The reference, but b's last block takes its neighbour's scale (an off-by-one at the tail)."""
+        scale = b.scale.clone()
+        if scale.shape[1] > 1:
+            scale[-1, -1] = scale[-1, -2]
+        elif scale.shape[0] > 1:
+            scale[-1, -1] = scale[-2, -1]
+        return reference.matmul(a, Fp8Tensor(b.data, scale, b.block), out_dtype, bias)
+
+    def dropped_block_matmul(a, b, out_dtype, bias=None):
+        """The reference, skipping a's last K block (a loop bound one block short)."""
+        data = a.data.clone()
+        data[:, (data.shape[1] - 1) // 128 * 128:] = 0
+        return reference.matmul(Fp8Tensor(data, a.scale, a.block), b, out_dtype, bias)
+
+    fp8dispatch.register_backend(_backend("offbyone", matmul=neighbour_scale_matmul))
+    fp8dispatch.register_backend(_backend("dropped", matmul=dropped_block_matmul))
+    corner = runner.run(backends=["offbyone"], ops=["matmul"], device="cpu", match=["matmul-block-", "-corner"])
+    assert {r.status for r in corner.results if "matmul-block-" in r.case.id and "-corner" in r.case.id} == {"failed"}
+    sparse = runner.run(backends=["dropped"], ops=["matmul"], device="cpu", match=["-sparse"])
+    assert len(sparse.results) == 3 and {r.status for r in sparse.results} == {"failed"}

@@ -1,5 +1,6 @@
 """The fbgemm, torchao and torch backends on CPU: probing paths with fakes, and every declared limit."""
 
+import dataclasses
 import logging
 import subprocess
 import sys
@@ -14,7 +15,8 @@ from fp8dispatch.backends import fbgemm as fb
 from fp8dispatch.backends import reference
 from fp8dispatch.backends import torch as tb
 from fp8dispatch.backends import torchao as ta
-from fp8dispatch.problem import DequantizeProblem, MatmulProblem, QuantizeProblem
+import fp8dispatch.problem as problems
+from fp8dispatch.blocks import block_for, recipe_blocks
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 BF16 = torch.bfloat16
@@ -274,17 +276,22 @@ def test_torch_row_and_tensor_translation_on_cpu(torch_fakes, ga, gw):
 
 def quantize_problem(granularity, shape=(4096, 7168), *, in_dtype=BF16, contiguous=True, fp8=E4M3,
                      user_scale=False, scale_ub=False, pow2=False, block=None, capability=H100):
-    rows, cols = shape
-    block = block or {"tensor": (rows, cols), "row": (1, cols), "group": (1, 128), "block": (128, 128)}[granularity]
-    return QuantizeProblem(CUDA, capability, in_dtype, shape, contiguous, block, fp8, user_scale, scale_ub, pow2)
+    return problems.quantize_problem(CUDA, shape, block or block_for(granularity, *shape), in_dtype=in_dtype,
+                                     fp8_dtype=fp8, contiguous=contiguous, user_scale=user_scale,
+                                     scale_ub=scale_ub, pow2_scale=pow2, capability=capability)
 
 
 def matmul_problem(recipe, m=4096, n=7168, k=2048, *, a_dtype=E4M3, b_dtype=E4M3, out=BF16, capability=H100,
                    a_row_major=True, b_col_major=True, blocks=None, bias=None):
-    a_block, b_block = blocks or {"block": ((1, 128), (128, 128)), "row": ((1, k), (k, 1)),
-                                  "tensor": ((m, k), (k, n)), "mixed": ((128, 128), (128, 128))}[recipe]
-    return MatmulProblem(CUDA, capability, recipe, a_dtype, b_dtype, m, n, k, a_block, b_block, a_row_major,
-                         b_col_major, out, bias)
+    mixed = ((128, 128), (128, 128))  # blocks that match no named recipe
+    blocks = blocks or (mixed if recipe == "mixed" else recipe_blocks(recipe, m, k, n))
+    return problems.matmul_problem(CUDA, m, n, k, *blocks, a_dtype=a_dtype, b_dtype=b_dtype, out_dtype=out,
+                                   bias_dtype=bias, a_row_major=a_row_major, b_col_major=b_col_major,
+                                   capability=capability)
+
+
+def dequantize_problem(shape, block, fp8=E4M3, out=BF16):
+    return problems.dequantize_problem(CUDA, shape, block, fp8_dtype=fp8, out_dtype=out, capability=H100)
 
 
 @pytest.fixture
@@ -304,8 +311,8 @@ def found_everything(monkeypatch):
     (ta, "matmul", matmul_problem("block", k=400)),
     (fb, "matmul", matmul_problem("row", bias=torch.float16)), (tb, "matmul", matmul_problem("row", bias=BF16)),
     (tb, "matmul", matmul_problem("block", out=torch.float32, bias=BF16)),
-    (fb, "dequantize", DequantizeProblem(CUDA, H100, E4M3, (4096, 7168), True, (128, 128), BF16)),
-    (ta, "dequantize", DequantizeProblem(CUDA, H100, E5M2, (300, 200), True, (128, 128), torch.float16)),
+    (fb, "dequantize", dequantize_problem((4096, 7168), (128, 128), E4M3, BF16)),
+    (ta, "dequantize", dequantize_problem((300, 200), (128, 128), E5M2, torch.float16)),
 ])
 def test_what_each_backend_accepts(module, op, problem):
     assert module.why_not(op, problem) == []
@@ -343,15 +350,15 @@ def test_what_each_backend_accepts(module, op, problem):
     (fb, "matmul", matmul_problem("block", bias=BF16), "bias: only f8f8bf16_rowwise adds a bias in its epilogue"),
     (ta, "matmul", matmul_problem("block", bias=BF16), "bias: blockwise_fp8_gemm has no bias epilogue"),
     # fbgemm quantize / dequantize
-    (fb, "dequantize", DequantizeProblem(CUDA, H100, torch.float8_e4m3fnuz, (128, 256), True, (1, 128), BF16),
+    (fb, "dequantize", dequantize_problem((128, 256), (1, 128), torch.float8_e4m3fnuz, BF16),
      "compile for float8_e4m3fn and float8_e5m2 on CUDA, got torch.float8_e4m3fnuz"),
-    (ta, "dequantize", DequantizeProblem(CUDA, H100, torch.float8_e5m2fnuz, (128, 256), True, (128, 128), BF16),
+    (ta, "dequantize", dequantize_problem((128, 256), (128, 128), torch.float8_e5m2fnuz, BF16),
      "compiles for float8_e4m3fn and float8_e5m2 on CUDA, got torch.float8_e5m2fnuz"),
-    (fb, "dequantize", DequantizeProblem(CUDA, H100, E4M3, (100, 64), True, (1, 64), BF16),
+    (fb, "dequantize", dequantize_problem((100, 64), (1, 64), E4M3, BF16),
      "rows=100: dequantize_fp8_row reads scales in tiles of 16 rows"),
-    (fb, "dequantize", DequantizeProblem(CUDA, H100, E4M3, (128, 64), True, (1, 64), torch.float32),
+    (fb, "dequantize", dequantize_problem((128, 64), (1, 64), E4M3, torch.float32),
      "FBGEMM's dequantizers write bf16 only"),
-    (fb, "dequantize", DequantizeProblem(CUDA, H100, E4M3, (128, 64), True, (128, 64), BF16),
+    (fb, "dequantize", dequantize_problem((128, 64), (128, 64), E4M3, BF16),
      "FBGEMM has no dequantizer for blocks (128, 64)"),
     # torchao
     (ta, "matmul", matmul_problem("row"), "tensor and row go to torch._scaled_mm (backend torch)"),
@@ -361,7 +368,7 @@ def test_what_each_backend_accepts(module, op, problem):
     (fb, "quantize", quantize_problem("tensor"), "FBGEMM's quantizers are not offered"),
     (fb, "quantize", quantize_problem("group"), "approximate division"),
     (fb, "quantize", quantize_problem("block"), "use triton"),
-    (ta, "dequantize", DequantizeProblem(CUDA, H100, E4M3, (128, 128), True, (1, 128), BF16),
+    (ta, "dequantize", dequantize_problem((128, 128), (1, 128), E4M3, BF16),
      "fp8_blockwise_weight_dequant takes 128×128 blocks only"),
 ])
 def test_every_declared_limit_names_quantity_need_and_value(module, op, problem, reason):
@@ -383,7 +390,7 @@ def test_cublaslt_and_v2_limits_of_the_torch_block_recipe(monkeypatch):
 @pytest.mark.parametrize("module", [fb, ta, tb])
 def test_cpu_tensors_are_declined_before_anything_else(module):
     problem = matmul_problem("block")
-    cpu = MatmulProblem(**{**problem.__dict__, "device": torch.device("cpu"), "capability": None})
+    cpu = dataclasses.replace(problem, device=torch.device("cpu"), capability=None)
     assert module.why_not("matmul", cpu) == ["needs a CUDA tensor, got device cpu"]
 
 

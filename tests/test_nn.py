@@ -12,8 +12,7 @@ import fp8dispatch
 from fp8dispatch import Backend, Fp8TypeError, Fp8ValueError, register_backend
 from fp8dispatch.backends import reference
 from fp8dispatch.nn import Fp8Linear, convert, linear_weight_bytes
-
-BOUND = 1e-3  # the conformance bound on 1 - 2Σxy/Σ(x²+y²)
+from fp8dispatch.numerics import ERROR_BOUND, relative_error
 
 
 @pytest.fixture(autouse=True)
@@ -24,11 +23,6 @@ def reference_backend(sandbox):
 
 def _randn(*shape, dtype=torch.float32, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
-
-
-def _error(x, y):
-    x, y = x.double(), y.double()
-    return (1 - 2 * (x * y).sum() / (x * x + y * y).sum()).item()
 
 
 def _linear(k, n, bias=True, seed=0, dtype=torch.bfloat16):
@@ -51,7 +45,7 @@ def test_from_linear_stores_fp8_weight_and_scales_by_recipe(recipe, block, scale
     x = _randn(4, 7, 300, dtype=torch.bfloat16)
     y = layer(x)
     assert y.shape == (4, 7, 320) and y.dtype == torch.bfloat16
-    assert _error(y, lin(x)) < BOUND
+    assert relative_error(y, lin(x)) < ERROR_BOUND
     # the module is exactly the functional API on the same FP8 weight
     assert torch.equal(y, fp8dispatch.linear(x, layer.fp8_weight(), layer.bias))
 
@@ -136,7 +130,7 @@ def test_convert_swaps_every_plain_linear_and_stays_within_the_bound():
     assert all(isinstance(getattr(model, n), Fp8Linear) for n in ("q", "down"))
     x = _randn(2, 16, 256, dtype=torch.bfloat16)
     with torch.no_grad():
-        assert _error(model(x), bf16(x)) < BOUND
+        assert relative_error(model(x), bf16(x)) < ERROR_BOUND
 
 
 def test_converted_linear_weights_take_about_half_the_bytes():

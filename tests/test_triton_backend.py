@@ -16,6 +16,7 @@ import fp8dispatch  # noqa: E402
 from fp8dispatch.backends import reference  # noqa: E402
 from fp8dispatch.backends import triton as backend  # noqa: E402
 from fp8dispatch.blocks import block_for  # noqa: E402
+from fp8dispatch.numerics import ERROR_BOUND, relative_error, special_values  # noqa: E402
 from fp8dispatch.problem import MatmulProblem, QuantizeProblem, device_capability  # noqa: E402
 from fp8dispatch.registry import probe_result  # noqa: E402
 from fp8dispatch.tensor import Fp8Tensor  # noqa: E402
@@ -32,31 +33,12 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 
 
-def special_values(rows: int, cols: int, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
-    """Random values over 8 decades with the hard cases planted: zeros, ±max, values above max,
-    fp8 subnormals, exact ties, NaN, ±inf, fp32 denormals, and one all-zero block."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(rows, cols, generator=g) * torch.logspace(-4, 4, cols)
-    specials = torch.tensor([0.0, 448.0, -448.0, 57344.0, 1e6, -3e38, 2.0**-9, 2.0**-10, 1.5 * 2.0**-9,
-                             float("nan"), float("inf"), float("-inf"), 1e-40, 17.0, 18.0, 0.3])
-    flat = x.view(-1)
-    picks = torch.randperm(flat.numel(), generator=g)[: min(flat.numel() // 3, 3 * specials.numel())]
-    flat[picks] = specials.repeat(3)[: picks.numel()]
-    x[: max(1, rows // 3), : min(cols, 64)] = 0.0
-    return x.to(dtype).to(DEVICE)
-
-
 def assert_same_bits(got, want):
     assert got.dtype == want.dtype and got.shape == want.shape
     ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[got.element_size()]
     g, w = got.view(ints), want.view(ints)
     differ = int((g != w).sum())
     assert differ == 0, f"{differ} of {g.numel()} differ; first at {(g != w).nonzero()[0].tolist()}"
-
-
-def calc_diff(x, y) -> float:
-    x, y = x.double(), y.double()
-    return float(1 - 2 * (x * y).sum() / (x * x + y * y).sum())
 
 
 # --- the interpreter's cast fix ---------------------------------------------------------------
@@ -92,7 +74,7 @@ SHAPES = [(1, 128), (37, 300), (130, 256)]
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_quantize_bit_identical(granularity, fp8, shape):
     for in_dtype in (torch.float32, torch.bfloat16, torch.float16):
-        x = special_values(*shape, in_dtype)
+        x = special_values(*shape, in_dtype, device=DEVICE)
         block = block_for(granularity, *shape, 128)
         data, scale = kernels.quantize(x, block, fp8)
         want_data, want_scale = reference.quantize(x, block, fp8)
@@ -104,7 +86,7 @@ def test_quantize_bit_identical(granularity, fp8, shape):
 @pytest.mark.parametrize("options", [{"pow2_scale": True}, {"scale_ub": 30.0}, {"user": True}],
                          ids=["pow2", "scale_ub", "user_scale"])
 def test_quantize_options_bit_identical(granularity, options):
-    x = special_values(70, 300, torch.bfloat16, seed=1)
+    x = special_values(70, 300, torch.bfloat16, seed=1, device=DEVICE)
     block = block_for(granularity, 70, 300, 128)
     options = dict(options)
     if options.pop("user", False):  # 0.5× the automatic scale: half the values saturate
@@ -118,7 +100,7 @@ def test_quantize_options_bit_identical(granularity, options):
 @pytest.mark.parametrize("block", [(1, 100), (1, 300), (48, 64), (300, 1), (2, 300)])
 def test_quantize_odd_blocks(block):
     """Group widths that are not powers of two, and blocks the chunked kernel sweeps."""
-    x = special_values(50, 300, seed=2)
+    x = special_values(50, 300, seed=2, device=DEVICE)
     got = kernels.quantize(x, block, E4M3)
     want = reference.quantize(x, block, E4M3)
     assert_same_bits(got[1], want[1])
@@ -127,7 +109,7 @@ def test_quantize_odd_blocks(block):
 
 def test_wide_rows_take_the_chunked_path():
     """A row wider than one tile (16384) is swept twice: amax, then cast."""
-    x = special_values(2, 20000, seed=3)
+    x = special_values(2, 20000, seed=3, device=DEVICE)
     got = kernels.quantize(x, (1, 20000), E4M3)
     want = reference.quantize(x, (1, 20000), E4M3)
     assert_same_bits(got[1], want[1])
@@ -155,7 +137,7 @@ def test_wide_groups_bit_identical(fp8, case):
 
     shape, g, block_r, chunk = case
     for in_dtype in (torch.float32, torch.bfloat16, torch.float16):
-        x = special_values(*shape, in_dtype, seed=8)
+        x = special_values(*shape, in_dtype, seed=8, device=DEVICE)
         got = q._quantize_wide_groups(x, g, fp8, None, None, False, block_r=block_r, chunk=chunk,
                                       evict=block_r == 2, unroll=2 if block_r == 4 else None)
         want = reference.quantize(x, (1, g), fp8)
@@ -168,7 +150,7 @@ def test_wide_groups_bit_identical(fp8, case):
 @pytest.mark.parametrize("fp8", [E4M3, E5M2])
 def test_wide_rows_options_bit_identical(options, fp8):
     """Through `quantize`: a 1100-wide row is swept (≥ 1024, not a power of two)."""
-    x = special_values(20, 1100, torch.bfloat16, seed=9)
+    x = special_values(20, 1100, torch.bfloat16, seed=9, device=DEVICE)
     options = dict(options)
     if options.pop("user", False):
         options["scale"] = reference.quantize(x, (1, 1100), fp8)[1] * 0.5
@@ -181,7 +163,7 @@ def test_wide_rows_options_bit_identical(options, fp8):
 def test_wide_rows_strided_input():
     from fp8dispatch.backends.triton import quantize as q
 
-    x = special_values(1100, 6, seed=10).t()  # [6, 1100], column-major
+    x = special_values(1100, 6, seed=10, device=DEVICE).t()  # [6, 1100], column-major
     got = q._quantize_wide_groups(x, 1100, E4M3, None, None, False, block_r=4, chunk=256)
     want = reference.quantize(x, (1, 1100), E4M3)
     assert_same_bits(got[1], want[1])
@@ -196,7 +178,7 @@ def test_which_rows_are_swept(monkeypatch):
     calls = []
     for name in ("_groups", "_wide_groups", "_blocks"):
         monkeypatch.setattr(q, name, _Counting(getattr(q, name), calls))
-    x = special_values(3, 7168, torch.bfloat16, seed=11)
+    x = special_values(3, 7168, torch.bfloat16, seed=11, device=DEVICE)
     q.quantize(x, (1, 7168), E4M3)
     q.quantize(x[:, :4096], (1, 4096), E4M3)
     q.quantize(x, (1, 128), E4M3)
@@ -213,7 +195,7 @@ def test_tunable_tiles_bit_identical(path, knobs):
     """The knobs the GPU sweep turns change the work split, never the bits."""
     from fp8dispatch.backends.triton import quantize as q
 
-    x = special_values(130, 300, torch.bfloat16, seed=12)
+    x = special_values(130, 300, torch.bfloat16, seed=12, device=DEVICE)
     block = (1, 128) if path == "groups" else (128, 128)
     fn = q._quantize_groups if path == "groups" else q._quantize_blocks
     got = fn(x, block[1] if path == "groups" else block, E4M3, None, None, False, **knobs)
@@ -231,7 +213,7 @@ def test_wide_groups_knobs_must_be_powers_of_two(knob):
         q._quantize_wide_groups(torch.zeros(2, 1100, device=DEVICE), 1100, E4M3, None, None, False, **{knob: 100})
 
 def test_quantize_strided_input():
-    x = special_values(300, 64, seed=4).t()  # [64, 300], column-major
+    x = special_values(300, 64, seed=4, device=DEVICE).t()  # [64, 300], column-major
     got = kernels.quantize(x, (1, 128), E4M3)
     want = reference.quantize(x, (1, 128), E4M3)
     assert_same_bits(got[1], want[1])
@@ -239,7 +221,7 @@ def test_quantize_strided_input():
 
 
 def test_public_api_with_leading_dims():
-    x = special_values(24, 256, torch.bfloat16, seed=5).reshape(2, 12, 256)
+    x = special_values(24, 256, torch.bfloat16, seed=5, device=DEVICE).reshape(2, 12, 256)
     got = fp8dispatch.quantize(x, "group", backend="triton")
     want = fp8dispatch.quantize(x, "group", backend="reference")
     assert got.data.shape == x.shape and got.scale.shape == (24, 2)
@@ -264,7 +246,7 @@ def test_tensorwise_two_launches_and_reciprocal(monkeypatch):
     calls = []
     for name in ("_tensor_amax", "_tensor_cast", "_groups", "_blocks"):
         monkeypatch.setattr(q, name, _Counting(getattr(q, name), calls))
-    x = special_values(300, 500, seed=6)
+    x = special_values(300, 500, seed=6, device=DEVICE)
     data, scales = q.quantize_tensorwise(x, E4M3)
     assert len(calls) == 2
     want_data, want_scale = reference.quantize(x, (300, 500), E4M3)
@@ -279,7 +261,7 @@ def test_tensorwise_two_launches_and_reciprocal(monkeypatch):
 @pytest.mark.parametrize("granularity", ["tensor", "row", "group", "block"])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_dequantize_exact(granularity, out_dtype):
-    x = special_values(37, 300, seed=7)
+    x = special_values(37, 300, seed=7, device=DEVICE)
     block = block_for(granularity, 37, 300, 128)
     data, scale = reference.quantize(x, block, E4M3)
     got = kernels.dequantize(data, scale, block, out_dtype)
@@ -312,7 +294,7 @@ def test_matmul_matches_reference(recipe, m, n, k):
         want = reference.matmul(qa, qw.t(), out_dtype, b)
         assert got.dtype == out_dtype and got.shape == (m, n)
         assert torch.isfinite(got).all()
-        assert calc_diff(got.float(), want.float()) < 1e-3
+        assert relative_error(got.float(), want.float()) < ERROR_BOUND
 
 
 def test_matmul_group_of_64():
@@ -320,7 +302,7 @@ def test_matmul_group_of_64():
     qa, qw = _operands(40, 128, 256, "block", group=64, seed=3)
     got = kernels.matmul(qa, qw.t(), torch.float32)
     want = reference.matmul(qa, qw.t(), torch.float32)
-    assert calc_diff(got, want) < 1e-3
+    assert relative_error(got, want) < ERROR_BOUND
 
 
 @pytest.mark.parametrize("change, reason", [
@@ -366,7 +348,7 @@ def test_a_hopper_kernel_that_cannot_compile_leaves_the_portable_one(monkeypatch
     with caplog.at_level("WARNING", logger="fp8dispatch"):
         got = portable.matmul(qa, qw.t(), torch.float32)
         again = portable.matmul(qa, qw.t(), torch.float32)
-    assert calc_diff(got, reference.matmul(qa, qw.t(), torch.float32)) < 1e-3 and torch.equal(got, again)
+    assert relative_error(got, reference.matmul(qa, qw.t(), torch.float32)) < ERROR_BOUND and torch.equal(got, again)
     assert portable._hopper_unavailable == ["RuntimeError: PassManager::run failed"]
     assert sum("failed to compile" in r.message for r in caplog.records) == 1
 
@@ -385,7 +367,7 @@ def test_public_linear_routes_to_triton():
     got = fp8dispatch.linear(x.bfloat16(), w.bfloat16(), backend="triton")
     want = fp8dispatch.linear(x.bfloat16(), w.bfloat16(), backend="reference")
     assert got.shape == (3, 5, 192)
-    assert calc_diff(got.float(), want.float()) < 1e-3
+    assert relative_error(got.float(), want.float()) < ERROR_BOUND
 
 
 # --- what the backend declares ------------------------------------------------------------------

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import fp8dispatch
-from fp8dispatch import Backend, bench, registry, tuning
+from fp8dispatch import Backend, registry, tuning
 from fp8dispatch.backends import reference
 from fp8dispatch.blocks import block_for
-from fp8dispatch.problem import QuantizeProblem
+from fp8dispatch import problem as problems
 
 CPU = torch.device("cpu")
 
@@ -41,7 +41,7 @@ def fake(name, priority, calls=None):
 
 def quantize_problem(m=4, k=256, granularity="group"):
     """The problem `fp8dispatch.quantize(bf16 [m, k], granularity)` describes."""
-    return bench.quantize_problem(CPU, (m, k), block_for(granularity, m, k))
+    return problems.quantize_problem(CPU, (m, k), block_for(granularity, m, k))
 
 
 def rows_for(problem, timings):
@@ -195,8 +195,7 @@ def test_stale_and_foreign_tables_are_ignored_with_a_warning(tables):
 def test_a_table_for_another_architecture_warns(tables, monkeypatch):
     gpu = torch.device("cuda", 0)
     monkeypatch.setitem(tuning._identities, gpu, ("NVIDIA Imaginary 2", [9, 0]))  # no GPU needed
-    p = QuantizeProblem(gpu, (9, 0), torch.bfloat16, (4, 256), True, (1, 128), torch.float8_e4m3fn,
-                        False, False, False)
+    p = problems.quantize_problem(gpu, (4, 256), (1, 128), capability=(9, 0))
     env = {"device": "NVIDIA Imaginary 1", "capability": [8, 9], "libraries": tuning.libraries()}
     write_table(tables, rows_for(p, {"reference": (1e-5, 0.0)}), env)
     with pytest.warns(tuning.TuningWarning, match="measured on NVIDIA Imaginary 1, this is NVIDIA Imaginary 2"):

@@ -58,7 +58,8 @@ _GL_DTYPES = {torch.float8_e4m3fn: gl.float8e4nv, torch.float8_e5m2: gl.float8e5
 
 
 @gluon.jit
-def _tile_coords(tile, tiles_m, tiles_n, GROUP_M: gl.constexpr):
+def grouped_tile(tile, tiles_m, tiles_n, GROUP_M: gl.constexpr):
+    """tiles.grouped_tile for Gluon kernels: GROUP_M row tiles per column tile, so b stays in L2."""
     per_group = GROUP_M * tiles_n
     first_m = (tile // per_group) * GROUP_M
     group_m = min(tiles_m - first_m, GROUP_M)
@@ -77,7 +78,7 @@ def _producer(a_desc, b_desc, a_top, a_bottom, b_smem, ready, empty, M, N, K, GR
     steps = gl.cdiv(K, BK)
     i = 0  # steps issued over every tile so far: the position in the ring
     for tile in range(gl.program_id(0), tiles_m * tiles_n, gl.num_programs(0)):
-        pid_m, pid_n = _tile_coords(tile, tiles_m, tiles_n, GROUP_M)
+        pid_m, pid_n = grouped_tile(tile, tiles_m, tiles_n, GROUP_M)
         off_m = pid_m * 2 * HALF
         for k in range(steps):
             stage = i % STAGES
@@ -107,7 +108,7 @@ def _consumer(a_half, b_smem, ready, empty, c_desc, c_smem, sa_ptr, sb_ptr, bias
     zero = gl.zeros((BM, BN), gl.float32, layout=mma)
     i = 0
     for tile in range(gl.program_id(0), tiles_m * tiles_n, gl.num_programs(0)):
-        pid_m, pid_n = _tile_coords(tile, tiles_m, tiles_n, GROUP_M)
+        pid_m, pid_n = grouped_tile(tile, tiles_m, tiles_n, GROUP_M)
         rows = pid_m * 2 * BM + half * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, mma))
         cols = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, mma))
         sa_ptrs = sa_ptr + gl.minimum(rows, M - 1) * stride_sam  # rows past M are never stored

@@ -12,11 +12,16 @@ Triton specializes on, and call the compiled launcher directly.
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 
 # FP8DISPATCH_TRITON_FAST_LAUNCH=0 sends every launch through Triton's own path.
 ENABLED = os.environ.get("FP8DISPATCH_TRITON_FAST_LAUNCH", "1") != "0"
+
+# Triton's CPU interpreter swaps module-level state of triton.language while a kernel runs, so two
+# threads interpreting at once break each other: off the GPU, one launch at a time.
+_interpreter_lock = threading.Lock()
 
 
 def static_key(scalars: tuple, constexprs: dict, options: dict) -> tuple:
@@ -39,7 +44,11 @@ class Launcher:
 
     def __call__(self, grid: tuple, args: tuple, constexprs: dict, options: dict, static: tuple | None = None):
         """`static`, when given, stands for everything but the tensors (a caller's cached plan)."""
-        if not ENABLED or args[0].device.type != "cuda":
+        if args[0].device.type != "cuda":
+            with _interpreter_lock:
+                self.kernel[grid](*args, **constexprs, **options)
+            return
+        if not ENABLED:
             self.kernel[grid](*args, **constexprs, **options)
             return
         if static is None:

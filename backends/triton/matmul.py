@@ -35,7 +35,7 @@ from fp8dispatch.problem import device_capability
 
 from .interpreter import active as interpreting
 from .launch import Launcher, static_key
-from .tiles import next_pow2
+from .tiles import grouped_tile, next_pow2
 
 # Up to this M the swapped kernel runs (its narrow side is 16 to 64 wide).
 SMALL_M = 64
@@ -50,6 +50,22 @@ def _load_k_step(ptrs, k_mask, EVEN_K: tl.constexpr):
 
 
 @triton.jit
+def _on_m(v, SWAP: tl.constexpr):
+    """A vector over the tile's M side, broadcast against the accumulator (whose rows are M, or N
+    when swapped)."""
+    if SWAP:
+        return v[None, :]
+    return v[:, None]
+
+
+@triton.jit
+def _on_n(v, SWAP: tl.constexpr):
+    if SWAP:
+        return v[:, None]
+    return v[None, :]
+
+
+@triton.jit
 def _scaled_mm_kernel(
     a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr,
     M, N, K,
@@ -60,100 +76,57 @@ def _scaled_mm_kernel(
     SCALE_K: tl.constexpr,  # the K width of a scale group; 0 when no scale varies along K
     B_TILE_SCALE: tl.constexpr,  # BLOCK_N divides g': one b scale per tile and K group, a scalar
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # tokens per tile (the narrow side when swapped)
+    BLOCK_N: tl.constexpr,  # output features per tile (the tensor cores' 64-row side when swapped)
+    BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,  # programs walk GROUP_M row tiles per column tile, so b tiles stay in L2
+    SWAP: tl.constexpr,  # compute c.T = b.T @ a.T tile by tile (small M); a 2-D grid (N tiles, M tiles)
 ):
-    pid = tl.program_id(0)
-    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
-    group_m = min(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_m
-    pid_n = (pid % per_group) // group_m
-
+    if SWAP:
+        pid_n, pid_m = tl.program_id(0), tl.program_id(1)
+    else:
+        pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm, rn = offs_m % M, offs_n % N
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rm[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + rn[None, :] * stride_bn
+    # The left operand x [rows, BLOCK_K] and the right one y [BLOCK_K, cols] of each K step's dot.
+    if SWAP:
+        x_ptrs = b_ptr + rn[:, None] * stride_bn + offs_k[None, :] * stride_bk
+        y_ptrs = a_ptr + offs_k[:, None] * stride_ak + rm[None, :] * stride_am
+        x_step, y_step = BLOCK_K * stride_bk, BLOCK_K * stride_ak
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        x_ptrs = a_ptr + rm[:, None] * stride_am + offs_k[None, :] * stride_ak
+        y_ptrs = b_ptr + offs_k[:, None] * stride_bk + rn[None, :] * stride_bn
+        x_step, y_step = BLOCK_K * stride_ak, BLOCK_K * stride_bk
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     sa_ptrs = sa_ptr + (rm // a_rows_per_scale) * stride_sam
     sb_ptrs = sb_ptr + (rn // b_cols_per_scale) * stride_sbn
 
     sb_tile_ptr = sb_ptr + (pid_n * BLOCK_N // b_cols_per_scale) * stride_sbn
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_left = K - k * BLOCK_K
-        a = _load_k_step(a_ptrs, offs_k[None, :] < k_left, EVEN_K)
-        b = _load_k_step(b_ptrs, offs_k[:, None] < k_left, EVEN_K)
+        x = _load_k_step(x_ptrs, offs_k[None, :] < k_left, EVEN_K)
+        y = _load_k_step(y_ptrs, offs_k[:, None] < k_left, EVEN_K)
         if SCALE_K > 0:
             group = (k * BLOCK_K) // SCALE_K
             sa = tl.load(sa_ptrs + group * stride_sak)
             if B_TILE_SCALE:  # one multiply per element per K step instead of two
-                acc += tl.dot(a, b) * (sa * tl.load(sb_tile_ptr + group * stride_sbk))[:, None]
+                acc += tl.dot(x, y) * _on_m(sa * tl.load(sb_tile_ptr + group * stride_sbk), SWAP)
             else:
-                acc += tl.dot(a, b) * (sa[:, None] * tl.load(sb_ptrs + group * stride_sbk)[None, :])
+                acc += tl.dot(x, y) * (_on_m(sa, SWAP) * _on_n(tl.load(sb_ptrs + group * stride_sbk), SWAP))
         else:
-            acc = tl.dot(a, b, acc)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+            acc = tl.dot(x, y, acc)
+        x_ptrs += x_step
+        y_ptrs += y_step
     if SCALE_K == 0:
-        acc = acc * (tl.load(sa_ptrs)[:, None] * tl.load(sb_ptrs)[None, :])
+        acc = acc * (_on_m(tl.load(sa_ptrs), SWAP) * _on_n(tl.load(sb_ptrs), SWAP))
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
-    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _scaled_mm_swap_kernel(
-    a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr,
-    M, N, K,
-    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-    stride_sam, stride_sak, stride_sbk, stride_sbn,
-    a_rows_per_scale, b_cols_per_scale,
-    SCALE_K: tl.constexpr, B_TILE_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_M: tl.constexpr,  # the narrow side: tokens
-    BLOCK_N: tl.constexpr,  # the wgmma M side: output features
-    BLOCK_K: tl.constexpr,
-):
-    # Same math as _scaled_mm_kernel on transposed tiles: acc_t [BLOCK_N, BLOCK_M] = b.T @ a.T.
-    pid_n, pid_m = tl.program_id(0), tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm, rn = offs_m % M, offs_n % N
-    offs_k = tl.arange(0, BLOCK_K)
-    bt_ptrs = b_ptr + rn[:, None] * stride_bn + offs_k[None, :] * stride_bk  # [BLOCK_N, BLOCK_K]
-    at_ptrs = a_ptr + offs_k[:, None] * stride_ak + rm[None, :] * stride_am  # [BLOCK_K, BLOCK_M]
-    sa_ptrs = sa_ptr + (rm // a_rows_per_scale) * stride_sam
-    sb_ptrs = sb_ptr + (rn // b_cols_per_scale) * stride_sbn
-
-    sb_tile_ptr = sb_ptr + (pid_n * BLOCK_N // b_cols_per_scale) * stride_sbn
-
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - k * BLOCK_K
-        bt = _load_k_step(bt_ptrs, offs_k[None, :] < k_left, EVEN_K)
-        at = _load_k_step(at_ptrs, offs_k[:, None] < k_left, EVEN_K)
-        if SCALE_K > 0:
-            group = (k * BLOCK_K) // SCALE_K
-            sa = tl.load(sa_ptrs + group * stride_sak)
-            if B_TILE_SCALE:
-                acc += tl.dot(bt, at) * (sa * tl.load(sb_tile_ptr + group * stride_sbk))[None, :]
-            else:
-                acc += tl.dot(bt, at) * (tl.load(sb_ptrs + group * stride_sbk)[:, None] * sa[None, :])
-        else:
-            acc = tl.dot(bt, at, acc)
-        bt_ptrs += BLOCK_K * stride_bk
-        at_ptrs += BLOCK_K * stride_ak
-    if SCALE_K == 0:
-        acc = acc * (tl.load(sb_ptrs)[:, None] * tl.load(sa_ptrs)[None, :])
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn).to(tl.float32)[:, None]
-    mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
-    c_ptrs = c_ptr + offs_m[None, :] * stride_cm + offs_n[:, None] * stride_cn
+        acc += _on_n(tl.load(bias_ptr + rn).to(tl.float32), SWAP)
+    mask = _on_m(offs_m < M, SWAP) & _on_n(offs_n < N, SWAP)
+    c_ptrs = c_ptr + _on_m(offs_m, SWAP) * stride_cm + _on_n(offs_n, SWAP) * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
@@ -206,7 +179,7 @@ def block_k_for(scale_k: int) -> int:
     return min(128, scale_k & -scale_k)
 
 
-_launchers = {False: Launcher(_scaled_mm_kernel, tensors=6), True: Launcher(_scaled_mm_swap_kernel, tensors=6)}
+_launcher = Launcher(_scaled_mm_kernel, tensors=6)
 
 # Chosen configurations, per (device, shape bucket, dtypes, flags): filled by timing the
 # candidates on a problem's first call (about a second), then one dict lookup per call. Triton's
@@ -309,11 +282,12 @@ def _plan(a, b, c, tensors, out_dtype, has_bias: bool, config) -> _Plan:
         constexprs = dict(config)
         options = {name: constexprs.pop(name) for name in ("num_warps", "num_stages") if name in constexprs}
         if swap:
-            constexprs.pop("GROUP_M", None)
+            constexprs["GROUP_M"] = 1  # the swapped grid is 2-D: no grouping
             constexprs.setdefault("BLOCK_M", _narrow(m))
+        constexprs["SWAP"] = swap
         constexprs["B_TILE_SCALE"] = b.block[1] % constexprs["BLOCK_N"] == 0
         constexprs = {**flags, **constexprs}
-        return _Plan(_launchers[swap], _grid(m, n, swap, constexprs), ints, constexprs, options,
+        return _Plan(_launcher, _grid(m, n, swap, constexprs), ints, constexprs, options,
                      static_key(ints, constexprs, options))
 
     def launch(config):

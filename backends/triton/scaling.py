@@ -9,7 +9,10 @@ the max), and the power-of-two rounding is the same integer trick on the fp32 bi
 import triton
 import triton.language as tl
 
-FP32_MAX = tl.constexpr(3.4028234663852886e38)  # the largest finite fp32
+from fp8dispatch import scaling
+
+FP32_MAX = tl.constexpr(scaling.FP32_MAX)  # the largest finite fp32
+SMALLEST_SCALE = tl.constexpr(scaling.SMALLEST_SCALE)  # a positive amax never gives scale 0
 
 
 @triton.jit
@@ -21,11 +24,14 @@ def finite_abs(x):
 
 @triton.jit
 def scale_from_amax(amax, scale_ub, FP8_MAX: tl.constexpr, HAS_UB: tl.constexpr, POW2: tl.constexpr):
-    """`amax / FP8_MAX` by true division; amax 0 -> 1; `scale_ub` caps amax; POW2 rounds up."""
+    """`amax / FP8_MAX` by true division; amax 0 -> 1, else at least SMALLEST_SCALE (an fp32-subnormal
+    amax would underflow to 0); `scale_ub` caps amax; POW2 rounds up."""
     if HAS_UB:
-        amax = tl.minimum(amax, scale_ub)
+        # Triton passes a Python float below fp32's smallest normal as fp64: round it to fp32 here.
+        amax = tl.minimum(amax, tl.full(amax.shape, scale_ub, tl.float32))
     scale = tl.math.div_rn(amax, tl.full(amax.shape, FP8_MAX, tl.float32))
     scale = tl.where(amax == 0.0, 1.0, scale)
+    scale = tl.where(scale < SMALLEST_SCALE, SMALLEST_SCALE, scale)
     if POW2:
         # A non-zero mantissa lies strictly between two powers of two: clear it, step the exponent.
         bits = scale.to(tl.int32, bitcast=True)

@@ -7,6 +7,7 @@ import time
 import torch
 
 import fp8dispatch
+from fp8dispatch.numerics import relative_error
 
 
 def add_arguments(parser) -> None:
@@ -14,13 +15,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("-m", type=int, default=None, help="tokens (default 256 on CPU, 4096 on a GPU)")
     parser.add_argument("-n", type=int, default=None, help="output features (default 2048 on CPU, 7168 on a GPU)")
     parser.add_argument("-k", type=int, default=7168, help="input features (default 7168)")
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """DeepGEMM's measure, 1 - 2Σxy / Σ(x² + y²), in float64; 0 is identical."""
-    x, y = out.double(), ref.double()
-    denominator = (x * x + y * y).sum()
-    return float(1 - 2 * (x * y).sum() / denominator) if denominator > 0 else 0.0
 
 
 def _timed(fn, device, repeats):

@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 
 from fp8dispatch import registry
+from fp8dispatch.blocks import RECIPES, recipe_blocks
 from fp8dispatch.formats import FORMATS
-from fp8dispatch.problem import DequantizeProblem, MatmulProblem, QuantizeProblem
+from fp8dispatch.problem import dequantize_problem, matmul_problem, quantize_problem
 
 DEFAULT_PATH = Path("docs/support-matrix.md")
 
@@ -27,11 +28,6 @@ TARGETS = (
 M, N, K = 4096, 7168, 2048
 TAIL_M, TAIL_N, TAIL_K = 1, 200, 200
 GRANULARITY_BLOCKS = (("tensor", (M, K)), ("row", (1, K)), ("group", (1, 128)), ("block", (128, 128)))
-RECIPE_BLOCKS = {
-    "block": lambda m, k, n: ((1, 128), (128, 128)),
-    "row": lambda m, k, n: ((1, k), (k, 1)),
-    "tensor": lambda m, k, n: ((m, k), (k, n)),
-}
 SHORT = {dtype: fmt.name for dtype, fmt in FORMATS.items()}
 
 
@@ -65,21 +61,21 @@ def run(args) -> int:
 
 def sections(device: torch.device, capability) -> list[tuple[str, list[str], dict]]:
     """(title, columns, {column: {fp8 dtype: problem}}) per op for one target."""
-    quantize = {g: {f: QuantizeProblem(device, capability, torch.bfloat16, (M, K), True, b, f, False, False, False)
-                    for f in FORMATS} for g, b in GRANULARITY_BLOCKS}
-    dequantize = {g: {f: DequantizeProblem(device, capability, f, (M, K), True, b, torch.bfloat16) for f in FORMATS}
+    quantize = {g: {f: quantize_problem(device, (M, K), b, fp8_dtype=f, capability=capability) for f in FORMATS}
+                for g, b in GRANULARITY_BLOCKS}
+    dequantize = {g: {f: dequantize_problem(device, (M, K), b, fp8_dtype=f, capability=capability) for f in FORMATS}
                   for g, b in GRANULARITY_BLOCKS}
 
     def matmul(m, k, n):
-        return {r: {f: MatmulProblem(device, capability, r, f, f, m, n, k, *blocks(m, k, n), True, True,
-                                     torch.bfloat16, None) for f in FORMATS} for r, blocks in RECIPE_BLOCKS.items()}
+        return {r: {f: matmul_problem(device, m, n, k, *recipe_blocks(r, m, k, n), a_dtype=f, b_dtype=f,
+                                      capability=capability) for f in FORMATS} for r in RECIPES}
 
     return [
         (f"quantize: bf16 [{M}, {K}] to FP8", [g for g, _ in GRANULARITY_BLOCKS], quantize),
         (f"dequantize: FP8 [{M}, {K}] to bf16", [g for g, _ in GRANULARITY_BLOCKS], dequantize),
-        (f"matmul: [{M}, {K}] @ [{K}, {N}] (b the transpose of a [N, K] weight), bf16 out", list(RECIPE_BLOCKS),
+        (f"matmul: [{M}, {K}] @ [{K}, {N}] (b the transpose of a [N, K] weight), bf16 out", list(RECIPES),
          matmul(M, K, N)),
-        (f"matmul with tails: [{TAIL_M}, {TAIL_K}] @ [{TAIL_K}, {TAIL_N}], bf16 out", list(RECIPE_BLOCKS),
+        (f"matmul with tails: [{TAIL_M}, {TAIL_K}] @ [{TAIL_K}, {TAIL_N}], bf16 out", list(RECIPES),
          matmul(TAIL_M, TAIL_K, TAIL_N)),
     ]
 

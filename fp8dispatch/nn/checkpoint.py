@@ -51,42 +51,79 @@ def load_fp8_checkpoint(model: nn.Module, checkpoint: str | os.PathLike | Mappin
     tensors = _open(checkpoint)
     keys = set(tensors)
     block = tuple(block_size) if isinstance(block_size, (tuple, list)) else (block_size, block_size)
-    report = LoadReport()
     modules = dict(model.named_modules())
-    for scale_key in sorted(k for k in keys if k.endswith(SCALE_SUFFIX)):
-        name = scale_key[: -len(SCALE_SUFFIX)]
+    # Every check first, every change after: a bad tensor anywhere leaves the model as it was.
+    layers: dict[str, Fp8Linear] = {}
+    for name in _fp8_layer_names(tensors, keys):
         module = modules.get(name)
         if not isinstance(module, nn.Linear | Fp8Linear):
             if strict:
                 found = type(module).__name__ if module is not None else "no module"
-                raise Fp8ValueError(f"{scale_key}: expected {name!r} to be an nn.Linear in the model, found {found}")
+                raise Fp8ValueError(f"{name}{SCALE_SUFFIX}: expected {name!r} to be an nn.Linear in the model, "
+                                    f"found {found}")
             continue
-        weight = tensors[name + ".weight"]
-        if not is_fp8(weight.dtype):
-            raise Fp8TypeError(f"{name}.weight: expected FP8 data next to {scale_key}, got {weight.dtype}")
-        target = device if device is not None else _device_of(module)
-        bias = _bias(tensors, keys, name, module)
-        try:
-            layer = Fp8Linear.from_fp8(weight.to(target), tensors[scale_key].to(target),
-                                       None if bias is None else bias.to(target), block=block, backend=backend)
-        except (Fp8ValueError, Fp8TypeError) as e:
-            raise type(e)(f"{name}: {e}") from None
-        if (layer.in_features, layer.out_features) != (module.in_features, module.out_features):
-            raise Fp8ValueError(f"{name}.weight: expected [{module.out_features}, {module.in_features}] "
-                                f"for the model's layer, got {list(weight.shape)}")
-        _replace(model, name, layer)
-        keys -= {name + ".weight", scale_key, name + ".bias"}
-        report.fp8_layers.append(name)
+        layers[name] = _layer(name, module, tensors, keys, block, backend, device)
+        keys -= {name + ".weight", name + SCALE_SUFFIX, name + ".bias"}
     rest = {k: tensors[k] if device is None else tensors[k].to(device) for k in sorted(keys)}
-    on_meta = any(t.device.type == "meta" for t in model.state_dict().values())
-    result = model.load_state_dict(rest, strict=False, assign=on_meta)
-    built = {f"{n}.{part}" for n in report.fp8_layers for part in ("weight", "weight_scale_inv", "bias")}
-    report.loaded = [k for k in rest if k not in result.unexpected_keys]
-    report.missing = [k for k in result.missing_keys if k not in built]
-    report.unexpected = list(result.unexpected_keys)
+    state = model.state_dict()
+    replaced = tuple(f"{name}." for name in layers)
+    report = LoadReport(fp8_layers=list(layers))
+    report.missing = [k for k in state if k not in rest and not k.startswith(replaced)]
+    report.unexpected = [k for k in rest if k not in state]
+    report.loaded = [k for k in rest if k in state]
+    for k in report.loaded:
+        if tuple(rest[k].shape) != tuple(state[k].shape):
+            raise Fp8ValueError(f"{k}: expected shape {tuple(state[k].shape)} for the model's tensor, "
+                                f"got {tuple(rest[k].shape)}")
     if strict and (report.missing or report.unexpected):
         raise Fp8ValueError(f"checkpoint: does not match the model: {report}")
+    on_meta = any(t.device.type == "meta" for t in state.values())
+    for name, layer in layers.items():
+        _replace(model, name, layer)
+    model.load_state_dict(rest, strict=False, assign=on_meta)
     return report
+
+
+def _fp8_layer_names(tensors, keys) -> list[str]:
+    """Layers with a scale, or with FP8 weights: each must then have both (checked in `_layer`)."""
+    scaled = {k[: -len(SCALE_SUFFIX)] for k in keys if k.endswith(SCALE_SUFFIX)}
+    weights = {k[: -len(".weight")] for k in keys if k.endswith(".weight") and _holds_fp8(tensors, k)}
+    return sorted(scaled | weights)
+
+
+def _holds_fp8(tensors, key: str) -> bool:
+    if isinstance(tensors, _Lazy):
+        return tensors.dtype_name(key).startswith("F8")  # read from the header, not the data
+    return isinstance(tensors[key], torch.Tensor) and is_fp8(tensors[key].dtype)
+
+
+def _layer(name, module, tensors, keys, block, backend, device) -> Fp8Linear:
+    """One FP8 layer from its tensors, which are checked together: weight, scales and bias."""
+    weight_key, scale_key = name + ".weight", name + SCALE_SUFFIX
+    if scale_key not in keys:
+        raise Fp8ValueError(f"{scale_key}: missing; {weight_key} is FP8 data, which needs its dequantization "
+                            f"scales (the weights would load unscaled)")
+    if weight_key not in keys:
+        raise Fp8ValueError(f"{weight_key}: missing; the checkpoint has {scale_key} without the weight it scales")
+    weight, scale = tensors[weight_key], tensors[scale_key]
+    if not is_fp8(weight.dtype):
+        raise Fp8TypeError(f"{weight_key}: expected FP8 data next to {scale_key}, got {weight.dtype}")
+    if isinstance(scale, torch.Tensor) and scale.is_floating_point():
+        bad = ~(torch.isfinite(scale) & (scale > 0))
+        if bool(bad.any()):
+            where = tuple(bad.nonzero()[0].tolist())
+            raise Fp8ValueError(f"{scale_key}: expected positive finite scales, got {scale[where].item()!r} at {where}")
+    target = device if device is not None else _device_of(module)
+    bias = _bias(tensors, keys, name, module)
+    try:
+        layer = Fp8Linear.from_fp8(weight.to(target), scale.to(target), None if bias is None else bias.to(target),
+                                   block=block, backend=backend)
+    except (Fp8ValueError, Fp8TypeError) as e:
+        raise type(e)(f"{name}.{e}") from None
+    if (layer.in_features, layer.out_features) != (module.in_features, module.out_features):
+        raise Fp8ValueError(f"{weight_key}: expected [{module.out_features}, {module.in_features}] "
+                            f"for the model's layer, got {list(weight.shape)}")
+    return layer
 
 
 def _bias(tensors, keys, name, module):
@@ -116,17 +153,30 @@ class _Lazy(Mapping):
     def __init__(self, files: list[str]):
         from safetensors import safe_open
 
-        self._handles = [safe_open(f, framework="pt") for f in files]
-        self._where = {k: h for h in self._handles for k in h.keys()}
+        self._handles = [_reading(f, lambda f=f: safe_open(f, framework="pt")) for f in files]
+        self._where = {k: (h, f) for h, f in zip(self._handles, files) for k in h.keys()}
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        return self._where[key].get_tensor(key)
+        handle, file = self._where[key]
+        return _reading(file, lambda: handle.get_tensor(key))
+
+    def dtype_name(self, key: str) -> str:
+        handle, file = self._where[key]
+        return _reading(file, lambda: handle.get_slice(key).get_dtype())
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
 
     def __len__(self) -> int:
         return len(self._where)
+
+
+def _reading(file: str, read):
+    """`read()`, with a broken file's error naming the file (safetensors' own does not)."""
+    try:
+        return read()
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own types, and OSError
+        raise Fp8ValueError(f"checkpoint: cannot read {file}: {type(e).__name__}: {e}") from None
 
 
 def _open(checkpoint) -> Mapping[str, torch.Tensor]:
@@ -136,8 +186,7 @@ def _open(checkpoint) -> Mapping[str, torch.Tensor]:
     if os.path.isdir(path):
         index = os.path.join(path, "model.safetensors.index.json")
         if os.path.exists(index):
-            with open(index) as f:
-                names = sorted(set(json.load(f)["weight_map"].values()))
+            names = _reading(index, lambda: sorted(set(_weight_map(index).values())))
         else:
             names = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
         if not names:
@@ -146,3 +195,11 @@ def _open(checkpoint) -> Mapping[str, torch.Tensor]:
     if not os.path.exists(path):
         raise Fp8ValueError(f"checkpoint: no such file or directory: {path}")
     return _Lazy([path])
+
+
+def _weight_map(index: str) -> dict[str, str]:
+    with open(index) as f:
+        weight_map = json.load(f)["weight_map"]
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError("weight_map: expected an object of file names")
+    return weight_map

@@ -128,7 +128,7 @@ class Fp8Linear(nn.Module):
                                             self.backend, None if compiling else self.fp8_weight())
         if compiling:
             return _linear(x, self.weight, self.weight_scale_inv, self.block, bias, self.backend)
-        return api.linear(x, self.fp8_weight(), bias, backend=self.backend)
+        return api.linear(x, self.fp8_weight(), bias, recipe=self.recipe, backend=self.backend)
 
     def matmul_backend(self, m: int = PROBE_M, dtype: torch.dtype = torch.bfloat16) -> str:
         """The backend this layer's matmul routes to for M tokens, or why none can run it."""
@@ -232,8 +232,5 @@ def _block_from_scale(n: int, k: int, shape: tuple[int, ...]) -> Block:
 
 
 def _recipe_of(block: Block, n: int, k: int) -> str:
-    if block[0] >= n and block[1] >= k:
-        return "tensor"
-    if block[0] == 1 and block[1] >= k:
-        return "row"
-    return "block"
+    """The recipe a weight [N, K] in `block`s implies: matmul's own reading of its transpose."""
+    return api._recipe_carried((block[1], block[0]), k, n, from_a=False)[0]
