@@ -60,7 +60,7 @@ def _grouped_kernel(
 ):
     tiles_n = tl.cdiv(N, BLOCK_N)
     tile = tl.program_id(0)
-    first = 0  # the index of expert g's first work item
+    first = tile * 0  # the index of expert g's first work item (an int32 tensor, as the loop carries it)
     # Expert g's weight, scales and bias, advanced once per expert: pointer arithmetic is 64-bit,
     # where g * stride_wg in 32 bits would overflow past 2**31 bytes of weights (256 experts do).
     w_g, sw_g, bias_g = w_ptr, sw_ptr, bias_ptr
