@@ -60,6 +60,9 @@ def matrix_markdown(run: Run) -> str:
     blocks = []
     for op in run.ops:
         columns = [c for c in COLUMNS[op] if any(grid[b][op].get(c) for b in run.backends)]
+        if not columns:  # a table needs a column besides the backend's
+            blocks.append(f"**{op}**\n\nno checks ran")
+            continue
         lines = [f"**{op}**", "", "| backend | " + " | ".join(columns) + " |",
                  "|---|" + "---|" * len(columns)]
         for backend in run.backends:

@@ -1,36 +1,54 @@
-"""fp8dispatch: FP8 quantize, dequantize and scaled matmul on the best kernel a machine has."""
+"""fp8dispatch: FP8 quantize, dequantize and scaled matmul on the best kernel a machine has.
+
+Importing the package costs nothing: the first public name used imports the library (torch and
+the measured routing table), so `fp8dispatch --help` and `--version` answer at once.
+`fp8dispatch.nn` and `fp8dispatch.compat` are imported the first time they are used.
+"""
+
+import importlib
 
 from fp8dispatch import checkout
 
 checkout.install()  # from a source checkout, fp8dispatch.backends is ../backends (docs/decisions.md)
 
-from fp8dispatch.api import dequantize, explain, linear, matmul, quantize
-from fp8dispatch.blocks import GRANULARITIES, RECIPES
-from fp8dispatch.errors import (
-    Fp8DispatchError,
-    Fp8TypeError,
-    Fp8ValueError,
-    NoBackend,
-    NumericalOverflowError,
-    Unsupported,
-    UnknownBackend,
-)
-from fp8dispatch.grouped import GroupedFp8Tensor, quantize_grouped
-from fp8dispatch.grouped_api import explain_grouped, grouped_linear
-from fp8dispatch.formats import FORMATS, FP8Format, fp8_format, max_value, min_normal
-from fp8dispatch.registry import Backend, backend_names, refresh, register_backend, unregister_backend
-from fp8dispatch.tensor import Fp8Tensor
-from fp8dispatch import tuning as _tuning
-
-_tuning.install()  # the measured routing table (`fp8dispatch tune`), consulted before static priority
-
 __version__ = "0.1.0"
 
+# Each public name and the module that defines it.
+_PUBLIC = {
+    **dict.fromkeys(("dequantize", "explain", "linear", "matmul", "quantize"), "api"),
+    **dict.fromkeys(("GRANULARITIES", "RECIPES"), "blocks"),
+    **dict.fromkeys(("Fp8DispatchError", "Fp8IndexError", "Fp8TypeError", "Fp8ValueError", "NoBackend",
+                     "NumericalOverflowError", "Unsupported", "UnknownBackend"), "errors"),
+    **dict.fromkeys(("FORMATS", "FP8Format", "fp8_format", "max_value", "min_normal"), "formats"),
+    **dict.fromkeys(("Backend", "backend_names", "refresh", "register_backend", "unregister_backend"), "registry"),
+    "Fp8Tensor": "tensor",
+    **dict.fromkeys(("GroupedFp8Tensor", "quantize_grouped"), "grouped"),
+    **dict.fromkeys(("explain_grouped", "grouped_linear"), "grouped_api"),
+}
+_LAZY_SUBMODULES = ("compat", "nn")
 
-__all__ = [
-    "Backend", "FORMATS", "FP8Format", "Fp8DispatchError", "Fp8Tensor", "Fp8TypeError", "Fp8ValueError",
-    "GRANULARITIES", "NoBackend", "NumericalOverflowError", "RECIPES", "UnknownBackend", "Unsupported",
-    "GroupedFp8Tensor", "backend_names", "dequantize", "explain", "explain_grouped", "fp8_format",
-    "grouped_linear", "linear", "quantize_grouped", "matmul", "max_value", "min_normal",
-    "quantize", "refresh", "register_backend", "unregister_backend",
-]
+__all__ = sorted(_PUBLIC)
+
+
+def _load() -> None:
+    """Import the library once: every public name, the built-in backends, the routing table."""
+    if "quantize" in globals():
+        return
+    backends = importlib.import_module("fp8dispatch.backends")
+    importlib.import_module("fp8dispatch.tuning").install()  # the measured routing table (`fp8dispatch tune`), consulted before static priority
+    names = {name: getattr(importlib.import_module(f"fp8dispatch.{module}"), name) for name, module in _PUBLIC.items()}
+    globals().update(names, backends=backends)
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        _load()
+        return globals()[name]
+    if name in _LAZY_SUBMODULES:
+        _load()
+        return importlib.import_module(f"fp8dispatch.{name}")
+    raise AttributeError(f"module 'fp8dispatch' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_PUBLIC, *_LAZY_SUBMODULES})

@@ -35,6 +35,9 @@ DEEPSEEK_M = (1, 16, 64, 128, 512, 4096, 8192)
 SQUARES = (1024, 2048, 4096, 8192)
 QUICK_M = (1, 128, 4096)
 QUICK_NK = ((2112, 7168), (7168, 2048))
+# --quick on a CPU checks the plumbing, not speed: a grid that finishes in seconds.
+CPU_QUICK_M = (1, 64)
+CPU_QUICK_NK = ((256, 512),)
 OPS = ("matmul", "quantize", "linear", "grouped")  # grouped: fp8dispatch/bench_grouped.py
 E4M3 = torch.float8_e4m3fn
 BF16 = torch.bfloat16
@@ -48,7 +51,8 @@ class Shape:
 
     @property
     def label(self) -> str:
-        return f"{self.m}x{self.n}x{self.k}"
+        """MxNxK; a quantize point (an activation [M, K], n = 0) is MxK."""
+        return f"{self.m}x{self.n}x{self.k}" if self.n else f"{self.m}x{self.k}"
 
 
 # --- shape sets ---------------------------------------------------------------------------------
@@ -72,6 +76,8 @@ def parse_shapes(spec: str, ms: Iterable[int] = DEEPSEEK_M) -> list[Shape]:
             shapes += [Shape(m, n, k) for n, k in DEEPSEEK_NK for m in ms]
         elif item == "quick":
             shapes += [Shape(m, n, k) for n, k in QUICK_NK for m in ms]
+        elif item == "cpu-quick":
+            shapes += [Shape(m, n, k) for n, k in CPU_QUICK_NK for m in ms]
         elif item == "squares":
             shapes += [Shape(s, s, s) for s in SQUARES]
         else:

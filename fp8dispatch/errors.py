@@ -27,5 +27,9 @@ class Fp8TypeError(Fp8DispatchError, TypeError):
     """A bad argument type or dtype; the message names the argument."""
 
 
+class Fp8IndexError(Fp8DispatchError, IndexError):
+    """An index out of range; the message names what was indexed and the valid range."""
+
+
 class UnknownBackend(Fp8ValueError):
     """A backend name that is not registered; the message lists the known ones."""

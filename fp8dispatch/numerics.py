@@ -7,11 +7,11 @@ keeps a copy.
 
 from __future__ import annotations
 
-import functools
 import math
 from contextlib import contextmanager
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # DESIGN.md's matmul bound on `relative_error` against the fp32 product of the dequantized inputs.
 ERROR_BOUND = 1e-3
@@ -58,7 +58,28 @@ def fill_freed_memory(nbytes: list[int], byte: int, device: torch.device) -> Non
     del junk
 
 
-_CONSTRUCTORS = ((torch, "empty"), (torch, "empty_like"), (torch, "empty_strided"), (torch.Tensor, "new_empty"))
+# torch's uninitialised constructors, as the dispatcher sees them.
+_UNINITIALISED = (
+    torch.ops.aten.empty.memory_format, torch.ops.aten.empty_like.default, torch.ops.aten.empty_strided.default,
+    torch.ops.aten.new_empty.default, torch.ops.aten.new_empty_strided.default,
+)
+
+
+class _Poisoning(TorchDispatchMode):
+    """Fills every uninitialised tensor with `byte` as the dispatcher creates it. A dispatch mode,
+    not a patched `torch.empty`: torch.compile traces the torch functions a backend calls, and a
+    patched one would be traced too (and fail), while the mode sees eager ops only and never
+    changes what is compiled."""
+
+    def __init__(self, byte: int):
+        super().__init__()
+        self.byte = byte
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in _UNINITIALISED and isinstance(out, torch.Tensor) and out.numel():
+            out.untyped_storage().fill_(self.byte)
+        return out
 
 
 @contextmanager
@@ -69,22 +90,5 @@ def poisoned_allocations(byte: int):
     fp32, bf16, fp16, e4m3fn and e5m2; 0x00 is a plausible value, so two runs, one with each, also
     disagree on an unwritten element.
     """
-    saved = [(owner, name, getattr(owner, name)) for owner, name in _CONSTRUCTORS]
-
-    def poisoning(make):
-        @functools.wraps(make)
-        def poisoned(*args, **kwargs):
-            t = make(*args, **kwargs)
-            if isinstance(t, torch.Tensor) and t.numel():
-                t.untyped_storage().fill_(byte)
-            return t
-
-        return poisoned
-
-    try:
-        for owner, name, make in saved:
-            setattr(owner, name, poisoning(make))
+    with _Poisoning(byte):
         yield
-    finally:
-        for owner, name, make in saved:
-            setattr(owner, name, make)

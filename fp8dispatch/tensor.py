@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import torch
 
 from fp8dispatch.blocks import Block, expand_scale, scale_shape
-from fp8dispatch.errors import Fp8TypeError, Fp8ValueError
+from fp8dispatch.errors import Fp8IndexError, Fp8TypeError, Fp8ValueError
 from fp8dispatch.formats import fp8_format, is_fp8
 
 
@@ -75,6 +76,21 @@ class Fp8Tensor:
 
     def __iter__(self):
         return iter((self.data, self.scale, self.block))
+
+    def __len__(self) -> int:
+        return 3
+
+    def __getitem__(self, index):
+        """`t[0]`, `t[1]`, `t[2]`, `t[-1]`, `t[:2]`, as on the tuple `(data, scale, block)`: the
+        libraries users migrate from return tuples they index (`act_quant(x)[0]`)."""
+        if not isinstance(index, slice):
+            try:
+                index = operator.index(index)
+            except TypeError:
+                raise Fp8TypeError(f"index: expected an int or a slice, got {type(index).__name__}") from None
+            if not -3 <= index < 3:
+                raise Fp8IndexError(f"index: expected -3 to 2 for (data, scale, block), got {index}")
+        return (self.data, self.scale, self.block)[index]
 
     @property
     def shape(self) -> torch.Size:

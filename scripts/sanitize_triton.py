@@ -14,6 +14,7 @@ import sys
 import torch
 
 import fp8dispatch as fd
+from fp8dispatch.numerics import ERROR_BOUND, relative_error
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 QUANTIZE = [  # (shape, granularity, options)
@@ -57,10 +58,10 @@ def main() -> int:
         wq = fd.quantize(w, {"block": "block", "row": "row", "tensor": "tensor"}[recipe], backend="reference")
         got = fd.linear(a, wq, recipe=recipe, out_dtype=torch.float32, backend="triton")
         want = fd.linear(a, wq, recipe=recipe, out_dtype=torch.float32, backend="reference")
-        error = 1 - 2 * (got.double() * want.double()).sum() / (got.double() ** 2 + want.double() ** 2).sum()
-        ok = bool(torch.isfinite(got).all()) and float(error) < 1e-3
+        error = relative_error(got, want)
+        ok = error < ERROR_BOUND
         bad += not ok
-        print(f"linear {m}x{k} @ {n}x{k}.T {recipe}: error {float(error):.2e} {'ok' if ok else 'MISMATCH'}")
+        print(f"linear {m}x{k} @ {n}x{k}.T {recipe}: error {error:.2e} {'ok' if ok else 'MISMATCH'}")
     torch.cuda.synchronize()
     print(f"{bad} mismatches")
     return 1 if bad else 0

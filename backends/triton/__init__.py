@@ -8,6 +8,7 @@ so CPU results are bit-identical to the GPU's and to the reference.
 from __future__ import annotations
 
 import importlib.util
+import re
 from functools import cache
 from types import SimpleNamespace
 
@@ -41,6 +42,8 @@ def probe() -> str | None:
         import triton  # noqa: F401
     except Exception as e:  # a broken install is a reason, not a crash
         return f"triton failed to import: {type(e).__name__}: {e}"
+    if reason := _untested_version():
+        return reason
     if _interpreting():
         from .interpreter import install
 
@@ -55,6 +58,53 @@ def probe() -> str | None:
 
 def _version_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in text.split("+")[0].split(".")[:2] if p.isdigit())
+
+
+def _untested_version() -> str | None:
+    """A torch or Triton outside the range pyproject.toml declares (what CI and the GPU runs test)
+    is refused: an untested compiler or interpreter fails in ways no check here has seen. The range
+    is read from the installed package's metadata, its one home; a source tree not installed has none."""
+    import triton
+
+    installed = {"torch": str(torch.__version__), "triton": str(triton.__version__)}
+    for name, bounds in _declared_ranges().items():
+        if name in installed and not _satisfies(installed[name], bounds):
+            return (f"{name} {installed[name]} is outside the tested range {name}{','.join(bounds)} "
+                    f"(pip install \"{name}{','.join(bounds)}\")")
+    return None
+
+
+@cache
+def _declared_ranges() -> dict[str, tuple[str, ...]]:
+    from importlib import metadata
+
+    try:
+        requirements = metadata.requires("fp8dispatch") or []
+    except metadata.PackageNotFoundError:
+        return {}
+    ranges = {}
+    for requirement in requirements:
+        spec, _, marker = requirement.partition(";")
+        if "extra" in marker:
+            continue
+        name = re.match(r"[A-Za-z0-9_.-]+", spec.strip()).group()
+        bounds = tuple(sorted((b.strip() for b in spec.strip()[len(name):].split(",") if b.strip()), reverse=True))
+        ranges[name.lower()] = bounds
+    return ranges
+
+
+def _satisfies(version: str, bounds: tuple[str, ...]) -> bool:
+    """`version` against `>=`, `>`, `<=`, `<`, `==` bounds, comparing release numbers (3.9.0+cpu -> 3, 9, 0)."""
+    def release(text):
+        return tuple(int(p) for p in re.match(r"\d+(?:\.\d+)*", text.strip()).group().split("."))
+
+    compare = {">=": lambda a, b: a >= b, ">": lambda a, b: a > b, "<=": lambda a, b: a <= b,
+               "<": lambda a, b: a < b, "==": lambda a, b: a[:len(b)] == b, "!=": lambda a, b: a[:len(b)] != b}
+    for bound in bounds:
+        op = re.match(r"[<>=!]+", bound).group()
+        if not compare[op](release(version), release(bound[len(op):])):
+            return False
+    return True
 
 
 def _device_reasons(problem) -> list[str]:

@@ -53,7 +53,25 @@ def install() -> bool:
 
     convert_float._fp8dispatch = True
     interpreter._convert_float = convert_float
+    _fix_scalar_index(interpreter)
     return True
+
+
+def _fix_scalar_index(interpreter) -> None:
+    """A runtime loop bound (`for i in range(n)` with `n` an argument) turns a scalar into an int
+    through `tensor.__index__`. Triton 3.6's interpreter does that with `int(array)` on a
+    one-element array, which NumPy >= 2.4 refuses; Triton 3.7 added the `.squeeze()` we add here.
+    The interpreter re-installs `__index__` at every launch, so the fix wraps that installer."""
+    install_tensor_methods = getattr(interpreter, "_patch_lang_tensor", None)
+    if install_tensor_methods is None or getattr(install_tensor_methods, "_fp8dispatch", False):
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        install_tensor_methods(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patch_lang_tensor._fp8dispatch = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
 
 
 def _torch_dtypes() -> dict[str, torch.dtype]:

@@ -213,10 +213,12 @@ def _tensor_amax_kernel(
     amax = tl.zeros([TR, TC], tl.float32)
     for i in range(iters):
         tile = pid + i * programs
-        rows, cols, mask = _tile_offsets(tile, R, C, n_tile_cols, TR, TC)
-        mask = mask & (tile < n_tiles)
-        x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :] * stride_xc, mask=mask, other=0.0)
-        amax = tl.maximum(amax, finite_abs(x.to(tl.float32)))
+        # A scalar `if`, not `mask & (tile < n_tiles)`: a scalar predicate splatted into a block
+        # mask reaches Triton 3.9's interpreter as an int32 mask, which its load rejects.
+        if tile < n_tiles:
+            rows, cols, mask = _tile_offsets(tile, R, C, n_tile_cols, TR, TC)
+            x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :] * stride_xc, mask=mask, other=0.0)
+            amax = tl.maximum(amax, finite_abs(x.to(tl.float32)))
     tl.store(partial_ptr + pid, tl.max(tl.max(amax, axis=1), axis=0))
 
 
@@ -244,11 +246,11 @@ def _tensor_cast_kernel(
         tl.store(s_ptr + 1, tl.math.div_rn(tl.full([], 1.0, tl.float32), scale))
     for i in range(iters):
         tile = n_tiles - 1 - (pid + i * programs)
-        rows, cols, mask = _tile_offsets(tile, R, C, n_tile_cols, TR, TC)
-        mask = mask & (tile >= 0)
-        x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :] * stride_xc, mask=mask, other=0.0)
-        q = saturating_cast(x.to(tl.float32), scale, FP8_MAX, q_ptr.dtype.element_ty)
-        tl.store(q_ptr + rows[:, None] * C + cols[None, :], q, mask=mask)
+        if tile >= 0:  # a scalar `if` for the reason given in _tensor_amax_kernel
+            rows, cols, mask = _tile_offsets(tile, R, C, n_tile_cols, TR, TC)
+            x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :] * stride_xc, mask=mask, other=0.0)
+            q = saturating_cast(x.to(tl.float32), scale, FP8_MAX, q_ptr.dtype.element_ty)
+            tl.store(q_ptr + rows[:, None] * C + cols[None, :], q, mask=mask)
 
 
 _groups = Launcher(_groups_kernel, tensors=3)

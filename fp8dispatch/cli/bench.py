@@ -38,9 +38,11 @@ def add_selection(parser, *, ops_default: str) -> None:
     g.add_argument("--m", default=None, help=f"M values for NxK shapes (default {','.join(map(str, bench.DEEPSEEK_M))})")
     g.add_argument("--quick", action="store_true",
                    help=f"a small grid: shapes {' '.join(f'{n}x{k}' for n, k in bench.QUICK_NK)}, "
-                        f"M {','.join(map(str, bench.QUICK_M))}, 20 runs")
+                        f"M {','.join(map(str, bench.QUICK_M))}, 20 runs; on a CPU "
+                        f"{' '.join(f'{n}x{k}' for n, k in bench.CPU_QUICK_NK)}, M {','.join(map(str, bench.CPU_QUICK_M))}, 3 runs")
     g.add_argument("--runs", type=int, default=None, help="timed runs per row (default 50, --quick 20)")
-    g.add_argument("--warmup", type=int, default=5, help="untimed runs first (autotuners run here)")
+    g.add_argument("--warmup", type=int, default=None,
+                   help="untimed runs first, where autotuners run (default 5, --quick on a CPU 1)")
     g.add_argument("--out", default=None,
                    help="write OUT.json and OUT.csv, the JSON after every point; '{gpu}' in OUT becomes the "
                         "GPU's short name (results/{gpu}/grid -> results/h200/grid)")
@@ -63,15 +65,18 @@ def add_arguments(parser) -> None:
 def selection(args) -> tuple[list[bench.Point], list[str], bench.Settings]:
     """Parse the selection options; raises Fp8DispatchError with a clear message."""
     device = bench.require_device(args.device)
-    ms = bench.QUICK_M if args.quick and not args.m else _ints("m", args.m) if args.m else bench.DEEPSEEK_M
-    spec = args.shapes or ("quick" if args.quick else "deepseek")
+    cpu = device.type == "cpu"
+    quick_m = bench.CPU_QUICK_M if cpu else bench.QUICK_M
+    ms = quick_m if args.quick and not args.m else _ints("m", args.m) if args.m else bench.DEEPSEEK_M
+    spec = args.shapes or (("cpu-quick" if cpu else "quick") if args.quick else "deepseek")
     shapes = bench.parse_shapes(spec, ms)
     recipes = _names("recipes", args.recipes, RECIPES)
     grans = _names("granularities", args.granularities, GRANULARITIES)
     ops = _names("ops", args.ops, bench.OPS)
     backends = bench.available_backends(_names("backends", args.backends, None) if args.backends else None)
-    runs = args.runs or (20 if args.quick else 50)
-    settings = bench.Settings(device, args.warmup, runs, not getattr(args, "no_auto", False),
+    runs = args.runs or (3 if args.quick and cpu else 20 if args.quick else 50)
+    warmup = args.warmup if args.warmup is not None else 1 if args.quick and cpu else 5
+    settings = bench.Settings(device, warmup, runs, not getattr(args, "no_auto", False),
                               not getattr(args, "no_baselines", False), not args.no_graphs)
     return bench.points(shapes, ops, recipes, grans), backends, settings
 
@@ -175,6 +180,10 @@ def table(rows: list[dict], show_all: bool = False) -> str:
     return _format([head] + lines)
 
 
+def _label(r: dict) -> str:
+    return bench.Shape(r["m"], r["n"], r["k"]).label
+
+
 def _order(r):
     kind = 0 if r["backend"].startswith("bf16") else 2 if r["backend"] == "auto" else 1
     return (bench.OPS.index(r["op"]) if r["op"] in bench.OPS else 9, r["variant"], r["n"], r["k"], r["m"],
@@ -217,12 +226,12 @@ def auto_report(rows: list[dict]) -> tuple[str, list[dict]]:
     worst = min(summary, key=lambda s: s["ratio"])
     same = sum(1 for s in summary if s["chosen"] == s["fastest"])
     lines = [f"auto vs fastest backend: {len(summary) - len(misses)}/{len(summary)} points at >= {TARGET}x; "
-             f"worst {worst['ratio']:.3f}x ({worst['op']} {worst['variant']} {worst['m']}x{worst['n']}x{worst['k']}); "
+             f"worst {worst['ratio']:.3f}x ({worst['op']} {worst['variant']} {_label(worst)}); "
              f"auto chose the fastest backend itself at {same}/{len(summary)}"]
     for s in misses:
         # The same backend timed twice: the shortfall is the run-to-run spread, not a wrong choice.
         why = "same backend: timing noise" if s["chosen"] == s["fastest"] else f"fastest {s['fastest']}"
-        lines.append(f"  below {TARGET}: {s['op']} {s['variant']} {s['m']}x{s['n']}x{s['k']}: "
+        lines.append(f"  below {TARGET}: {s['op']} {s['variant']} {_label(s)}: "
                      f"{s['ratio']:.3f}x, auto chose {s['chosen']} ({why})")
     return "\n".join(lines), summary
 

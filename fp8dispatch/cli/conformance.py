@@ -8,7 +8,7 @@ import signal
 import sys
 import time
 
-import torch
+from fp8dispatch import cli
 
 
 def add_arguments(parser) -> None:
@@ -34,24 +34,33 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if not torch.cuda.is_available():
-        # The triton backend runs on CPU only in the interpreter, which must be chosen before import.
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    device = cli.device(args.device)
+    # `python -m` puts the current directory on the path; --load does too, for a module beside you.
+    sys.path.insert(0, os.getcwd())
     for module in args.load or ():
-        importlib.import_module(module)
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if module != e.name and not module.startswith(f"{e.name}."):
+                raise  # the module was found; something it imports is missing
+            raise cli.UsageError("--load", f"no module named {module!r} here or on the Python path") from None
     from fp8dispatch import registry
     from fp8dispatch.conformance import report, runner
+    from fp8dispatch.errors import Fp8ValueError, UnknownBackend
 
+    try:
+        backends, ops = runner.select_backends(args.backend), runner.select_ops(args.op)
+    except Fp8ValueError as e:
+        raise cli.UsageError("--backend" if isinstance(e, UnknownBackend) else "--op", str(e)) from None
     quick = args.quick or (not args.full and device.type != "cuda")
     if args.list:
-        for case in runner.select_cases(runner.select_ops(args.op), quick, args.case):
+        for case in runner.select_cases(ops, quick, args.case):
             print(case.id)
         return 0
     bar = ProgressBar(sys.stderr)
     # `timeout` sends SIGTERM: stop like Ctrl-C, so the checks that finished still reach the report.
     # Installed after the backends' libraries load and probe, which may install handlers of their own.
-    for name in runner.select_backends(args.backend):
+    for name in backends:
         registry.probe_result(name)
     signal.signal(signal.SIGTERM, _interrupt)
     result = runner.run(backends=args.backend, ops=args.op, quick=quick, device=device, match=args.case,

@@ -7,14 +7,17 @@ import time
 import torch
 
 import fp8dispatch
+from fp8dispatch import cli
+from fp8dispatch.cli import positive_int
 from fp8dispatch.numerics import relative_error
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
-    parser.add_argument("-m", type=int, default=None, help="tokens (default 256 on CPU, 4096 on a GPU)")
-    parser.add_argument("-n", type=int, default=None, help="output features (default 2048 on CPU, 7168 on a GPU)")
-    parser.add_argument("-k", type=int, default=7168, help="input features (default 7168)")
+    parser.add_argument("-m", type=positive_int, default=None, help="tokens (default 256 on CPU, 4096 on a GPU)")
+    parser.add_argument("-n", type=positive_int, default=None,
+                        help="output features (default 2048 on CPU, 7168 on a GPU)")
+    parser.add_argument("-k", type=positive_int, default=7168, help="input features (default 7168)")
 
 
 def _timed(fn, device, repeats):
@@ -30,9 +33,11 @@ def _timed(fn, device, repeats):
 
 
 def run(args) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = cli.device(args.device)
     gpu = device.type == "cuda"
-    m, n, k = args.m or (4096 if gpu else 256), args.n or (7168 if gpu else 2048), args.k
+    m = args.m if args.m is not None else (4096 if gpu else 256)
+    n = args.n if args.n is not None else (7168 if gpu else 2048)
+    k = args.k
     repeats = 20 if gpu else 2
     torch.manual_seed(0)
     x = torch.randn(m, k, device=device, dtype=torch.bfloat16)

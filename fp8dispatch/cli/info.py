@@ -6,7 +6,7 @@ import platform
 
 import torch
 
-from fp8dispatch import registry
+from fp8dispatch import cli, registry
 from fp8dispatch.problem import DequantizeProblem, MatmulProblem, QuantizeProblem, device_capability
 
 # One representative problem per op × recipe: the routing table shows who serves each.
@@ -35,7 +35,7 @@ def routing_problems(device: torch.device) -> list[tuple[str, object]]:
 
 
 def run(args) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = cli.device(args.device)
     print(f"fp8dispatch {_version()}   python {platform.python_version()}   torch {torch.__version__}")
     print(f"triton      {_module_version('triton')}")
     print(f"cuda        {torch.version.cuda or '-'}   rocm {getattr(torch.version, 'hip', None) or '-'}")

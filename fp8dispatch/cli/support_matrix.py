@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from fp8dispatch import registry
+from fp8dispatch import cli, registry
 from fp8dispatch.blocks import RECIPES, recipe_blocks
 from fp8dispatch.formats import FORMATS
 from fp8dispatch.problem import dequantize_problem, matmul_problem, quantize_problem
@@ -53,7 +53,8 @@ def run(args) -> int:
         print("\n".join(list(diff)[:40]), file=sys.stderr)
         print(f"{path} is stale: regenerate it with `fp8dispatch support-matrix --output {path}`", file=sys.stderr)
         return 1
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.parent.is_dir():  # write only where told: never create folders (docs/ outside the repository)
+        raise cli.UsageError("--output", f"{path}: the folder {path.parent} does not exist")
     path.write_text(text, encoding="utf-8")
     print(f"wrote {path}")
     return 0
