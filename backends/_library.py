@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
+from importlib import metadata
 import logging
 import warnings
 
@@ -83,22 +84,12 @@ def cuda_reason(min_capability: tuple[int, int]) -> str | None:
     return None
 
 
-def sm(capability) -> str:
-    return "no GPU" if capability is None else f"sm{capability[0]}{capability[1]}"
-
-
-def matmul_layout_reasons(p, need_k: int = 16, need_n: int = 16) -> list[str]:
-    """The layout every vendor GEMM here wants: a row-major [M, K], b a column-major [K, N]."""
-    reasons = []
-    if not p.a_row_major:
-        reasons.append("a: needs row-major contiguous [M, K] data (call .contiguous())")
-    if not p.b_col_major:
-        reasons.append("b: needs column-major [K, N] data, the .t() of a contiguous [N, K] weight")
-    if need_k > 1 and p.k % need_k:
-        reasons.append(f"K={p.k}: needs K % {need_k} == 0")
-    if need_n > 1 and p.n % need_n:
-        reasons.append(f"N={p.n}: needs N % {need_n} == 0")
-    return reasons
+def distribution_version(name: str) -> str | None:
+    """The installed version of a distribution, read from its metadata (the library stays unimported)."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def per_row(scale: torch.Tensor, block_rows: int, rows: int) -> torch.Tensor:

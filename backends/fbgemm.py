@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from dataclasses import dataclass
 
 import torch
 
+from fp8dispatch.capabilities import Capabilities, Serves
 from fp8dispatch.registry import Backend
 
 from . import _library as lib
 
-E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+E4M3 = torch.float8_e4m3fn
 GROUP, BLOCK = (1, 128), (128, 128)
 GENAI = "fbgemm_gpu.experimental.gen_ai"
 TRITON = "fbgemm_gpu.experimental.gemm.triton_gemm.fp8_gemm"
 OPS = ("quantize_fp8_per_row", "quantize_fp8_per_tensor", "f8f8bf16_rowwise", "f8f8bf16",
-       "f8f8bf16_groupwise", "f8f8bf16_blockwise")
+       "f8f8bf16_groupwise", "f8f8bf16_blockwise", "f8f8bf16_groupwise_grouped", "f8f8bf16_rowwise_grouped_stacked")
 # f8f8bf16_groupwise loads the [K/128, M] activation scales by TMA, whose row strides must be
 # 16-byte multiples: M=17 failed to build the descriptor and poisoned the context (illegal
 # instruction; H100, docs/backends.md). Other M are padded with zero
@@ -30,10 +32,49 @@ GROUPWISE_M_MULTIPLE = 4
 
 _import = importlib.import_module
 _find_spec = importlib.util.find_spec
-# What the probe found: the ops this build registers, the Triton module, the version. Until the
-# probe runs (only `fp8dispatch support-matrix` asks why_not before it: dispatch always probes
-# first), why_not describes a complete build.
-_found: dict = {"ops": None, "triton": None, "triton_reason": None, "version": None}
+# The library's Triton module, for the dequantize runner (filled by the probe; why_not never reads it).
+_loaded: dict = {}
+
+
+@dataclass(frozen=True)
+class Found:
+    """What the probe found, frozen: `why_not` reads this and the problem only."""
+
+    ops: frozenset[str]  # the torch.ops.fbgemm functions of OPS this build registers
+    triton: str | None  # why FBGEMM's Triton kernels failed to load; None: they loaded
+
+
+# A complete build: what `fp8dispatch support-matrix` describes.
+COMPLETE = Found(ops=frozenset(OPS), triton=None)
+
+# One row per function: what it takes, where it has kernels, what it needs (docs/backends.md).
+E4M3_ONLY, BF16_ONLY, SM90, SM100 = (E4M3,), (torch.bfloat16,), (9, 0), (10, 0)
+SM90A = {"arch": "sm_90a cubins"}
+# can_implement is disabled in the block GEMMs: keep to K % 128, where tails are verified.
+K128 = (("K", 128), ("N", 16))
+TRITON_KERNELS = {"arch": "FBGEMM's Triton FP8 kernels"}
+TABLE = Capabilities("FBGEMM", (
+    Serves("matmul", "row", "f8f8bf16_rowwise", None, E4M3_ONLY, BF16_ONLY, archs=(SM90, SM100),
+           multiples=(("K", 16), ("N", 8)), bias="any", why={"arch": "sm_90a and sm_100a cubins"}),
+    Serves("matmul", "tensor", "f8f8bf16", None, E4M3_ONLY, BF16_ONLY, archs=(SM90,),
+           multiples=(("K", 16), ("N", 16)), why=SM90A),
+    Serves("matmul", "block", "f8f8bf16_groupwise", (GROUP, BLOCK), E4M3_ONLY, BF16_ONLY, archs=(SM90,),
+           multiples=K128, why=SM90A),
+    Serves("matmul", "mixed", "f8f8bf16_blockwise", (BLOCK, BLOCK), E4M3_ONLY, BF16_ONLY, archs=(SM90,),
+           multiples=K128, why=SM90A),
+    Serves("dequantize", "row", "dequantize_fp8_row", out_dtypes=BF16_ONLY, multiples=(("rows", 16),),
+           why=dict(TRITON_KERNELS, rows="dequantize_fp8_row reads scales in tiles of 16 rows without a mask")),
+    Serves("dequantize", "group", "dequantize_fp8_block", out_dtypes=BF16_ONLY, why=TRITON_KERNELS),
+    Serves("dequantize", "block", "dequantize_fp8_block", out_dtypes=BF16_ONLY, why=TRITON_KERNELS),
+), declined={"quantize": (
+    # Measured on the H100 (docs/backends.md): the CUDA row and tensor quantizers let ±inf into
+    # the amax (the scale becomes inf and the row's codes 0 or NaN), a NaN resets their running
+    # max, and they floor the scale at 1/(fp8_max·512); the Triton group and block quantizers
+    # divide approximately (0 of 26 group cases bit for bit). None is the contract, and the
+    # differences hide in values why_not cannot see, so none is offered: the triton backend
+    # quantizes every granularity bit for bit.
+    "FBGEMM's quantizers are not offered: they depart from the contract on values why_not cannot "
+    "see (±inf in the amax, NaN resetting it, a scale floor, approximate division); use triton")})
 
 
 def _ops():
@@ -48,9 +89,9 @@ def _capability(device: torch.device):
     return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
 
 
-def probe() -> str | None:
+def probe() -> str | Found:
     # The quantizers ship sm_80 cubins; the GEMMs are gated per problem in why_not.
-    module, reason = lib.load((8, 0), "fbgemm_gpu", "fbgemm-gpu-genai", GENAI, _find_spec, _import)
+    _, reason = lib.load((8, 0), "fbgemm_gpu", "fbgemm-gpu-genai", GENAI, _find_spec, _import)
     if reason:
         return reason
     ops = _ops()
@@ -58,18 +99,8 @@ def probe() -> str | None:
     if not present:
         return f"fbgemm_gpu loaded but registers none of torch.ops.fbgemm.{{{', '.join(OPS)}}}"
     triton_module, triton_reason = lib.quiet_import(TRITON, importer=_import)
-    _found.update(ops=present, triton=triton_module, triton_reason=triton_reason,
-                  version=_version_of(module))
-    return _self_test(ops, present, _device())
-
-
-def _version_of(module) -> str | None:
-    try:
-        from importlib.metadata import version
-
-        return version("fbgemm-gpu-genai")
-    except Exception:  # noqa: BLE001 - a version is informative, not required
-        return getattr(module, "__version__", None)
+    _loaded["triton"] = triton_module
+    return _self_test(ops, present, _device()) or Found(present, triton_reason)
 
 
 def _self_test(ops, present, device) -> str | None:
@@ -98,23 +129,18 @@ def _self_test(ops, present, device) -> str | None:
 # --- why not --------------------------------------------------------------------------------
 
 
-def why_not(op: str, p) -> list[str]:
-    if p.device.type != "cuda":
-        return [f"needs a CUDA tensor, got device {p.device}"]
-    return {"quantize": _quantize_reasons, "dequantize": _dequantize_reasons, "matmul": _matmul_reasons,
-            "grouped_linear": _grouped_reasons}[op](p)
-
-
-def _needs_op(name: str) -> list[str]:
-    ops = _found["ops"]
-    return [] if ops is None or name in ops else [f"torch.ops.fbgemm.{name} is missing from this fbgemm_gpu build"]
-
-
-def _needs_triton(p) -> list[str]:
-    missing = _found["triton"] is None and _found["triton_reason"] is not None
-    reasons = [f"FBGEMM's Triton kernels: {_found['triton_reason']}"] if missing else []
-    if p.capability < (8, 9):
-        reasons.append(f"FBGEMM's Triton FP8 kernels need sm89 or newer, this GPU is {lib.sm(p.capability)}")
+def why_not(op: str, p, found: Found = COMPLETE) -> list[str]:
+    if op == "grouped_linear":
+        return _grouped_reasons(p, found)
+    reasons, row = TABLE.check(p)
+    if row is None:
+        return reasons
+    if op == "matmul" and row.kernel not in found.ops:
+        reasons.insert(0, f"torch.ops.fbgemm.{row.kernel} is missing from this fbgemm_gpu build")
+    if op == "dequantize" and found.triton:
+        reasons.insert(0, f"FBGEMM's Triton kernels: {found.triton}")
+    if op == "dequantize" and row.kind != "row" and not (_pow2(p.block[0]) and _pow2(p.block[1])):
+        reasons.append(f"block {p.block}: {row.kernel} needs power-of-two block sides")
     return reasons
 
 
@@ -122,76 +148,11 @@ def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-def _quantize_reasons(p) -> list[str]:
-    # Measured on the H100 (docs/backends.md): the CUDA row and tensor quantizers let ±inf into
-    # the amax (the scale becomes inf and the row's codes 0 or NaN), a NaN resets their running
-    # max, and they floor the scale at 1/(fp8_max·512); the Triton group and block quantizers
-    # divide approximately (0 of 26 group cases bit for bit). None is the contract, and the
-    # differences hide in values why_not cannot see, so none is offered: the triton backend
-    # quantizes every granularity bit for bit.
-    return ["FBGEMM's quantizers are not offered: they depart from the contract on values why_not cannot "
-            "see (±inf in the amax, NaN resetting it, a scale floor, approximate division); use triton"]
-
-
-def _dequantize_reasons(p) -> list[str]:
-    reasons = _needs_triton(p)
-    if p.fp8_dtype not in (E4M3, E5M2):
-        reasons.append(f"t: FBGEMM's Triton dequantizers compile for float8_e4m3fn and float8_e5m2 on CUDA, "
-                       f"got {p.fp8_dtype}")
-    if p.out_dtype != torch.bfloat16:
-        reasons.append(f"dtype: FBGEMM's dequantizers write bf16 only, asked {p.out_dtype}")
-    if not p.contiguous:
-        reasons.append("t: needs contiguous data")
-    rows, cols = p.shape
-    granularity = p.granularity
-    if granularity == "row":
-        if rows % 16:
-            reasons.append(f"rows={rows}: dequantize_fp8_row reads scales in tiles of 16 rows without a mask, "
-                           f"so needs rows % 16 == 0")
-    elif granularity in ("group", "block"):
-        if not (_pow2(p.block[0]) and _pow2(p.block[1])):
-            reasons.append(f"block {p.block}: dequantize_fp8_block needs power-of-two block sides")
-    else:
-        reasons.append(f"granularity {granularity}: FBGEMM has no dequantizer for blocks {p.block}")
-    return reasons
-
-
-def _matmul_reasons(p) -> list[str]:
-    reasons = []
-    if (p.a_dtype, p.b_dtype) != (E4M3, E4M3):
-        reasons.append(f"a, b: FBGEMM's CUDA GEMMs take float8_e4m3fn only, got {p.a_dtype} × {p.b_dtype}")
-    if p.out_dtype != torch.bfloat16:
-        reasons.append(f"out_dtype: FBGEMM's GEMMs write bf16 only, asked {p.out_dtype}")
-    if p.bias_dtype is not None and p.recipe != "row":
-        reasons.append(f"bias: only f8f8bf16_rowwise adds a bias in its epilogue; adding it to the bf16 "
-                       f"output of {p.recipe} would round twice")
-    if p.recipe == "row":
-        reasons += _needs_op("f8f8bf16_rowwise")
-        if p.capability not in ((9, 0), (10, 0)):
-            reasons.append(f"row recipe: f8f8bf16_rowwise has sm_90a and sm_100a kernels only, "
-                           f"this GPU is {lib.sm(p.capability)}")
-        return reasons + lib.matmul_layout_reasons(p, need_k=16, need_n=8)
-    if p.recipe == "tensor":
-        op, layout = "f8f8bf16", lib.matmul_layout_reasons(p, need_k=16, need_n=16)
-    elif (p.a_block, p.b_block) == (GROUP, BLOCK):
-        # can_implement is disabled in the groupwise kernel: keep to K % 128, where tails are verified.
-        op, layout = "f8f8bf16_groupwise", lib.matmul_layout_reasons(p, need_k=128, need_n=16)
-    elif (p.a_block, p.b_block) == (BLOCK, BLOCK):
-        op, layout = "f8f8bf16_blockwise", lib.matmul_layout_reasons(p, need_k=128, need_n=16)
-    else:
-        return reasons + [f"blocks {p.a_block} × {p.b_block}: FBGEMM serves tensor, row, 1×128 · 128×128 "
-                          f"and 128×128 · 128×128 only"]
-    reasons += _needs_op(op)
-    if p.capability != (9, 0):
-        reasons.append(f"{op} has sm_90a kernels only, this GPU is {lib.sm(p.capability)}")
-    return reasons + layout
-
-
 # --- the ops --------------------------------------------------------------------------------
 
 
 def dequantize(data, scale, block, out_dtype):
-    triton = _found["triton"]
+    triton = _loaded["triton"]
     if block[0] == 1 and block[1] >= data.shape[1]:
         return triton.dequantize_fp8_row(data, scale.reshape(-1).contiguous())
     return triton.dequantize_fp8_block(data, scale.contiguous(), block[0], block[1])
@@ -230,10 +191,11 @@ def matmul(a, b, out_dtype, bias=None):
 GROUPED_OPS = {"block": "f8f8bf16_groupwise_grouped", "row": "f8f8bf16_rowwise_grouped_stacked"}
 
 
-def _grouped_reasons(p) -> list[str]:
+def _grouped_reasons(p, found: Found) -> list[str]:
+    if p.device.type != "cuda":
+        return [f"needs a CUDA tensor, got device {p.device}"]
     op = GROUPED_OPS[p.recipe]
-    reasons = [] if _found["ops"] is None or hasattr(_ops(), op) else \
-        [f"torch.ops.fbgemm.{op} is missing from this fbgemm_gpu build"]
+    reasons = [] if op in found.ops else [f"torch.ops.fbgemm.{op} is missing from this fbgemm_gpu build"]
     if p.capability != (9, 0):
         reasons.append(f"{op} has sm_90a kernels only, this GPU is {lib.sm(p.capability)}")
     if (p.x_dtype, p.w_dtype) != (E4M3, E4M3):
@@ -274,10 +236,6 @@ def grouped_linear(x, w, offsets, masked_m, out_dtype, bias=None):
     return out
 
 
-def _version() -> str | None:
-    return _found["version"]
-
-
 BACKEND = Backend(
     name="fbgemm",
     probe=probe,
@@ -285,6 +243,6 @@ BACKEND = Backend(
     dequantize=dequantize,
     matmul=matmul,
     grouped_linear=grouped_linear,
-    version=_version,
+    version=lambda: lib.distribution_version("fbgemm-gpu-genai"),
     description="fbgemm-gpu-genai: CUTLASS rowwise/groupwise/blockwise FP8 GEMMs and Triton dequantizers",
 )

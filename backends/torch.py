@@ -7,17 +7,18 @@ PyTorch, never this module.
 from __future__ import annotations
 
 import ctypes
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from fp8dispatch.blocks import cdiv
+from fp8dispatch.capabilities import Capabilities, Serves
 from fp8dispatch.registry import Backend
 
 from . import _library as lib
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
-OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 GROUP, BLOCK = (1, 128), (128, 128)
 # cuBLASLt's 1x128 · 128x128 scaling (CUBLASLT_MATMUL_MATRIX_SCALE_VEC128/BLK128x128) arrived in 12.9.
 CUBLASLT_BLOCKWISE = 120900
@@ -26,18 +27,36 @@ CUBLASLT_BLOCKWISE = 120900
 # column-major activation scales need 16-byte aligned columns. Other M are padded with zero rows.
 BLOCK_M_MULTIPLE = 4
 
-# What the probe found: the cuBLASLt version, whether F.scaled_mm (torch >= 2.10) exists, and
-# why this device's torch._scaled_mm cannot take per-row scales (None: it can; torch 2.11 on a
-# CPU runs tensorwise scales only). Until the probe runs (only `fp8dispatch support-matrix` asks
-# why_not before it), why_not describes a complete install.
-_found: dict = {"probed": False, "cublaslt": None, "scaled_mm_v2": False, "rowwise": None}
+
+@dataclass(frozen=True)
+class Found:
+    """What the probe found on this device, frozen: `why_not` reads this and the problem only."""
+
+    cublaslt: int | None  # cublasLtGetVersion() of the loaded cuBLASLt (e.g. 130100); None: unreadable
+    scaled_mm_v2: bool  # F.scaled_mm (torch >= 2.10) exists: it takes zero-padded block scales
+    rowwise: str | None  # why this device's torch._scaled_mm takes no per-row scales; None: it does
+    grouped: str | None = None  # why torch._scaled_grouped_mm cannot run here (`grouped_probe`); None: it can
+
+
+# A complete install on a supported GPU: what `fp8dispatch support-matrix` describes.
+COMPLETE = Found(cublaslt=CUBLASLT_BLOCKWISE, scaled_mm_v2=True, rowwise=None)
+
+# One row per recipe: torch._scaled_mm serves tensor and row on any FP8 GPU, block on sm90 (cuBLASLt).
+TENSOR_CORES, ALIGNED = {"arch": "FP8 tensor cores"}, (("K", 16), ("N", 16))
+TABLE = Capabilities("torch", (
+    Serves("matmul", "tensor", "torch._scaled_mm", multiples=ALIGNED, bias="out_dtype", why=TENSOR_CORES),
+    Serves("matmul", "row", "torch._scaled_mm", multiples=ALIGNED, bias="out_dtype", why=TENSOR_CORES),
+    Serves("matmul", "block", "torch._scaled_mm's 1×128 · 128×128 scaling", (GROUP, BLOCK), (E4M3,),
+           archs=((9, 0),), multiples=ALIGNED,
+           why={"arch": "cuBLASLt", "formats": "the only pair verified on the H100"}),
+))
 
 
 def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def probe() -> str | None:
+def probe() -> str | Found:
     reason = lib.cuda_reason((8, 9))
     if reason:
         return reason
@@ -45,9 +64,9 @@ def probe() -> str | None:
         return f"torch {torch.__version__} has no torch._scaled_mm"
     device = _device()
     reason = _self_test(device, "tensorwise")
-    _found.update(probed=True, cublaslt=cublaslt_version(), scaled_mm_v2=hasattr(F, "scaled_mm"),
-                  rowwise=None if reason else _self_test(device, "rowwise"))
-    return reason
+    if reason:
+        return reason
+    return Found(cublaslt_version(), hasattr(F, "scaled_mm"), _self_test(device, "rowwise"), grouped_probe(device))
 
 
 def _self_test(device: torch.device, scaling: str) -> str | None:
@@ -82,49 +101,19 @@ def cublaslt_version() -> int | None:
     return None
 
 
-def why_not(op: str, p) -> list[str]:
-    if p.device.type != "cuda":
-        return [f"needs a CUDA tensor, got device {p.device}"]
+def why_not(op: str, p, found: Found = COMPLETE) -> list[str]:
     if op == "grouped_linear":
-        return _grouped_reasons(p)
-    reasons = []
-    if p.capability < (8, 9):
-        reasons.append(f"needs sm89 or newer (FP8 tensor cores), this GPU is {lib.sm(p.capability)}")
-    for name, dtype in (("a", p.a_dtype), ("b", p.b_dtype)):
-        if dtype not in (E4M3, E5M2):
-            reasons.append(f"{name}: needs float8_e4m3fn or float8_e5m2 on CUDA, got {dtype}")
-    if p.a_dtype == E5M2 and p.b_dtype == E5M2:
+        return _grouped_reasons(p, found)
+    reasons, row = TABLE.check(p)
+    if row is None:
+        return reasons
+    if p.recipe != "block" and p.a_dtype == E5M2 and p.b_dtype == E5M2:
         reasons.append("a, b: float8_e5m2 × float8_e5m2 is rejected by torch._scaled_mm; quantize one to e4m3fn")
-    if p.out_dtype not in OUT_DTYPES:
-        reasons.append(f"out_dtype: needs bf16, fp16 or fp32, got {p.out_dtype}")
-    reasons += lib.matmul_layout_reasons(p, need_k=16, need_n=16)
-    fused = p.recipe in ("row", "tensor") and p.bias_dtype == p.out_dtype
-    if p.bias_dtype is not None and p.out_dtype != torch.float32 and not fused:
-        reasons.append(f"bias: a {p.bias_dtype} bias with {p.out_dtype} output cannot ride in the epilogue "
-                       f"(it takes the output's dtype, row and tensor recipes), and adding it afterwards "
-                       f"would round twice; fp32 output takes any bias")
-    if p.recipe == "row" and _found["rowwise"]:
-        reasons.append(f"row recipe: torch._scaled_mm here takes tensorwise scales only ({_found['rowwise']})")
-    if p.recipe == "block":
-        reasons += _block_reasons(p)
-    elif p.recipe not in ("row", "tensor"):
-        reasons.append(f"recipe {p.recipe} (blocks {p.a_block} × {p.b_block}): serves tensor, row and "
-                       f"1×128 · 128×128 block only")
-    return reasons
-
-
-def _block_reasons(p) -> list[str]:
-    reasons = []
-    if (p.a_block, p.b_block) != (GROUP, BLOCK):
-        reasons.append(f"blocks {p.a_block} × {p.b_block}: the block recipe here is 1×128 · 128×128 only")
-    if p.capability is not None and p.capability[0] != 9:
-        reasons.append(f"block recipe: torch runs it on sm90 only (cuBLASLt), this GPU is {lib.sm(p.capability)}")
-    version = _found["cublaslt"]
-    if _found["probed"] and (version is None or version < CUBLASLT_BLOCKWISE):
-        reasons.append(f"block recipe: needs cuBLASLt >= 12.9, found {version or 'unknown'}")
-    if (p.a_dtype, p.b_dtype) != (E4M3, E4M3):
-        reasons.append("block recipe: needs float8_e4m3fn operands (the only pair verified on the H100)")
-    if cdiv(p.k, 128) % 4 and _found["probed"] and not _found["scaled_mm_v2"]:
+    if p.recipe == "row" and found.rowwise:
+        reasons.append(f"row recipe: torch._scaled_mm here takes tensorwise scales only ({found.rowwise})")
+    if p.recipe == "block" and (found.cublaslt or 0) < CUBLASLT_BLOCKWISE:
+        reasons.append(f"block recipe: needs cuBLASLt >= 12.9, found {found.cublaslt or 'unknown'}")
+    if p.recipe == "block" and cdiv(p.k, 128) % 4 and not found.scaled_mm_v2:
         reasons.append(f"K={p.k}: torch._scaled_mm is silently wrong unless ceil(K/128) % 4 == 0, and "
                        f"F.scaled_mm (torch >= 2.10), which takes padded scales, is missing")
     return reasons
@@ -166,20 +155,10 @@ def _block_matmul(a, b, out_dtype):
 
 # --- grouped_linear: torch._scaled_grouped_mm --------------------------------------------------
 
-_grouped_found: dict = {}
-
-
 def grouped_probe(device: torch.device) -> str | None:
-    """Whether this torch runs `torch._scaled_grouped_mm` on `device`: the op exists, has a kernel for
-    the device's dispatch key, and (on CUDA) one exact product comes out right. Run once per device
-    type; torch 2.13's CPU build has the op but no CPU kernel, torch 2.11 has a CUDA one (sm90)."""
-    key = device.type
-    if key not in _grouped_found:
-        _grouped_found[key] = _grouped_self_test(device)
-    return _grouped_found[key]
-
-
-def _grouped_self_test(device: torch.device) -> str | None:
+    """Why this torch cannot run `torch._scaled_grouped_mm` on `device`, or None: the op must exist,
+    have a kernel for the device's dispatch key, and (on CUDA) get one exact product right. Part of
+    the probe; torch 2.13's CPU build has the op but no CPU kernel."""
     if not hasattr(torch, "_scaled_grouped_mm"):
         return f"torch {torch.__version__} has no torch._scaled_grouped_mm"
     dispatch_key = "CUDA" if device.type == "cuda" else device.type.upper()
@@ -198,11 +177,10 @@ def _grouped_self_test(device: torch.device) -> str | None:
     return None
 
 
-def _grouped_reasons(p) -> list[str]:
-    reasons = []
-    unavailable = grouped_probe(p.device)
-    if unavailable:
-        reasons.append(unavailable)
+def _grouped_reasons(p, found: Found) -> list[str]:
+    if p.device.type != "cuda":
+        return [f"needs a CUDA tensor, got device {p.device}"]
+    reasons = [found.grouped] if found.grouped else []
     if p.capability not in ((9, 0), (10, 0)):
         reasons.append(f"torch._scaled_grouped_mm runs FP8 on sm90 and sm100 only, this GPU is {lib.sm(p.capability)}")
     if p.recipe != "row":
@@ -243,6 +221,6 @@ BACKEND = Backend(
     why_not=why_not,
     matmul=matmul,
     grouped_linear=grouped_linear,
-    version=lambda: f"{torch.__version__} (cuBLASLt {_found['cublaslt'] or '?'})",
+    version=lambda: f"{torch.__version__} (cuBLASLt {cublaslt_version() or '?'})",
     description="torch._scaled_mm / F.scaled_mm: cuBLASLt and CUTLASS FP8 GEMMs shipped with PyTorch",
 )

@@ -105,7 +105,7 @@ def null_backend(device) -> Backend:
             mm_out[key] = reference.matmul(a, b, out_dtype, bias)
         return mm_out[key]
 
-    return Backend(name="null", probe=lambda: None, why_not=lambda op, p: [], quantize=quantize, matmul=matmul,
+    return Backend(name="null", probe=lambda: None, why_not=lambda op, p, found: [], quantize=quantize, matmul=matmul,
                    priority=10_000, description="benchmark stub: preallocated results")
 
 

@@ -1,7 +1,8 @@
 """The registry: backends as frozen data, and the plain-Python choice among them.
 
-A backend is a name, a priority, a `probe()` run once per process, a `why_not(op, problem)`
-that returns every reason it cannot run a problem, and one function per op it serves. Choice,
+A backend is a name, a priority, a `probe()` run once per process whose result is frozen, a
+`why_not(op, problem, found)` that returns every reason it cannot run a problem (a pure function
+of the problem and what the probe found), and one function per op it serves. Choice,
 first match wins: the call's `backend=`; `FP8DISPATCH_<OP>_BACKEND`; `FP8DISPATCH_BACKEND`; a
 measured routing table; the static priority order. Decisions are cached per problem.
 """
@@ -9,6 +10,7 @@ measured routing table; the static priority order. Decisions are cached per prob
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import os
 import threading
@@ -43,8 +45,10 @@ class Backend:
     """
 
     name: str
-    probe: Callable[[], str | None]
-    why_not: Callable[[str, Problem], list[str]]
+    # The reason it cannot serve here (a str), or what it found (frozen; None if nothing to say).
+    probe: Callable[[], object]
+    # Every reason it cannot run a problem, from the problem and what the probe found only.
+    why_not: Callable[[str, Problem, object], list[str]]
     quantize: Callable | None = None
     dequantize: Callable | None = None
     matmul: Callable | None = None
@@ -69,7 +73,7 @@ class Backend:
 
 
 _backends: dict[str, Backend] = {}
-_probes: dict[str, str | None] = {}
+_probes: dict[str, object] = {}
 _decisions: dict[tuple, Backend] = {}
 _builtins_loaded = False
 _settings: Settings | None = None
@@ -177,6 +181,9 @@ def _check_backend(backend) -> None:
     for field_name in ("probe", "why_not", "version"):
         if not callable(getattr(backend, field_name)):
             raise Fp8TypeError(f"backend.{field_name}: expected a callable, got {getattr(backend, field_name)!r}")
+    if not _takes(backend.why_not, 3):
+        raise Fp8TypeError(f"backend.why_not: expected a function of (op, problem, found), where found is what "
+                           f"probe() returned; got {backend.why_not!r}")
     for op in OPS:
         if not (backend.function(op) is None or callable(backend.function(op))):
             raise Fp8TypeError(f"backend.{op}: expected a callable or None, got {backend.function(op)!r}")
@@ -188,6 +195,16 @@ def _check_backend(backend) -> None:
         raise Fp8TypeError(f"backend.priorities: expected a mapping of str to int, got {backend.priorities!r}")
     if not isinstance(backend.description, str):
         raise Fp8TypeError(f"backend.description: expected a str, got {backend.description!r}")
+
+
+def _takes(function: Callable, count: int) -> bool:
+    try:
+        inspect.signature(function).bind(*range(count))
+    except TypeError:
+        return False
+    except ValueError:  # no signature to read (some builtins): let the call decide
+        pass
+    return True
 
 
 def unregister_backend(name: str) -> None:
@@ -240,8 +257,9 @@ def get_backend(name: str, source: str = "backend") -> Backend:
         ) from None
 
 
-def probe_result(name: str) -> str | None:
-    """The backend's probe, run once per process: None if it can serve, else why not."""
+def probed(name: str) -> object:
+    """The backend's probe, run once per process and frozen: a str is why it cannot serve here;
+    anything else is what it found, which `why_not` receives."""
     try:
         return _probes[name]
     except KeyError:
@@ -255,17 +273,23 @@ def probe_result(name: str) -> str | None:
     return result
 
 
+def probe_result(name: str) -> str | None:
+    """None if the backend can serve in this process, else why not."""
+    found = probed(name)
+    return found if isinstance(found, str) else None
+
+
 def reasons(backend: Backend, problem: Problem) -> list[str]:
     """Every reason `backend` cannot run `problem`; empty means it can."""
     if backend.name in settings().disabled:
         return ["disabled by FP8DISPATCH_DISABLE"]
-    unavailable = probe_result(backend.name)
-    if unavailable:
-        return [unavailable]
+    found = probed(backend.name)
+    if isinstance(found, str):
+        return [found]
     if backend.function(problem.op) is None:
         return [f"does not implement {problem.op}"]
     try:
-        return list(backend.why_not(problem.op, problem))
+        return list(backend.why_not(problem.op, problem, found))
     except Exception as e:
         return [f"why_not raised {type(e).__name__}: {e}"]
 

@@ -5,7 +5,7 @@ from fp8dispatch.backends import reference
 
 
 def row_only_backend(name, priority=0, priorities=None):
-    def why_not(op, problem):
+    def why_not(op, problem, found):
         if op == "quantize" and problem.granularity != "row":
             return [f"granularity {problem.granularity}: only row"]
         return []
@@ -20,7 +20,7 @@ def counting_backend(name, calls, probe_error=None):
         if probe_error:
             raise probe_error
 
-    def why_not(op, problem):
+    def why_not(op, problem, found):
         calls.append("why_not")
         return []
 

@@ -60,9 +60,9 @@ def wrong_and_broken(sandbox):
     def crash(a, b, out_dtype, bias=None):
         raise RuntimeError("illegal memory access")
 
-    fp8dispatch.register_backend(Backend("liar", lambda: None, lambda op, p: [], matmul=garbage, priority=-50))
-    fp8dispatch.register_backend(Backend("crasher", lambda: None, lambda op, p: [], matmul=crash, priority=-50))
-    fp8dispatch.register_backend(Backend("picky", lambda: None, lambda op, p: ["N=128: needs N % 256 == 0"],
+    fp8dispatch.register_backend(Backend("liar", lambda: None, lambda op, p, found: [], matmul=garbage, priority=-50))
+    fp8dispatch.register_backend(Backend("crasher", lambda: None, lambda op, p, found: [], matmul=crash, priority=-50))
+    fp8dispatch.register_backend(Backend("picky", lambda: None, lambda op, p, found: ["N=128: needs N % 256 == 0"],
                                          matmul=garbage, priority=-50))
 
 
@@ -122,7 +122,7 @@ def test_tune_from_results_writes_a_table_that_auto_uses(sandbox, tmp_path, monk
     table = tmp_path / "routing.json"
     sandbox.env(FP8DISPATCH_TUNING=str(table))
     tuning.install()  # the sandbox starts with no routing hook
-    fp8dispatch.register_backend(Backend("quick", lambda: None, lambda op, p: [], quantize=reference.quantize,
+    fp8dispatch.register_backend(Backend("quick", lambda: None, lambda op, p, found: [], quantize=reference.quantize,
                                          priority=-60))
     rows = bench.run(bench.points([bench.Shape(4, 0, 256)], ops=("quantize",), granularities=("group",)),
                      ["reference", "quick"], bench.Settings(CPU, 1, 2, auto=False, baselines=False))

@@ -16,7 +16,7 @@ from fp8dispatch.conformance import cases, runner
 from fp8dispatch.conformance import report as reports
 
 
-def _backend(name, why_not=lambda op, problem: [], **ops):
+def _backend(name, why_not=lambda op, problem, found: [], **ops):
     return Backend(name=name, probe=lambda: None, why_not=why_not, priority=-100, **ops)
 
 
@@ -125,7 +125,7 @@ def test_a_backend_that_writes_its_input_fails(sandbox):
     assert any("modified its input x" in r.outcome.detail for r in run.failed)
 
 
-def third_party_why_not(op, problem):
+def third_party_why_not(op, problem, found):
     """A plausible GPU library's limits: no fnuz, K and N multiples of 16, column-major b."""
     reasons = []
     dtypes = [problem.a_dtype, problem.b_dtype] if op == "matmul" else [problem.fp8_dtype]
@@ -207,7 +207,7 @@ import fp8dispatch
 from fp8dispatch import Backend
 from fp8dispatch.backends import reference
 
-fp8dispatch.register_backend(Backend(name="pluggedin", probe=lambda: None, why_not=lambda op, p: [],
+fp8dispatch.register_backend(Backend(name="pluggedin", probe=lambda: None, why_not=lambda op, p, found: [],
                                      dequantize=reference.dequantize, priority=-100))
 '''
 
@@ -246,7 +246,7 @@ def scribbling_quantize(x, block, dtype, scale=None, scale_ub=None, pow2_scale=F
 def _scribbler_and_clean():
     """A faulty backend checked first, a clean one after it on the same cases."""
     fp8dispatch.register_backend(_backend("scribbler", quantize=scribbling_quantize))
-    fp8dispatch.register_backend(Backend(name="clean", probe=lambda: None, why_not=lambda op, p: [],
+    fp8dispatch.register_backend(Backend(name="clean", probe=lambda: None, why_not=lambda op, p, found: [],
                                          quantize=reference.quantize, priority=-200))
 
 
@@ -279,9 +279,9 @@ def scribbling_quantize(x, block, dtype, scale=None, scale_ub=None, pow2_scale=F
     return out
 
 
-fp8dispatch.register_backend(Backend(name="scribbler", probe=lambda: None, why_not=lambda op, p: [],
+fp8dispatch.register_backend(Backend(name="scribbler", probe=lambda: None, why_not=lambda op, p, found: [],
                                      quantize=scribbling_quantize, priority=-100))
-fp8dispatch.register_backend(Backend(name="clean", probe=lambda: None, why_not=lambda op, p: [],
+fp8dispatch.register_backend(Backend(name="clean", probe=lambda: None, why_not=lambda op, p, found: [],
                                      quantize=reference.quantize, priority=-200))
 '''
 

@@ -182,7 +182,7 @@ def test_the_per_op_environment_variable_routes_grouped_linear(sandbox):
         calls.append(offsets is None)
         return registry.get_backend("reference").grouped_linear(x, w, offsets, masked_m, out_dtype, bias)
 
-    fd.register_backend(fd.Backend(name="counting", probe=lambda: None, why_not=lambda op, p: [],
+    fd.register_backend(fd.Backend(name="counting", probe=lambda: None, why_not=lambda op, p, found: [],
                                    grouped_linear=counting, priority=-100))
     wq, x = fd.quantize_grouped(_weights()), _x(11)
     fd.grouped_linear(x, wq, OFFSETS)

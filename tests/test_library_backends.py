@@ -99,7 +99,7 @@ def fake_per_row(wrong=False, raises=False):
 @pytest.fixture
 def fbgemm_fakes(monkeypatch):
     """An fbgemm backend probing on CPU: the device gate passes and the library is 'installed'."""
-    monkeypatch.setattr(fb, "_found", dict(fb._found))
+    monkeypatch.setattr(fb, "_loaded", {})
     monkeypatch.setattr(lib, "cuda_reason", lambda capability: None)
     monkeypatch.setattr(fb, "_device", lambda: torch.device("cpu"))
     monkeypatch.setattr(fb, "_find_spec", lambda name: object())
@@ -127,11 +127,11 @@ def test_fbgemm_without_any_op(fbgemm_fakes):
 
 
 def test_fbgemm_missing_one_op_is_declared_per_problem(fbgemm_fakes):
-    assert fb.probe() is None  # quantize_fp8_per_row alone, answering right
-    assert fb._found["ops"] == {"quantize_fp8_per_row"}
+    found = fb.probe()  # quantize_fp8_per_row alone, answering right
+    assert found.ops == {"quantize_fp8_per_row"}
     assert "torch.ops.fbgemm.f8f8bf16_rowwise is missing from this fbgemm_gpu build" in fb.why_not(
-        "matmul", matmul_problem("row"))
-    assert fb.why_not("matmul", matmul_problem("tensor")) == [
+        "matmul", matmul_problem("row"), found)
+    assert fb.why_not("matmul", matmul_problem("tensor"), found) == [
         "torch.ops.fbgemm.f8f8bf16 is missing from this fbgemm_gpu build"]
 
 
@@ -160,7 +160,7 @@ def fake_torchao(wrong=False, drop=()):
 
 @pytest.fixture
 def torchao_fakes(monkeypatch):
-    monkeypatch.setattr(ta, "_found", dict(ta._found))
+    monkeypatch.setattr(ta, "_loaded", {})
     monkeypatch.setattr(lib, "cuda_reason", lambda capability: None)
     monkeypatch.setattr(ta, "_device", lambda: torch.device("cpu"))
     monkeypatch.setattr(ta, "_find_spec", lambda name: object())
@@ -170,7 +170,7 @@ def torchao_fakes(monkeypatch):
 
 
 def test_torchao_probe_passes_with_a_right_answer(torchao_fakes):
-    assert ta.probe() is None and ta._found["version"] == "0.17.0"
+    assert ta.probe() is None and ta._loaded["module"].__version__ == "0.17.0"
 
 
 def test_torchao_missing(torchao_fakes):
@@ -205,7 +205,6 @@ def test_torchao_self_test_wrong(torchao_fakes):
 
 @pytest.fixture
 def torch_fakes(monkeypatch):
-    monkeypatch.setattr(tb, "_found", dict(tb._found))
     monkeypatch.setattr(lib, "cuda_reason", lambda capability: None)
     monkeypatch.setattr(tb, "_device", lambda: torch.device("cpu"))
     return monkeypatch
@@ -214,14 +213,14 @@ def torch_fakes(monkeypatch):
 def test_torch_probe_passes_on_cpus_scaled_mm_and_records_rowwise(torch_fakes):
     """CPU torch._scaled_mm runs tensorwise scales exactly (torch 2.11 and newer); rowwise ones
     only on some releases: the probe records which, and why_not follows it."""
-    assert tb.probe() is None
-    assert tb._found["scaled_mm_v2"] == hasattr(torch.nn.functional, "scaled_mm")
-    rowwise = tb._found["rowwise"]
+    found = tb.probe()
+    assert found.scaled_mm_v2 == hasattr(torch.nn.functional, "scaled_mm")
+    rowwise = found.rowwise
     assert rowwise is None or rowwise.startswith("self-test: torch._scaled_mm rowwise ")
-    row = [r for r in tb.why_not("matmul", matmul_problem("row")) if "tensorwise scales only" in r]
+    row = [r for r in tb.why_not("matmul", matmul_problem("row"), found) if "tensorwise scales only" in r]
     assert row == ([] if rowwise is None else [f"row recipe: torch._scaled_mm here takes tensorwise scales only "
                                                 f"({rowwise})"])
-    assert not tb.why_not("matmul", matmul_problem("tensor"))
+    assert not tb.why_not("matmul", matmul_problem("tensor"), found)
 
 
 def test_a_scaled_mm_without_rowwise_serves_tensor_only(torch_fakes):
@@ -234,10 +233,10 @@ def test_a_scaled_mm_without_rowwise_serves_tensor_only(torch_fakes):
         return real(a, b, scale_a, scale_b, **kwargs)
 
     torch_fakes.setattr(torch, "_scaled_mm", tensorwise_only)
-    assert tb.probe() is None
-    assert tb._found["rowwise"] == "self-test: torch._scaled_mm rowwise raised RuntimeError: Invalid scaling configuration"
-    assert any("tensorwise scales only" in r for r in tb.why_not("matmul", matmul_problem("row")))
-    assert not tb.why_not("matmul", matmul_problem("tensor"))
+    found = tb.probe()
+    assert found.rowwise == "self-test: torch._scaled_mm rowwise raised RuntimeError: Invalid scaling configuration"
+    assert any("tensorwise scales only" in r for r in tb.why_not("matmul", matmul_problem("row"), found))
+    assert not tb.why_not("matmul", matmul_problem("tensor"), found)
 
 
 def test_torch_without_scaled_mm(torch_fakes):
@@ -260,9 +259,9 @@ def test_torch_self_test_wrong_or_raising(torch_fakes, fake, expected):
 def test_torch_row_and_tensor_translation_on_cpu(torch_fakes, ga, gw):
     """CPU torch._scaled_mm checks the scale layouts we build, as far as this torch's CPU kernel
     goes: tensorwise always, per-row scales where the probe found them to work."""
-    tb.probe()
-    if gw == "row" and tb._found["rowwise"]:
-        pytest.skip(f"this torch's CPU _scaled_mm takes no per-row scales ({tb._found['rowwise']})")
+    rowwise = tb.probe().rowwise
+    if gw == "row" and rowwise:
+        pytest.skip(f"this torch's CPU _scaled_mm takes no per-row scales ({rowwise})")
     x, w = torch.randn(6, 64), torch.randn(48, 64)
     a = (fp8dispatch.quantize(x, "block", block_size=ga, backend="reference") if isinstance(ga, tuple)
          else fp8dispatch.quantize(x, ga, backend="reference"))  # (2, 64): rows in pairs
@@ -294,15 +293,6 @@ def dequantize_problem(shape, block, fp8=E4M3, out=BF16):
     return problems.dequantize_problem(CUDA, shape, block, fp8_dtype=fp8, out_dtype=out, capability=H100)
 
 
-@pytest.fixture
-def found_everything(monkeypatch):
-    """The state a successful probe leaves on the H100 (cuBLASLt 13.1, every op, both modules)."""
-    monkeypatch.setattr(fb, "_found", dict(fb._found, ops=frozenset(fb.OPS), triton=object()))
-    monkeypatch.setattr(ta, "_found", dict(ta._found, module=object()))
-    monkeypatch.setattr(tb, "_found", dict(tb._found, probed=True, cublaslt=130100, scaled_mm_v2=True))
-
-
-@pytest.mark.usefixtures("found_everything")
 @pytest.mark.parametrize("module, op, problem", [
     (tb, "matmul", matmul_problem("block")), (tb, "matmul", matmul_problem("row", m=1)),
     (tb, "matmul", matmul_problem("tensor", out=torch.float32)), (tb, "matmul", matmul_problem("block", m=17, k=640)),
@@ -318,75 +308,71 @@ def test_what_each_backend_accepts(module, op, problem):
     assert module.why_not(op, problem) == []
 
 
-@pytest.mark.usefixtures("found_everything")
 @pytest.mark.parametrize("module, op, problem, reason", [
     # torch
     (tb, "matmul", matmul_problem("row", k=200), "K=200: needs K % 16 == 0"),
     (tb, "matmul", matmul_problem("row", n=200), "N=200: needs N % 16 == 0"),
     (tb, "matmul", matmul_problem("row", a_dtype=E5M2, b_dtype=E5M2), "float8_e5m2 × float8_e5m2 is rejected"),
-    (tb, "matmul", matmul_problem("row", a_dtype=torch.float8_e4m3fnuz), "a: needs float8_e4m3fn or float8_e5m2"),
+    (tb, "matmul", matmul_problem("row", a_dtype=torch.float8_e4m3fnuz), "a, b: torch._scaled_mm takes float8_e4m3fn and float8_e5m2 only, got torch.float8_e4m3fnuz"),
     (tb, "matmul", matmul_problem("row", capability=(8, 6)), "needs sm89 or newer (FP8 tensor cores), this GPU is sm86"),
     (tb, "matmul", matmul_problem("row", a_row_major=False), "a: needs row-major contiguous [M, K] data"),
     (tb, "matmul", matmul_problem("row", b_col_major=False), "b: needs column-major [K, N] data"),
-    (tb, "matmul", matmul_problem("block", capability=(8, 9)), "block recipe: torch runs it on sm90 only"),
+    (tb, "matmul", matmul_problem("block", capability=(8, 9)), "torch._scaled_mm's 1×128 · 128×128 scaling runs on sm90 only (cuBLASLt), this GPU is sm89"),
     (tb, "matmul", matmul_problem("block", capability=(10, 0)), "this GPU is sm100"),
-    (tb, "matmul", matmul_problem("block", a_dtype=E5M2), "block recipe: needs float8_e4m3fn operands"),
-    (tb, "matmul", matmul_problem("mixed"), "serves tensor, row and 1×128 · 128×128 block only"),
-    (tb, "matmul", matmul_problem("block", blocks=((1, 64), (64, 64))), "the block recipe here is 1×128 · 128×128 only"),
+    (tb, "matmul", matmul_problem("block", a_dtype=E5M2), "takes float8_e4m3fn only (the only pair verified on the H100), got torch.float8_e5m2"),
+    (tb, "matmul", matmul_problem("mixed"), "recipe mixed (blocks (128, 128) × (128, 128)): torch serves tensor, row and 1×128 · 128×128 only"),
+    (tb, "matmul", matmul_problem("block", blocks=((1, 64), (64, 64))), "recipe block (blocks (1, 64) × (64, 64)): torch serves tensor, row and 1×128 · 128×128 only"),
     # fbgemm matmul
-    (fb, "matmul", matmul_problem("row", capability=(8, 9)), "f8f8bf16_rowwise has sm_90a and sm_100a kernels only"),
+    (fb, "matmul", matmul_problem("row", capability=(8, 9)), "f8f8bf16_rowwise runs on sm90 and sm100 only (sm_90a and sm_100a cubins), this GPU is sm89"),
     (fb, "matmul", matmul_problem("row", capability=(10, 3)), "this GPU is sm103"),
-    (fb, "matmul", matmul_problem("tensor", capability=(10, 0)), "f8f8bf16 has sm_90a kernels only"),
-    (fb, "matmul", matmul_problem("block", capability=(12, 0)), "f8f8bf16_groupwise has sm_90a kernels only"),
+    (fb, "matmul", matmul_problem("tensor", capability=(10, 0)), "f8f8bf16 runs on sm90 only (sm_90a cubins), this GPU is sm100"),
+    (fb, "matmul", matmul_problem("block", capability=(12, 0)), "f8f8bf16_groupwise runs on sm90 only (sm_90a cubins), this GPU is sm120"),
     (fb, "matmul", matmul_problem("row", n=100), "N=100: needs N % 8 == 0"),
     (fb, "matmul", matmul_problem("row", k=40), "K=40: needs K % 16 == 0"),
     (fb, "matmul", matmul_problem("block", k=400), "K=400: needs K % 128 == 0"),
     (fb, "matmul", matmul_problem("mixed", n=200), "N=200: needs N % 16 == 0"),
-    (fb, "matmul", matmul_problem("row", a_dtype=E5M2), "FBGEMM's CUDA GEMMs take float8_e4m3fn only"),
-    (fb, "matmul", matmul_problem("row", out=torch.float16), "FBGEMM's GEMMs write bf16 only"),
-    (fb, "matmul", matmul_problem("block", blocks=((1, 64), (64, 64))), "FBGEMM serves tensor, row, 1×128"),
+    (fb, "matmul", matmul_problem("row", a_dtype=E5M2), "a, b: f8f8bf16_rowwise takes float8_e4m3fn only, got torch.float8_e5m2 × torch.float8_e4m3fn"),
+    (fb, "matmul", matmul_problem("row", out=torch.float16), "out_dtype: f8f8bf16_rowwise writes bf16 only, asked torch.float16"),
+    (fb, "matmul", matmul_problem("block", blocks=((1, 64), (64, 64))), "FBGEMM serves row, tensor, 1×128 · 128×128 and 128×128 · 128×128 only"),
     (tb, "matmul", matmul_problem("row", bias=torch.float16), "bias: a torch.float16 bias with torch.bfloat16 output"),
     (tb, "matmul", matmul_problem("block", bias=BF16), "adding it afterwards would round twice"),
-    (fb, "matmul", matmul_problem("block", bias=BF16), "bias: only f8f8bf16_rowwise adds a bias in its epilogue"),
+    (fb, "matmul", matmul_problem("block", bias=BF16), "bias: f8f8bf16_groupwise has no bias epilogue, and adding it afterwards would round twice (bf16 output)"),
     (ta, "matmul", matmul_problem("block", bias=BF16), "bias: blockwise_fp8_gemm has no bias epilogue"),
     # fbgemm quantize / dequantize
     (fb, "dequantize", dequantize_problem((128, 256), (1, 128), torch.float8_e4m3fnuz, BF16),
-     "compile for float8_e4m3fn and float8_e5m2 on CUDA, got torch.float8_e4m3fnuz"),
+     "t: dequantize_fp8_block takes float8_e4m3fn and float8_e5m2 only, got torch.float8_e4m3fnuz"),
     (ta, "dequantize", dequantize_problem((128, 256), (128, 128), torch.float8_e5m2fnuz, BF16),
-     "compiles for float8_e4m3fn and float8_e5m2 on CUDA, got torch.float8_e5m2fnuz"),
+     "t: fp8_blockwise_weight_dequant takes float8_e4m3fn and float8_e5m2 only, got torch.float8_e5m2fnuz"),
     (fb, "dequantize", dequantize_problem((100, 64), (1, 64), E4M3, BF16),
-     "rows=100: dequantize_fp8_row reads scales in tiles of 16 rows"),
+     "rows=100: needs rows % 16 == 0 (dequantize_fp8_row reads scales in tiles of 16 rows without a mask)"),
     (fb, "dequantize", dequantize_problem((128, 64), (1, 64), E4M3, torch.float32),
-     "FBGEMM's dequantizers write bf16 only"),
+     "dtype: dequantize_fp8_row writes bf16 only, asked torch.float32"),
     (fb, "dequantize", dequantize_problem((128, 64), (128, 64), E4M3, BF16),
-     "FBGEMM has no dequantizer for blocks (128, 64)"),
+     "granularity tensor (block (128, 64)): FBGEMM serves row, group and block only"),
     # torchao
     (ta, "matmul", matmul_problem("row"), "tensor and row go to torch._scaled_mm (backend torch)"),
     (ta, "matmul", matmul_problem("block", out=torch.float32), "blockwise_fp8_gemm writes bf16 only"),
-    (ta, "matmul", matmul_problem("block", b_dtype=E5M2), "verified with float8_e4m3fn only"),
+    (ta, "matmul", matmul_problem("block", b_dtype=E5M2), "a, b: blockwise_fp8_gemm takes float8_e4m3fn only (the only format verified), got torch.float8_e4m3fn × torch.float8_e5m2"),
     (fb, "quantize", quantize_problem("row"), "±inf in the amax"),
     (fb, "quantize", quantize_problem("tensor"), "FBGEMM's quantizers are not offered"),
     (fb, "quantize", quantize_problem("group"), "approximate division"),
     (fb, "quantize", quantize_problem("block"), "use triton"),
     (ta, "dequantize", dequantize_problem((128, 128), (1, 128), E4M3, BF16),
-     "fp8_blockwise_weight_dequant takes 128×128 blocks only"),
+     "granularity row (block (1, 128)): TorchAO serves 128×128 only"),
 ])
 def test_every_declared_limit_names_quantity_need_and_value(module, op, problem, reason):
     reasons = module.why_not(op, problem)
     assert any(reason in r for r in reasons), reasons
 
 
-@pytest.mark.usefixtures("found_everything")
-def test_cublaslt_and_v2_limits_of_the_torch_block_recipe(monkeypatch):
-    monkeypatch.setitem(tb._found, "cublaslt", 120800)
-    assert "block recipe: needs cuBLASLt >= 12.9, found 120800" in tb.why_not("matmul", matmul_problem("block"))
-    monkeypatch.setitem(tb._found, "cublaslt", 130100)
-    monkeypatch.setitem(tb._found, "scaled_mm_v2", False)
-    assert tb.why_not("matmul", matmul_problem("block", k=2048)) == []  # ceil(K/128) = 16: v1 is right
-    assert any("ceil(K/128) % 4 == 0" in r for r in tb.why_not("matmul", matmul_problem("block", k=640)))
+def test_cublaslt_and_v2_limits_of_the_torch_block_recipe():
+    old = dataclasses.replace(tb.COMPLETE, cublaslt=120800)
+    assert "block recipe: needs cuBLASLt >= 12.9, found 120800" in tb.why_not("matmul", matmul_problem("block"), old)
+    v1 = dataclasses.replace(tb.COMPLETE, cublaslt=130100, scaled_mm_v2=False)
+    assert tb.why_not("matmul", matmul_problem("block", k=2048), v1) == []  # ceil(K/128) = 16: v1 is right
+    assert any("ceil(K/128) % 4 == 0" in r for r in tb.why_not("matmul", matmul_problem("block", k=640), v1))
 
 
-@pytest.mark.usefixtures("found_everything")
 @pytest.mark.parametrize("module", [fb, ta, tb])
 def test_cpu_tensors_are_declined_before_anything_else(module):
     problem = matmul_problem("block")
@@ -409,3 +395,53 @@ def test_pad_rows_appends_zero_rows_with_unit_scales_only_when_needed():
     assert not padded[5:].view(torch.uint8).any() and torch.equal(padded_scale[5:], torch.ones(3, 2))
     same, same_scale = lib.pad_rows(data[:4], scale[:4], 4)
     assert same.data_ptr() == data.data_ptr() and same_scale.data_ptr() == scale.data_ptr()
+
+
+# --- why_not is a pure function of the problem and the frozen probe result ---------------------
+
+
+def every_answer(module, found):
+    """why_not on the support matrix's problems, for every target, given one probe result."""
+    from fp8dispatch.cli.support_matrix import TARGETS, sections
+
+    answers = []
+    for _, device, capability in TARGETS:
+        for _, _, by_column in sections(device, capability):
+            for by_format in by_column.values():
+                answers += [module.why_not(p.op, p, found) for p in by_format.values()
+                            if getattr(module.BACKEND, p.op) is not None]
+    return answers
+
+
+def test_why_not_depends_on_its_arguments_only(fbgemm_fakes, torch_fakes):
+    """Probing (for real, or with fakes that find less) changes nothing that why_not answers for a
+    given probe result; two results give two answers, in either order."""
+    partial_build = fb.Found(ops=frozenset({"quantize_fp8_per_row"}), triton="fbgemm_gpu...fp8_gemm failed")
+    tensorwise_only = dataclasses.replace(tb.COMPLETE, rowwise="self-test: rowwise raised", cublaslt=None)
+    cases = [(fb, fb.COMPLETE, partial_build), (tb, tb.COMPLETE, tensorwise_only), (ta, None, None)]
+    before = {m.__name__: (every_answer(m, one), every_answer(m, other)) for m, one, other in cases}
+    assert fb.probe() == fb.Found(frozenset({"quantize_fp8_per_row"}), None)
+    assert isinstance(tb.probe(), tb.Found)
+    ta.probe()
+    for module, one, other in cases:
+        assert (every_answer(module, other), every_answer(module, one)) == before[module.__name__][::-1]
+    assert before[fb.__name__][0] != before[fb.__name__][1]
+    assert before[tb.__name__][0] != before[tb.__name__][1]
+
+
+def test_the_registry_hands_why_not_the_frozen_probe_result(monkeypatch):
+    """What why_not receives is what probe() returned, once, whatever else runs in between."""
+    from fp8dispatch import registry
+
+    seen = []
+    backend = dataclasses.replace(reference.BACKEND, name="spy", probe=lambda: tb.COMPLETE,
+                                  why_not=lambda op, p, found: seen.append(found) or [])
+    fp8dispatch.register_backend(backend)
+    try:
+        problem = matmul_problem("row")
+        assert registry.reasons(backend, problem) == [] and registry.probe_result("spy") is None
+        registry.refresh()
+        registry.reasons(backend, problem)
+        assert seen == [tb.COMPLETE, tb.COMPLETE] and seen[0] is seen[1]
+    finally:
+        fp8dispatch.unregister_backend("spy")

@@ -172,7 +172,7 @@ def test_convert_reports_every_skip_with_its_reason():
 
 
 def test_a_named_backend_that_cannot_run_a_layer_skips_it_with_its_reasons():
-    def why_not(op, problem):
+    def why_not(op, problem, found):
         if op == "matmul" and problem.k % 16:
             return [f"K={problem.k}: needs K % 16 == 0"]
         return []

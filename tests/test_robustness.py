@@ -253,7 +253,7 @@ def test_scale_ub_outside_fp32_is_refused(scale_ub):
 
 
 def _fake(**changes):
-    fields = dict(name="fake", probe=lambda: None, why_not=lambda op, p: [], quantize=reference.quantize)
+    fields = dict(name="fake", probe=lambda: None, why_not=lambda op, p, found: [], quantize=reference.quantize)
     fields.update(changes)
     return Backend(**fields)
 
@@ -261,7 +261,8 @@ def _fake(**changes):
 @pytest.mark.parametrize("changes, culprit", [
     ({"name": 3}, "name"), ({"priority": "high"}, "priority"), ({"priority": 1.5}, "priority"),
     ({"priorities": {"matmul": "x"}}, "priorities"), ({"priorities": ["matmul"]}, "priorities"),
-    ({"probe": None}, "probe"), ({"why_not": "nope"}, "why_not"), ({"quantize": 5}, "quantize"),
+    ({"probe": None}, "probe"), ({"why_not": "nope"}, "why_not"), ({"why_not": lambda op, p: []}, "why_not"),
+    ({"quantize": 5}, "quantize"),
     ({"version": "1.0"}, "version"), ({"description": 7}, "description"),
 ])
 def test_register_backend_refuses_malformed_backends(sandbox, changes, culprit):

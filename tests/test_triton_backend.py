@@ -18,7 +18,7 @@ from fp8dispatch.backends import triton as backend  # noqa: E402
 from fp8dispatch.blocks import block_for  # noqa: E402
 from fp8dispatch.numerics import ERROR_BOUND, relative_error, special_values  # noqa: E402
 from fp8dispatch.problem import MatmulProblem, QuantizeProblem, device_capability  # noqa: E402
-from fp8dispatch.registry import probe_result  # noqa: E402
+from fp8dispatch.registry import probe_result, probed  # noqa: E402
 from fp8dispatch.tensor import Fp8Tensor  # noqa: E402
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
@@ -386,7 +386,12 @@ def test_probe_passes_here():
 
 
 def test_why_not_names_each_limit():
-    why = backend.BACKEND.why_not
+    found = probed("triton")
+    assert found.interpreting == INTERPRETER
+
+    def why(op, problem):
+        return backend.BACKEND.why_not(op, problem, found)
+
     assert why("matmul", _matmul_problem()) == []
     assert any("column-major" in r for r in why("matmul", _matmul_problem(b_col_major=False)))
     assert any("row-major" in r for r in why("matmul", _matmul_problem(a_row_major=False)))

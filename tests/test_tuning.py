@@ -36,7 +36,7 @@ def fake(name, priority, calls=None):
             calls.append(name)
         return reference.quantize(*args)
 
-    return Backend(name=name, probe=lambda: None, why_not=lambda op, p: [], quantize=quantize, priority=priority)
+    return Backend(name=name, probe=lambda: None, why_not=lambda op, p, found: [], quantize=quantize, priority=priority)
 
 
 def quantize_problem(m=4, k=256, granularity="group"):
@@ -138,7 +138,7 @@ def test_a_user_choice_still_wins_over_the_table(tables, monkeypatch):
 
 def test_a_ranked_backend_that_cannot_run_falls_to_the_next(tables):
     calls = []
-    picky = Backend(name="picky", probe=lambda: None, why_not=lambda op, p: ["K=256: needs K % 1000 == 0"],
+    picky = Backend(name="picky", probe=lambda: None, why_not=lambda op, p, found: ["K=256: needs K % 1000 == 0"],
                     quantize=reference.quantize, priority=-50)
     fp8dispatch.register_backend(picky)
     fp8dispatch.register_backend(fake("quick", priority=-60, calls=calls))

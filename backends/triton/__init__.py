@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import importlib.util
 import re
+from dataclasses import dataclass
 from functools import cache
 from types import SimpleNamespace
 
 import torch
 
+from fp8dispatch.capabilities import layout_reasons
 from fp8dispatch.registry import Backend
 
 _FNUZ = (torch.float8_e4m3fnuz, torch.float8_e5m2fnuz)
@@ -35,11 +37,23 @@ def _interpreting() -> bool:
     return active()
 
 
-def probe() -> str | None:
+@dataclass(frozen=True)
+class Found:
+    """What the probe found, frozen: `why_not` reads this and the problem only."""
+
+    interpreting: bool  # TRITON_INTERPRET=1 at import: the kernels run on CPU tensors, in the interpreter
+    version: str  # triton.__version__
+
+
+# Triton on a GPU: what `fp8dispatch support-matrix` describes.
+COMPLETE = Found(interpreting=False, version="")
+
+
+def probe() -> str | Found:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install triton)"
     try:
-        import triton  # noqa: F401
+        import triton
     except Exception as e:  # a broken install is a reason, not a crash
         return f"triton failed to import: {type(e).__name__}: {e}"
     if reason := _untested_version():
@@ -48,12 +62,12 @@ def probe() -> str | None:
         from .interpreter import install
 
         install()
-        return None
+        return Found(interpreting=True, version=triton.__version__)
     if not torch.cuda.is_available():
         return "no CUDA GPU, and TRITON_INTERPRET=1 was not set before import (the CPU interpreter)"
     if torch.version.hip:
         return f"ROCm (HIP {torch.version.hip}): the kernels are written and checked for NVIDIA GPUs only"
-    return None
+    return Found(interpreting=False, version=triton.__version__)
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:
@@ -107,9 +121,9 @@ def _satisfies(version: str, bounds: tuple[str, ...]) -> bool:
     return True
 
 
-def _device_reasons(problem) -> list[str]:
+def _device_reasons(problem, found: Found) -> list[str]:
     device = problem.device
-    if _interpreting():
+    if found.interpreting:
         if device.type != "cpu":
             return [f"device {device}: under TRITON_INTERPRET=1 the kernels run on CPU tensors only"]
         return []
@@ -121,12 +135,12 @@ def _device_reasons(problem) -> list[str]:
     return []
 
 
-def _format_reasons(name: str, dtype: torch.dtype) -> list[str]:
+def _format_reasons(name: str, dtype: torch.dtype, found: Found) -> list[str]:
     if dtype not in _FNUZ:
         return []
-    if not _interpreting():
+    if not found.interpreting:
         return [f"{name} {dtype}: Triton lowers the fnuz FP8 formats only on AMD GPUs"]
-    version = _triton_version() or "0"
+    version = found.version
     if _version_tuple(version) < (3, 8):
         return [f"{name} {dtype}: the interpreter needs Triton >= 3.8 for fnuz formats, this is {version}"]
     return []
@@ -138,23 +152,23 @@ def _size_reasons(name: str, rows: int, cols: int) -> list[str]:
     return []
 
 
-def why_not(op, problem) -> list[str]:
-    reasons = _device_reasons(problem)
+def why_not(op, problem, found: Found = COMPLETE) -> list[str]:
+    reasons = _device_reasons(problem, found)
     if op == "quantize":
-        reasons += _format_reasons("dtype", problem.fp8_dtype)
+        reasons += _format_reasons("dtype", problem.fp8_dtype, found)
         reasons += _size_reasons("x", *problem.shape)
     elif op == "dequantize":
-        reasons += _format_reasons("dtype", problem.fp8_dtype)
+        reasons += _format_reasons("dtype", problem.fp8_dtype, found)
         reasons += _size_reasons("data", *problem.shape)
     elif op == "matmul":
-        reasons += _matmul_reasons(problem)
+        reasons += _matmul_reasons(problem, found)
     elif op == "grouped_linear":
-        reasons += _grouped_reasons(problem)
+        reasons += _grouped_reasons(problem, found)
     return reasons
 
 
-def _grouped_reasons(p) -> list[str]:
-    reasons = _format_reasons("x", p.x_dtype) + _format_reasons("w", p.w_dtype)
+def _grouped_reasons(p, found: Found) -> list[str]:
+    reasons = _format_reasons("x", p.x_dtype, found) + _format_reasons("w", p.w_dtype, found)
     if p.recipe == "block" and p.x_block[1] < p.k and p.x_block[1] % 32:
         reasons.append(f"K group g={p.x_block[1]}: needs g % 32 == 0 (the K step of an FP8 tensor-core dot)")
     if not p.x_row_major:
@@ -165,18 +179,14 @@ def _grouped_reasons(p) -> list[str]:
     return reasons
 
 
-def _matmul_reasons(p) -> list[str]:
-    reasons = _format_reasons("a", p.a_dtype) + _format_reasons("b", p.b_dtype)
+def _matmul_reasons(p, found: Found) -> list[str]:
+    reasons = _format_reasons("a", p.a_dtype, found) + _format_reasons("b", p.b_dtype, found)
     if p.recipe == "mixed":
         reasons.append(f"blocks a {p.a_block}, b {p.b_block}: needs the block recipe (a in 1×g groups, "
                        f"b in g×g' blocks), rowwise or tensorwise scales")
     if p.recipe == "block" and p.a_block[1] % 32:
         reasons.append(f"K group g={p.a_block[1]}: needs g % 32 == 0 (the K step of an FP8 tensor-core dot)")
-    if not p.a_row_major:
-        reasons.append("a: needs row-major (contiguous) data; call .contiguous() on it")
-    if not p.b_col_major:
-        reasons.append("b: needs column-major data (the .t() of a contiguous [N, K] weight); "
-                       "pass w.contiguous().t()")
+    reasons += layout_reasons(p)
     reasons += _size_reasons("a", p.m, p.k) + _size_reasons("b", p.k, p.n) + _size_reasons("the output", p.m, p.n)
     return reasons
 

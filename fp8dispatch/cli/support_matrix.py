@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import os
 import sys
 from pathlib import Path
 
@@ -16,7 +15,8 @@ from fp8dispatch.problem import dequantize_problem, matmul_problem, quantize_pro
 
 DEFAULT_PATH = Path("docs/support-matrix.md")
 
-# Where to ask: (heading, device, capability). The probe is not consulted, so a CPU machine can
+# Where to ask: (heading, device, capability). The probe is not consulted (each built-in `why_not`
+# is asked without a probe result, so it describes a complete install), so a CPU machine can
 # describe a GPU: the matrix states what each backend declares, not what this machine has.
 TARGETS = (
     ("sm90: H100, H200", torch.device("cuda", 0), (9, 0)),
@@ -39,9 +39,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    if os.environ.get("TRITON_INTERPRET"):
-        print("note: TRITON_INTERPRET is set, so the triton backend describes its CPU interpreter; "
-              "the committed matrix is generated without it", file=sys.stderr)
     text = generate()
     path = Path(args.output)
     if args.check:
