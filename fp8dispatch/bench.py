@@ -109,8 +109,9 @@ def points(shapes: list[Shape], ops=OPS, recipes=RECIPES, granularities=GRANULAR
             out += [Point(op, g, s) for s in acts for g in granularities]
         elif op in ("matmul", "linear"):
             out += [Point(op, r, s) for s in shapes for r in recipes]
-        elif op == "grouped":  # DeepSeek-V3's experts, whatever the shapes
-            out += bench_grouped.points(Point, Shape, recipes)
+        elif op == "grouped":  # DeepSeek-V3's experts; with the CPU's quick shapes, a small stand-in
+            small = bool(shapes) and all((s.n, s.k) in CPU_QUICK_NK for s in shapes)
+            out += bench_grouped.points(Point, Shape, recipes, **(bench_grouped.SMALL if small else {}))
         else:
             raise Fp8ValueError(f"ops: expected some of {', '.join(OPS)}, got {op!r}")
     return out

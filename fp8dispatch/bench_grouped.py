@@ -36,6 +36,8 @@ GRID = (
     ("masked", 256, 64, "skewed"),
     ("masked", 32, 64, "skewed"),
 )
+# `fp8dispatch bench --quick` on a CPU checks the plumbing: a grid that finishes in seconds.
+SMALL = dict(nk=((256, 512),), grid=(("contiguous", 4, 64, "skewed"), ("masked", 4, 8, "skewed")))
 LOOP, BF16_GROUPED = "fd.linear loop", "bf16 grouped"
 
 

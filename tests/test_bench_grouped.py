@@ -1,5 +1,7 @@
 """The grouped points of bench on the CPU: the grid, both baselines, checked rows, reasons as rows."""
 
+import json
+
 import pytest
 import torch
 
@@ -45,3 +47,15 @@ def test_a_backend_that_cannot_run_the_point_is_a_row_with_its_reasons():
                          ["torch"], bench.Settings(torch.device("cpu"), warmup=1, runs=2, baselines=False))
     by = {r["backend"]: r for r in rows}
     assert by["torch"]["status"] == "unsupported" and by["torch"]["note"]
+
+
+def test_bench_quick_on_the_cpu_measures_a_small_grouped_grid(sandbox, tmp_path, capsys):
+    from fp8dispatch.cli import main
+
+    assert main(["bench", "--device", "cpu", "--quick", "--ops", "grouped", "--recipes", "block",
+                 "--out", str(tmp_path / "g")]) == 0
+    rows = json.loads((tmp_path / "g.json").read_text())["rows"]
+    assert {r["variant"] for r in rows} == {"block:contiguous:g4:skewed", "block:masked:g4:skewed"}
+    assert {r["backend"] for r in rows} >= {bench_grouped.BF16_GROUPED, bench_grouped.LOOP, "reference", "auto"}
+    assert all(r["vs_loop"] > 0 for r in rows if r["backend"] in ("reference", "auto"))
+    assert "grouped" in capsys.readouterr().out
