@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fp8dispatch.capabilities import Capabilities, Serves
+from fp8dispatch.capabilities import Capabilities, Serves, sm
 from fp8dispatch.registry import Backend
 
 from . import _library as lib
@@ -197,7 +197,7 @@ def _grouped_reasons(p, found: Found) -> list[str]:
     op = GROUPED_OPS[p.recipe]
     reasons = [] if op in found.ops else [f"torch.ops.fbgemm.{op} is missing from this fbgemm_gpu build"]
     if p.capability != (9, 0):
-        reasons.append(f"{op} has sm_90a kernels only, this GPU is {lib.sm(p.capability)}")
+        reasons.append(f"{op} has sm_90a kernels only, this GPU is {sm(p.capability)}")
     if (p.x_dtype, p.w_dtype) != (E4M3, E4M3):
         reasons.append(f"x, w: FBGEMM's grouped GEMMs take float8_e4m3fn only, got {p.x_dtype} × {p.w_dtype}")
     if p.out_dtype != torch.bfloat16:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from fp8dispatch.blocks import cdiv
-from fp8dispatch.capabilities import Capabilities, Serves
+from fp8dispatch.capabilities import Capabilities, Serves, sm
 from fp8dispatch.registry import Backend
 
 from . import _library as lib
@@ -182,7 +182,7 @@ def _grouped_reasons(p, found: Found) -> list[str]:
         return [f"needs a CUDA tensor, got device {p.device}"]
     reasons = [found.grouped] if found.grouped else []
     if p.capability not in ((9, 0), (10, 0)):
-        reasons.append(f"torch._scaled_grouped_mm runs FP8 on sm90 and sm100 only, this GPU is {lib.sm(p.capability)}")
+        reasons.append(f"torch._scaled_grouped_mm runs FP8 on sm90 and sm100 only, this GPU is {sm(p.capability)}")
     if p.recipe != "row":
         reasons.append("block recipe: torch._scaled_grouped_mm takes rowwise scales (and MX formats on sm100), "
                        "not 1×128 · 128×128 blocks; use triton or fbgemm")

@@ -312,3 +312,20 @@ def test_the_grouped_kernel_compiles_for_sm90():
     done = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
                           cwd=Path(__file__).parents[1], timeout=600)
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("capability", [(9, 0), (10, 0), (8, 9), (8, 0)])
+def test_every_builtin_why_not_answers_grouped_problems_of_any_gpu(capability):
+    """What `fp8dispatch support-matrix` asks: each built-in backend, a GPU it may not have."""
+    from fp8dispatch.grouped import GroupedLinearProblem, grouped_block
+
+    for recipe in ("block", "row"):
+        for layout in ("contiguous", "masked"):
+            problem = GroupedLinearProblem(torch.device("cuda", 0), capability, layout, recipe, torch.float8_e4m3fn,
+                                           torch.float8_e4m3fn, 8, 64, 256, 384, (1, 128) if recipe == "block"
+                                           else (1, 384), grouped_block(recipe, 256, 384), torch.int64, True, True,
+                                           torch.bfloat16, None)
+            for backend in registry.all_backends():
+                if backend.grouped_linear is not None:
+                    reasons = backend.why_not("grouped_linear", problem)
+                    assert all(isinstance(r, str) and r for r in reasons), (backend.name, reasons)
