@@ -285,16 +285,16 @@ from triton.compiler import ASTSource
 from fp8dispatch.backends.triton.grouped import _grouped_kernel
 
 names = _grouped_kernel.arg_names
-for x, out, bounds, masked, scale_k, even_k in (("*fp8e4nv", "*bf16", "*i64", False, 128, False),
-                                                ("*fp8e5", "*fp32", "*i32", True, 0, True)):
+for x, out, bounds, masked, scale_k, even_k, block_m, warps in (
+        ("*fp8e4nv", "*bf16", "*i64", False, 128, False, 128, 8), ("*fp8e5", "*fp32", "*i32", True, 0, True, 64, 4)):
     types = {"x_ptr": x, "w_ptr": "*fp8e4nv", "out_ptr": out, "sx_ptr": "*fp32", "sw_ptr": "*fp32",
              "bias_ptr": "*fp32", "bounds_ptr": bounds}
-    const = dict(MASKED=masked, SCALE_K=scale_k, HAS_BIAS=True, EVEN_K=even_k, BLOCK_M=64, BLOCK_N=128,
+    const = dict(MASKED=masked, SCALE_K=scale_k, HAS_BIAS=True, EVEN_K=even_k, BLOCK_M=block_m, BLOCK_N=128,
                  BLOCK_K=128, NUM_PROGRAMS=132)
     signature = {n: "constexpr" if n in const else types.get(n, "i32") for n in names}
     source = ASTSource(fn=_grouped_kernel, signature=signature,
                        constexprs={(names.index(k),): v for k, v in const.items()})
-    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3))
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=3))
     assert "cubin" in kernel.asm
 print("compiled")
 """

@@ -89,29 +89,31 @@ def _grouped_kernel(
             sx_ptrs = sx_ptr + rows * stride_sxm
             sw_ptrs = sw_g + (rn // w_rows_per_scale) * stride_swn
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            if tile_m * BLOCK_M < valid:  # a masked tile past masked_m[g] only stores zeros
-                for k in range(0, tl.cdiv(K, BLOCK_K)):
-                    if EVEN_K:
-                        a = tl.load(x_ptrs)
-                        b = tl.load(w_ptrs)
-                    else:
-                        k_left = K - k * BLOCK_K
-                        a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-                        b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-                    if SCALE_K > 0:
-                        group = (k * BLOCK_K) // SCALE_K
-                        sa = tl.load(sx_ptrs + group * stride_sxk)
-                        sb = tl.load(sw_ptrs + group * stride_swk)
-                        acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
-                    else:
-                        acc = tl.dot(a, b, acc)
-                    x_ptrs += BLOCK_K * stride_xk
-                    w_ptrs += BLOCK_K * stride_wk
-                if SCALE_K == 0:
-                    acc = acc * (tl.load(sx_ptrs)[:, None] * tl.load(sw_ptrs)[None, :])
-                if HAS_BIAS:
-                    acc += tl.load(bias_g + rn).to(tl.float32)[None, :]
-                acc = tl.where(row_ok[:, None], acc, 0.0)
+            # A masked tile past masked_m[g] runs no K step and stores zeros (a bound, not a branch
+            # around the loop, so the compiler still pipelines the loads).
+            k_steps = tl.where(tile_m * BLOCK_M < valid, tl.cdiv(K, BLOCK_K), 0)
+            for k in range(0, k_steps):
+                if EVEN_K:
+                    a = tl.load(x_ptrs)
+                    b = tl.load(w_ptrs)
+                else:
+                    k_left = K - k * BLOCK_K
+                    a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+                    b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+                if SCALE_K > 0:
+                    group = (k * BLOCK_K) // SCALE_K
+                    sa = tl.load(sx_ptrs + group * stride_sxk)
+                    sb = tl.load(sw_ptrs + group * stride_swk)
+                    acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
+                else:
+                    acc = tl.dot(a, b, acc)
+                x_ptrs += BLOCK_K * stride_xk
+                w_ptrs += BLOCK_K * stride_wk
+            if SCALE_K == 0:
+                acc = acc * (tl.load(sx_ptrs)[:, None] * tl.load(sw_ptrs)[None, :])
+            if HAS_BIAS:
+                acc += tl.load(bias_g + rn).to(tl.float32)[None, :]
+            acc = tl.where(row_ok[:, None], acc, 0.0)
             out_rows = start + offs_m
             mask = (offs_m < rows_g)[:, None] & (offs_n < N)[None, :]
             out_ptrs = out_ptr + out_rows[:, None] * stride_om + offs_n[None, :] * stride_on
@@ -126,7 +128,9 @@ def _grouped_kernel(
 # GPU tiles: 128 output columns (one w scale block) by 64 or 128 rows, K steps of one scale group.
 # Untuned: the H200 run chooses (docs/triton.md). The interpreter pays per program and per
 # operation, so CPU runs use few programs over wide tiles.
-GPU_WARPS, GPU_STAGES = 4, 3
+# 128×128 tiles keep two fp32 tiles live (the dot's and the running sum): 8 warps, as the matmul's
+# Hopper configurations; 64-row tiles 4.
+GPU_STAGES = 3
 INTERPRETER_PROGRAMS = 4
 
 
@@ -165,6 +169,6 @@ def grouped_linear(x, w, offsets, masked_m, out_dtype, bias=None):
         w.block[0],
         MASKED=masked, SCALE_K=block_k_scale, HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, NUM_PROGRAMS=programs,
-        **({} if interpreting() else dict(num_warps=GPU_WARPS, num_stages=GPU_STAGES)),
+        **({} if interpreting() else dict(num_warps=8 if block_m == 128 else 4, num_stages=GPU_STAGES)),
     )
     return out
