@@ -131,3 +131,34 @@ def device_scalar(value: float, device: torch.device) -> torch.Tensor:
 def add_bias(out: torch.Tensor, bias) -> torch.Tensor:
     """Add a bias the kernel could not take in its epilogue (one extra elementwise pass)."""
     return out if bias is None else out.add_(bias.to(out.dtype))
+
+
+# --- grouped (mixture-of-experts) helpers: device-side, no host synchronization ---------------
+
+
+def masked_as_contiguous(groups: int, max_m: int, device: torch.device) -> torch.Tensor:
+    """offsets [G + 1] that give every expert all max_m slots of a masked-layout x (the padding
+    rows are computed and then zeroed by `zero_past_masked`), for kernels without a masked mode."""
+    return torch.arange(groups + 1, device=device, dtype=torch.int64) * max_m
+
+
+def zero_past_masked(out: torch.Tensor, masked_m: torch.Tensor) -> torch.Tensor:
+    """out [G, max_m, N] with the rows past masked_m[g] set to zero (NaN from padding rows too)."""
+    rows = torch.arange(out.shape[1], device=out.device)
+    valid = rows[None, :] < masked_m[:, None]
+    return torch.where(valid[:, :, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+def per_expert_mn_major(scale: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Row scales [M, KB] regrouped so expert g's block is [KB, M_g] (M-major), blocks in expert order:
+    row r of expert g, K block kb lands at offsets[g] * KB + kb * M_g + (r - offsets[g])."""
+    m, kb = scale.shape
+    rows = torch.arange(m, device=scale.device)
+    expert = torch.searchsorted(offsets[1:].contiguous(), rows, right=True)
+    start = offsets[expert]
+    count = offsets[expert + 1] - start
+    k = torch.arange(kb, device=scale.device)
+    target = start[:, None] * kb + k[None, :] * count[:, None] + (rows - start)[:, None]
+    out = torch.empty(m * kb, dtype=scale.dtype, device=scale.device)
+    out[target.reshape(-1)] = scale.reshape(-1)
+    return out

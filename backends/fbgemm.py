@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fp8dispatch.capabilities import Capabilities, Serves
+from fp8dispatch.capabilities import Capabilities, Serves, sm
 from fp8dispatch.registry import Backend
 
 from . import _library as lib
@@ -23,7 +23,7 @@ GROUP, BLOCK = (1, 128), (128, 128)
 GENAI = "fbgemm_gpu.experimental.gen_ai"
 TRITON = "fbgemm_gpu.experimental.gemm.triton_gemm.fp8_gemm"
 OPS = ("quantize_fp8_per_row", "quantize_fp8_per_tensor", "f8f8bf16_rowwise", "f8f8bf16",
-       "f8f8bf16_groupwise", "f8f8bf16_blockwise")
+       "f8f8bf16_groupwise", "f8f8bf16_blockwise", "f8f8bf16_groupwise_grouped", "f8f8bf16_rowwise_grouped_stacked")
 # f8f8bf16_groupwise loads the [K/128, M] activation scales by TMA, whose row strides must be
 # 16-byte multiples: M=17 failed to build the descriptor and poisoned the context (illegal
 # instruction; H100, docs/backends.md). Other M are padded with zero
@@ -130,6 +130,8 @@ def _self_test(ops, present, device) -> str | None:
 
 
 def why_not(op: str, p, found: Found = COMPLETE) -> list[str]:
+    if op == "grouped_linear":
+        return _grouped_reasons(p, found)
     reasons, row = TABLE.check(p)
     if row is None:
         return reasons
@@ -175,12 +177,72 @@ def matmul(a, b, out_dtype, bias=None):
     return ops.f8f8bf16_rowwise(xq, wq, xs, ws, bias=bias, use_fast_accum=True)
 
 
+# --- grouped_linear -------------------------------------------------------------------------
+# Block recipe: f8f8bf16_groupwise_grouped(XQ [M, K], WQ [G, N, K], x_scale, w_scale, M_sizes int64).
+# Its argument setup (fbgemm 1.6, f8f8bf16_groupwise_grouped_common.cuh) points expert g's scales at
+# x_scale + offset_g * (K / 128) and w_scale + g * (N / 128) * (K / 128) with integer division, and
+# reads both MN-major (CUTLASS's Sm90BlockwiseScaleConfig default): expert g's x scales are a
+# [K/128, M_g] block, its w scales [K/128, N/128]. So N and K must be multiples of 128, and the
+# translation regroups x's [M, K/128] scales per expert (`per_expert_mn_major`). Row recipe:
+# f8f8bf16_rowwise_grouped_stacked(XQ, WQ, x_scale [M], w_scale [G, N], M_sizes). Both write bf16,
+# take no bias, and have no masked mode: the masked layout runs as contiguous over every slot and
+# its padding rows are zeroed after. None of this is checked on a CPU: the GPU conformance run is
+# its test (`fp8dispatch conformance --backend fbgemm --op grouped_linear`).
+GROUPED_OPS = {"block": "f8f8bf16_groupwise_grouped", "row": "f8f8bf16_rowwise_grouped_stacked"}
+
+
+def _grouped_reasons(p, found: Found) -> list[str]:
+    if p.device.type != "cuda":
+        return [f"needs a CUDA tensor, got device {p.device}"]
+    op = GROUPED_OPS[p.recipe]
+    reasons = [] if op in found.ops else [f"torch.ops.fbgemm.{op} is missing from this fbgemm_gpu build"]
+    if p.capability != (9, 0):
+        reasons.append(f"{op} has sm_90a kernels only, this GPU is {sm(p.capability)}")
+    if (p.x_dtype, p.w_dtype) != (E4M3, E4M3):
+        reasons.append(f"x, w: FBGEMM's grouped GEMMs take float8_e4m3fn only, got {p.x_dtype} × {p.w_dtype}")
+    if p.out_dtype != torch.bfloat16:
+        reasons.append(f"out_dtype: FBGEMM's grouped GEMMs write bf16 only, asked {p.out_dtype}")
+    if p.bias_dtype is not None:
+        reasons.append("bias: FBGEMM's grouped GEMMs take no bias, and adding it to the bf16 output would round twice")
+    if not (p.x_row_major and p.w_contiguous):
+        reasons.append("x, w: need contiguous data (x row-major [M, K], w [G, N, K])")
+    if p.recipe == "block":
+        if (p.x_block, p.w_block) != (GROUP, BLOCK):
+            reasons.append(f"blocks {p.x_block} × {p.w_block}: {op} takes 1×128 · 128×128 only")
+        if p.k % 128 or p.n % 128:
+            reasons.append(f"N={p.n}, K={p.k}: {op} finds each expert's scales by N / 128 and K / 128 "
+                           f"(integer division), so needs N % 128 == 0 and K % 128 == 0")
+    elif p.k % 16 or p.n % 8:
+        reasons.append(f"N={p.n}, K={p.k}: needs K % 16 == 0 and N % 8 == 0")
+    return reasons
+
+
+def grouped_linear(x, w, offsets, masked_m, out_dtype, bias=None):
+    ops = _ops()
+    groups, n, k = w.data.shape
+    xq = x.data.reshape(-1, k)
+    if offsets is None:
+        offsets = lib.masked_as_contiguous(groups, x.data.shape[1], xq.device)
+    sizes = (offsets[1:] - offsets[:-1]).to(torch.int64)
+    if x.block[1] < k:
+        xs = lib.per_expert_mn_major(x.scale, offsets)
+        ws = w.scale.transpose(1, 2).contiguous()  # [G, K/128, N/128]
+        out = ops.f8f8bf16_groupwise_grouped(xq, w.data, xs, ws, sizes)
+    else:
+        xs = lib.per_row(x.scale, x.block[0], xq.shape[0]).view(-1)
+        out = ops.f8f8bf16_rowwise_grouped_stacked(xq, w.data, xs, w.scale.reshape(groups, n).contiguous(), sizes)
+    if masked_m is not None:
+        out = lib.zero_past_masked(out.view(groups, -1, n), masked_m)
+    return out
+
+
 BACKEND = Backend(
     name="fbgemm",
     probe=probe,
     why_not=why_not,
     dequantize=dequantize,
     matmul=matmul,
+    grouped_linear=grouped_linear,
     traceable=frozenset({"matmul"}),
     version=lambda: lib.distribution_version("fbgemm-gpu-genai"),
     description="fbgemm-gpu-genai: CUTLASS rowwise/groupwise/blockwise FP8 GEMMs and Triton dequantizers",

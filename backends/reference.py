@@ -8,6 +8,7 @@ from fp8dispatch.blocks import blockwise_amax, expand_scale
 from fp8dispatch.formats import fp8_format
 from fp8dispatch.registry import Backend
 from fp8dispatch.scaling import saturating_cast, scale_from_amax
+from fp8dispatch.tensor import Fp8Tensor
 
 
 def quantize(x, block, dtype, scale=None, scale_ub=None, pow2_scale=False):
@@ -31,6 +32,28 @@ def matmul(a, b, out_dtype, bias=None):
     return out.to(out_dtype)
 
 
+def grouped_linear(x, w, offsets, masked_m, out_dtype, bias=None):
+    """Expert by expert, each the reference matmul of its rows; rows past masked_m stay zero."""
+    groups, n, _ = w.data.shape
+    if offsets is not None:
+        bounds = offsets.tolist()
+        out = torch.empty((x.data.shape[0], n), dtype=out_dtype, device=x.data.device)
+        spans = [(out, bounds[g], bounds[g + 1]) for g in range(groups)]
+        rows_of = [(x.data, x.scale)] * groups
+    else:
+        max_m = x.data.shape[1]
+        out = torch.zeros((groups, max_m, n), dtype=out_dtype, device=x.data.device)
+        counts = masked_m.clamp(0, max_m).tolist()
+        spans = [(out[g], 0, counts[g]) for g in range(groups)]
+        scale = x.scale.view(groups, max_m, -1)
+        rows_of = [(x.data[g], scale[g]) for g in range(groups)]
+    for g, ((target, start, stop), (data, scale)) in enumerate(zip(spans, rows_of)):
+        if stop > start:
+            rows = Fp8Tensor(data[start:stop], scale[start:stop], x.block)
+            target[start:stop] = matmul(rows, w.expert(g).t(), out_dtype, None if bias is None else bias[g])
+    return out
+
+
 def why_not(op, problem, found=None):
     return []  # every op, format, block and device torch can hold
 
@@ -42,6 +65,7 @@ BACKEND = Backend(
     quantize=quantize,
     dequantize=dequantize,
     matmul=matmul,
+    grouped_linear=grouped_linear,
     priority=0,
     # Under torch.compile its quantize and dequantize compile to the same bits; its matmul would not
     # (Inductor folds the bias add into addmm, which sums in another order), so it stays opaque.

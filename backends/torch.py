@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from fp8dispatch.blocks import cdiv
-from fp8dispatch.capabilities import Capabilities, Serves
+from fp8dispatch.capabilities import Capabilities, Serves, sm
 from fp8dispatch.registry import Backend
 
 from . import _library as lib
@@ -35,6 +35,7 @@ class Found:
     cublaslt: int | None  # cublasLtGetVersion() of the loaded cuBLASLt (e.g. 130100); None: unreadable
     scaled_mm_v2: bool  # F.scaled_mm (torch >= 2.10) exists: it takes zero-padded block scales
     rowwise: str | None  # why this device's torch._scaled_mm takes no per-row scales; None: it does
+    grouped: str | None = None  # why torch._scaled_grouped_mm cannot run here (`grouped_probe`); None: it can
 
 
 # A complete install on a supported GPU: what `fp8dispatch support-matrix` describes.
@@ -65,7 +66,7 @@ def probe() -> str | Found:
     reason = _self_test(device, "tensorwise")
     if reason:
         return reason
-    return Found(cublaslt_version(), hasattr(F, "scaled_mm"), _self_test(device, "rowwise"))
+    return Found(cublaslt_version(), hasattr(F, "scaled_mm"), _self_test(device, "rowwise"), grouped_probe(device))
 
 
 def _self_test(device: torch.device, scaling: str) -> str | None:
@@ -101,6 +102,8 @@ def cublaslt_version() -> int | None:
 
 
 def why_not(op: str, p, found: Found = COMPLETE) -> list[str]:
+    if op == "grouped_linear":
+        return _grouped_reasons(p, found)
     reasons, row = TABLE.check(p)
     if row is None:
         return reasons
@@ -150,11 +153,74 @@ def _block_matmul(a, b, out_dtype):
     return out[:m] if data.shape[0] != m else out
 
 
+# --- grouped_linear: torch._scaled_grouped_mm --------------------------------------------------
+
+def grouped_probe(device: torch.device) -> str | None:
+    """Why this torch cannot run `torch._scaled_grouped_mm` on `device`, or None: the op must exist,
+    have a kernel for the device's dispatch key, and (on CUDA) get one exact product right. Part of
+    the probe; torch 2.13's CPU build has the op but no CPU kernel."""
+    if not hasattr(torch, "_scaled_grouped_mm"):
+        return f"torch {torch.__version__} has no torch._scaled_grouped_mm"
+    dispatch_key = "CUDA" if device.type == "cuda" else device.type.upper()
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("aten::_scaled_grouped_mm", dispatch_key):
+        return f"torch {torch.__version__} has no {dispatch_key} kernel for torch._scaled_grouped_mm"
+    x = torch.ones(32, 32, device=device).to(E4M3)
+    w = torch.ones(2, 16, 32, device=device).to(E4M3)
+    ends = torch.tensor([16, 32], dtype=torch.int32, device=device)
+    try:
+        out = torch._scaled_grouped_mm(x, w.transpose(-2, -1), torch.full((32,), 2.0, device=device),
+                                       torch.full((2, 16), 3.0, device=device), offs=ends, out_dtype=torch.bfloat16)
+    except Exception as e:  # noqa: BLE001 - an op that cannot run here is a reason
+        return f"self-test: torch._scaled_grouped_mm raised {type(e).__name__}: {lib._first_line(e)}"
+    if not torch.equal(out.float().cpu(), torch.full((32, 16), 192.0)):
+        return f"self-test: torch._scaled_grouped_mm gave {out.flatten()[0].item()}, expected 192"
+    return None
+
+
+def _grouped_reasons(p, found: Found) -> list[str]:
+    if p.device.type != "cuda":
+        return [f"needs a CUDA tensor, got device {p.device}"]
+    reasons = [found.grouped] if found.grouped else []
+    if p.capability not in ((9, 0), (10, 0)):
+        reasons.append(f"torch._scaled_grouped_mm runs FP8 on sm90 and sm100 only, this GPU is {sm(p.capability)}")
+    if p.recipe != "row":
+        reasons.append("block recipe: torch._scaled_grouped_mm takes rowwise scales (and MX formats on sm100), "
+                       "not 1×128 · 128×128 blocks; use triton or fbgemm")
+    if (p.x_dtype, p.w_dtype) != (E4M3, E4M3):
+        reasons.append(f"x, w: torch._scaled_grouped_mm takes float8_e4m3fn only, got {p.x_dtype} × {p.w_dtype}")
+    if p.out_dtype != torch.bfloat16:
+        reasons.append(f"out_dtype: torch._scaled_grouped_mm writes bf16 only, asked {p.out_dtype}")
+    if p.bias_dtype is not None:
+        reasons.append("bias: torch._scaled_grouped_mm takes no bias, and adding it to the bf16 output would "
+                       "round twice")
+    if p.k % 16 or p.n % 16:
+        reasons.append(f"K={p.k}, N={p.n}: needs K % 16 == 0 and N % 16 == 0 (16-byte aligned strides)")
+    if not (p.x_row_major and p.w_contiguous):
+        reasons.append("x, w: need contiguous data (x row-major [M, K], w [G, N, K])")
+    return reasons
+
+
+def grouped_linear(x, w, offsets, masked_m, out_dtype, bias=None):
+    """Rows past an expert's end: the masked layout runs as contiguous over every slot, then zeroes them."""
+    groups, n, k = w.data.shape
+    data = x.data.reshape(-1, k)
+    if offsets is None:
+        offsets = lib.masked_as_contiguous(groups, x.data.shape[1], data.device)
+    sa = lib.per_row(x.scale, x.block[0], data.shape[0]).view(-1)
+    sb = w.scale.reshape(groups, n)
+    out = torch._scaled_grouped_mm(data, w.data.transpose(-2, -1), sa, sb, offs=offsets[1:].to(torch.int32),
+                                   out_dtype=torch.bfloat16, use_fast_accum=True)
+    if masked_m is not None:
+        out = lib.zero_past_masked(out.view(groups, -1, n), masked_m)
+    return out
+
+
 BACKEND = Backend(
     name="torch",
     probe=probe,
     why_not=why_not,
     matmul=matmul,
+    grouped_linear=grouped_linear,
     traceable=frozenset({"matmul"}),
     version=lambda: f"{torch.__version__} (cuBLASLt {cublaslt_version() or '?'})",
     description="torch._scaled_mm / F.scaled_mm: cuBLASLt and CUTLASS FP8 GEMMs shipped with PyTorch",

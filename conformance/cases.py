@@ -19,7 +19,9 @@ from fp8dispatch.blocks import block_for, blockwise_amax, scale_shape
 from fp8dispatch.formats import fp8_format
 from fp8dispatch.scaling import scale_from_amax
 
-OPS = ("quantize", "dequantize", "matmul")
+from . import grouped
+
+OPS = ("quantize", "dequantize", "matmul", "grouped_linear")
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 E4M3FNUZ, E5M2FNUZ = torch.float8_e4m3fnuz, torch.float8_e5m2fnuz
@@ -131,7 +133,8 @@ FULL_MATMUL = QUICK_MATMUL + ((1, 7168, 2112), (64, 7168, 4096), (128, 2048, 716
 
 def cases(op: str, quick: bool = True) -> list[Case]:
     """Every case of `op`, in a fixed order, ids unique."""
-    made = {"quantize": _quantize_cases, "dequantize": _dequantize_cases, "matmul": _matmul_cases}[op](quick)
+    made = {"quantize": _quantize_cases, "dequantize": _dequantize_cases, "matmul": _matmul_cases,
+            "grouped_linear": grouped.cases}[op](quick)
     seen: dict[str, Case] = {}
     for case in made:
         seen.setdefault(case.id, case)
@@ -262,6 +265,8 @@ def build(case: Case, device: torch.device | str) -> dict:
     matmul {a, b, bias}. Random draws happen on the CPU from the case's seed, so every device sees
     the same numbers."""
     device = torch.device(device)
+    if case.op == "grouped_linear":
+        return grouped.build(case, device)
     gen = torch.Generator().manual_seed(case.seed)
     if case.op == "quantize":
         return _quantize_inputs(case, gen, device)

@@ -17,10 +17,12 @@ import torch
 import fp8dispatch
 from fp8dispatch import planning, registry
 from fp8dispatch.errors import Unsupported
+from fp8dispatch.grouped import GroupedFp8Tensor
 from fp8dispatch.numerics import ERROR_BOUND, fill_freed_memory, poisoned_allocations, relative_error
 from fp8dispatch.problem import dequantize_problem
 from fp8dispatch.tensor import Fp8Tensor
 
+from . import grouped
 from .cases import Case
 
 PASSED, FAILED, UNSUPPORTED = "passed", "failed", "unsupported"
@@ -42,6 +44,8 @@ class Expected:
 
 def call(case: Case, inputs: dict, backend: str):
     """Run the case through the public API with `backend=`, so dispatch is part of what is tested."""
+    if case.op == "grouped_linear":
+        return grouped.call(case, inputs, backend)
     if case.op == "quantize":
         return fp8dispatch.quantize(inputs["x"], case.granularity, dtype=case.fp8, block_size=case.block_size,
                                     scale=inputs["scale"], scale_ub=inputs["scale_ub"],
@@ -54,6 +58,8 @@ def call(case: Case, inputs: dict, backend: str):
 
 def problem_of(case: Case, inputs: dict):
     """The problem the dispatcher will hand to `why_not`, from the API's own planners."""
+    if case.op == "grouped_linear":
+        return grouped.problem_of(case, inputs)
     if case.op == "quantize":
         x = inputs["x"]
         return planning.plan_quantize(x, case.granularity, dtype=case.fp8, block_size=case.block_size,
@@ -69,6 +75,8 @@ def problem_of(case: Case, inputs: dict):
 
 def expected(case: Case, inputs: dict) -> Expected:
     result = call(case, inputs, "reference")
+    if case.op == "grouped_linear":
+        return Expected(result, grouped.product(case, inputs))
     if case.op != "matmul":
         return Expected(result)
     a, b, bias = inputs["a"], inputs["b"], inputs["bias"]
@@ -138,6 +146,8 @@ def compare(case: Case, got, want: Expected, inputs: dict) -> list[str]:
         return problems
     if case.op == "dequantize":
         return _bits_differ("output", got, ref)
+    if case.op == "grouped_linear":
+        return grouped.padding_not_zero(case, got) or _matmul_differs(case, got, want)
     return _matmul_differs(case, got, want)
 
 
@@ -176,7 +186,7 @@ def _same_layout(name, got, ref) -> list[str]:
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
     t = t.contiguous()
-    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
 def _bits_differ(name, got, ref, source=None, source_name="") -> list[str]:
@@ -220,7 +230,7 @@ def _poisoned_call(case, inputs, backend, want, byte):
 
 
 def _tensors(obj):
-    if isinstance(obj, Fp8Tensor):
+    if isinstance(obj, (Fp8Tensor, GroupedFp8Tensor)):
         return [obj.data, obj.scale]
     if isinstance(obj, torch.Tensor):
         return [obj]

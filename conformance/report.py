@@ -18,6 +18,7 @@ COLUMNS = {
     "quantize": ("tensor", "row", "group", "block"),
     "dequantize": ("tensor", "row", "group", "block"),
     "matmul": ("block", "row", "tensor", "mixed"),
+    "grouped_linear": ("block", "row"),
 }
 MARKS = {PASSED: "✓", FAILED: "✗", UNSUPPORTED: "–"}
 REASONS_SHOWN = 20  # per backend in the Markdown; reasons that name shapes are many and alike
@@ -88,7 +89,8 @@ def to_markdown(run: Run) -> str:
              "Every backend is held to the `reference` backend through the public API with `backend=<name>`. "
              "quantize: values and scales bit for bit (any NaN code matches a NaN). dequantize: bit for bit. "
              f"matmul: 1 − 2Σxy/Σ(x²+y²) < {ERROR_BOUND:g} against the fp32 product of the dequantized "
-             "operands, bit for bit on exactly representable operands. Outputs are allocated over poisoned "
+             "operands, bit for bit on exactly representable operands; grouped_linear the same per expert, "
+             "and rows past masked_m exactly zero. Outputs are allocated over poisoned "
              "memory and run twice (identical bits), and inputs must come back unchanged. A case the "
              "backend's `why_not` declines must raise `Unsupported`. How to read this: docs/conformance.md.",
              "", "## Backends", "", "| backend | version | on this machine |", "|---|---|---|"]

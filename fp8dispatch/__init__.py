@@ -23,6 +23,8 @@ _PUBLIC = {
     **dict.fromkeys(("Backend", "backend_names", "refresh", "register_backend", "unregister_backend"), "registry"),
     **dict.fromkeys(("plan_dequantize", "plan_linear", "plan_matmul", "plan_quantize"), "planning"),
     "Fp8Tensor": "tensor",
+    **dict.fromkeys(("GroupedFp8Tensor", "quantize_grouped"), "grouped"),
+    **dict.fromkeys(("explain_grouped", "grouped_linear"), "grouped_api"),
 }
 _LAZY_SUBMODULES = ("compat", "nn")
 

@@ -21,7 +21,7 @@ from typing import Callable, Iterable
 import torch
 
 import fp8dispatch
-from fp8dispatch import registry, tuning
+from fp8dispatch import bench_grouped, registry, tuning
 from fp8dispatch.blocks import GRANULARITIES, RECIPES, block_for, recipe_blocks, scale_shape
 from fp8dispatch.errors import Fp8DispatchError, Fp8ValueError
 from fp8dispatch.numerics import ERROR_BOUND, relative_error
@@ -38,7 +38,7 @@ QUICK_NK = ((2112, 7168), (7168, 2048))
 # --quick on a CPU checks the plumbing, not speed: a grid that finishes in seconds.
 CPU_QUICK_M = (1, 64)
 CPU_QUICK_NK = ((256, 512),)
-OPS = ("matmul", "quantize", "linear")
+OPS = ("matmul", "quantize", "linear", "grouped")  # grouped: fp8dispatch/bench_grouped.py
 E4M3 = torch.float8_e4m3fn
 BF16 = torch.bfloat16
 
@@ -109,6 +109,9 @@ def points(shapes: list[Shape], ops=OPS, recipes=RECIPES, granularities=GRANULAR
             out += [Point(op, g, s) for s in acts for g in granularities]
         elif op in ("matmul", "linear"):
             out += [Point(op, r, s) for s in shapes for r in recipes]
+        elif op == "grouped":  # DeepSeek-V3's experts; with the CPU's quick shapes, a small stand-in
+            small = bool(shapes) and all((s.n, s.k) in CPU_QUICK_NK for s in shapes)
+            out += bench_grouped.points(Point, Shape, recipes, **(bench_grouped.SMALL if small else {}))
         else:
             raise Fp8ValueError(f"ops: expected some of {', '.join(OPS)}, got {op!r}")
     return out
@@ -228,6 +231,8 @@ def row_id(row: dict) -> tuple:
 
 def measure(point: Point, backends: list[str], settings: Settings, operands: Operands | None = None) -> list[dict]:
     """Rows for one point: each named backend (or the reasons it cannot run), auto, the baseline."""
+    if point.op == "grouped":
+        return bench_grouped.measure(point, backends, settings, _timed_row, _row)
     operands = operands or Operands(point.shape, settings.device)
     make = {"matmul": _matmul_cases, "quantize": _quantize_cases, "linear": _linear_cases}[point.op]
     cases, baseline = make(point, operands, settings.device)
@@ -400,7 +405,7 @@ def run(grid: list[Point], backends: list[str], settings: Settings, *, done: set
         full = Shape(point.shape.m, point.shape.n, point.shape.k)
         if full not in cache:
             cache.clear()  # one shape's operands at a time: the large ones take GBs
-            cache[full] = Operands(full, settings.device)
+            cache[full] = Operands(full, settings.device) if point.op != "grouped" else None
         step = Settings(settings.device, settings.warmup, settings.runs, want_auto, want_base, settings.graphs)
         for row in measure(point, todo, step, cache[full]):
             rows.append(row)
@@ -412,7 +417,7 @@ def run(grid: list[Point], backends: list[str], settings: Settings, *, done: set
 
 
 def _baseline_name(op: str) -> str:
-    return "bf16 copy" if op == "quantize" else "bf16 matmul"
+    return {"quantize": "bf16 copy", "grouped": bench_grouped.BF16_GROUPED}.get(op, "bf16 matmul")
 
 
 # --- result files -----------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from fp8dispatch.problem import Problem
 
 log = logging.getLogger("fp8dispatch")
 
-OPS = ("quantize", "dequantize", "matmul")
+OPS = ("quantize", "dequantize", "matmul", "grouped_linear")
 AUTO = "auto"
 
 # Built-in backends, by module under fp8dispatch.backends. Each module defines `BACKEND`.
@@ -40,6 +40,8 @@ class Backend:
     `quantize(x2d, block, dtype, scale, scale_ub, pow2_scale) -> (data, scale)`,
     `dequantize(data2d, scale, block, out_dtype) -> Tensor`,
     `matmul(a: Fp8Tensor, b: Fp8Tensor, out_dtype, bias) -> Tensor`, all on 2-D views.
+    `grouped_linear(x: Fp8Tensor, w: GroupedFp8Tensor, offsets, masked_m, out_dtype, bias) -> Tensor`
+    (fp8dispatch/grouped_api.py; one of offsets / masked_m is None).
     `plan(op, problem) -> runner`, optional: a callable with the op function's signature, bound
     to everything a problem fixes (kernel, configuration, grid, launch arguments). It serves every
     call whose key matches the one planned (dtypes, shapes, strides, devices, options); its
@@ -54,6 +56,7 @@ class Backend:
     quantize: Callable | None = None
     dequantize: Callable | None = None
     matmul: Callable | None = None
+    grouped_linear: Callable | None = None
     priority: int = 0
     priorities: Mapping[str, int] = field(default_factory=dict)
     version: Callable[[], str | None] = lambda: None

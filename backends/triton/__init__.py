@@ -162,6 +162,20 @@ def why_not(op, problem, found: Found = COMPLETE) -> list[str]:
         reasons += _size_reasons("data", *problem.shape)
     elif op == "matmul":
         reasons += _matmul_reasons(problem, found)
+    elif op == "grouped_linear":
+        reasons += _grouped_reasons(problem, found)
+    return reasons
+
+
+def _grouped_reasons(p, found: Found) -> list[str]:
+    reasons = _format_reasons("x", p.x_dtype, found) + _format_reasons("w", p.w_dtype, found)
+    if p.recipe == "block" and p.x_block[1] < p.k and p.x_block[1] % 32:
+        reasons.append(f"K group g={p.x_block[1]}: needs g % 32 == 0 (the K step of an FP8 tensor-core dot)")
+    if not p.x_row_major:
+        reasons.append("x: needs row-major (contiguous) data; call .contiguous() on it")
+    rows = p.groups * p.m if p.layout == "masked" else p.m
+    reasons += _size_reasons("x", rows, p.k) + _size_reasons("the output", rows, p.n)
+    reasons += _size_reasons("one expert's weight", p.n, p.k)
     return reasons
 
 
@@ -180,18 +194,19 @@ def _matmul_reasons(p, found: Found) -> list[str]:
 @cache
 def kernels():
     """The kernel modules, imported on first use (importing triton costs ~0.15 s; probe first)."""
-    from . import dequantize, interpreter, matmul, quantize  # the submodules replace no names here
+    from . import dequantize, grouped, interpreter, matmul, quantize  # the submodules replace no names here
 
     interpreter.install()  # before any kernel runs on CPU tensors, even without the registry
     return SimpleNamespace(quantize=quantize.quantize, dequantize=dequantize.dequantize, matmul=matmul.matmul,
+                           grouped_linear=grouped.grouped_linear,
                            plans={"quantize": quantize.plan, "matmul": matmul.plan})
 
 
 def _plan(op, problem):
     """A bound runner per problem for quantize and matmul (launching the compiled kernel directly);
-    dequantize runs its function."""
+    any other op runs its function."""
     make = kernels().plans.get(op)
-    return _dequantize if make is None else make(problem)
+    return BACKEND.function(op) if make is None else make(problem)
 
 
 def _quantize(x, block, dtype, scale=None, scale_ub=None, pow2_scale=False):
@@ -206,6 +221,10 @@ def _matmul(a, b, out_dtype, bias=None):
     return kernels().matmul(a, b, out_dtype, bias)
 
 
+def _grouped_linear(x, w, offsets, masked_m, out_dtype, bias=None):
+    return kernels().grouped_linear(x, w, offsets, masked_m, out_dtype, bias)
+
+
 BACKEND = Backend(
     name="triton",
     probe=probe,
@@ -213,6 +232,7 @@ BACKEND = Backend(
     quantize=_quantize,
     dequantize=_dequantize,
     matmul=_matmul,
+    grouped_linear=_grouped_linear,
     version=_triton_version,
     plan=_plan,
     description="fp8dispatch's own Triton kernels (sm89+; the interpreter on CPU)",

@@ -11,6 +11,7 @@ import torch
 from fp8dispatch import cli, registry
 from fp8dispatch.blocks import RECIPES, recipe_blocks
 from fp8dispatch.formats import FORMATS
+from fp8dispatch.grouped import GROUPED_RECIPES, GroupedLinearProblem, grouped_block
 from fp8dispatch.problem import dequantize_problem, matmul_problem, quantize_problem
 
 DEFAULT_PATH = Path("docs/support-matrix.md")
@@ -68,6 +69,12 @@ def sections(device: torch.device, capability) -> list[tuple[str, list[str], dic
         return {r: {f: matmul_problem(device, m, n, k, *recipe_blocks(r, m, k, n), a_dtype=f, b_dtype=f,
                                       capability=capability) for f in FORMATS} for r in RECIPES}
 
+    def grouped(layout, groups, rows, n, k):
+        return {r: {f: GroupedLinearProblem(device, capability, layout, r, f, f, groups, rows, n, k,
+                                            (1, 128) if r == "block" else (1, k), grouped_block(r, n, k),
+                                            torch.int64, True, True, torch.bfloat16, None) for f in FORMATS}
+                for r in GROUPED_RECIPES}
+
     return [
         (f"quantize: bf16 [{M}, {K}] to FP8", [g for g, _ in GRANULARITY_BLOCKS], quantize),
         (f"dequantize: FP8 [{M}, {K}] to bf16", [g for g, _ in GRANULARITY_BLOCKS], dequantize),
@@ -75,6 +82,10 @@ def sections(device: torch.device, capability) -> list[tuple[str, list[str], dic
          matmul(M, K, N)),
         (f"matmul with tails: [{TAIL_M}, {TAIL_K}] @ [{TAIL_K}, {TAIL_N}], bf16 out", list(RECIPES),
          matmul(TAIL_M, TAIL_K, TAIL_N)),
+        (f"grouped_linear, contiguous: 8 experts, x [{M}, {K}] sorted by expert, w [8, {N}, {K}], bf16 out",
+         list(GROUPED_RECIPES), grouped("contiguous", 8, M, N, K)),
+        (f"grouped_linear, masked: x [256, 64, {K}], w [256, {N}, {K}], bf16 out", list(GROUPED_RECIPES),
+         grouped("masked", 256, 64, N, K)),
     ]
 
 

@@ -1,0 +1,180 @@
+"""Grouped (mixture-of-experts) FP8 weights: `GroupedFp8Tensor`, its quantizer, and the problem.
+
+A grouped weight is G experts' `[N, K]` matrices stacked as `[G, N, K]`, each expert blocked on
+its own: scales are `[G, ceil(N / bn), ceil(K / bk)]`, so no block straddles two experts, whatever
+N is. The recipes are matmul's, per expert: `block` (128×128 weight blocks, activations in 1×128
+groups; DeepSeek-V3), `row` (per output channel, activations per token).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fp8dispatch.blocks import Block, cdiv, expand_scale
+from fp8dispatch.errors import Fp8TypeError, Fp8ValueError
+from fp8dispatch.formats import HIGH_PRECISION, is_fp8
+from fp8dispatch.tensor import Fp8Tensor
+
+GROUPED_RECIPES = ("block", "row")
+LAYOUTS = ("contiguous", "masked")
+
+
+@dataclass(frozen=True, eq=False)
+class GroupedFp8Tensor:
+    """`w[g] ≈ data[g].float() * scale[g]`, the scale broadcast by `block` over each expert's [N, K].
+
+    `data` FP8 `[G, N, K]`, `scale` fp32 `[G, ceil(N / block[0]), ceil(K / block[1])]`. Unpacks like
+    a tuple: `data, scale, block = w`.
+    """
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    block: Block
+
+    def __post_init__(self):
+        data, scale, block = self.data, self.scale, self.block
+        if not isinstance(data, torch.Tensor) or not is_fp8(data.dtype):
+            seen = data.dtype if isinstance(data, torch.Tensor) else type(data).__name__
+            raise Fp8TypeError(f"data: expected a tensor of an FP8 dtype, got {seen}")
+        if data.dim() != 3:
+            raise Fp8ValueError(f"data: expected a 3-d [G, N, K] tensor, got shape {tuple(data.shape)}")
+        if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32:
+            seen = scale.dtype if isinstance(scale, torch.Tensor) else type(scale).__name__
+            raise Fp8TypeError(f"scale: expected a float32 tensor, got {seen}")
+        if scale.device != data.device:
+            raise Fp8ValueError(f"scale: expected device {data.device} (the data's), got {scale.device}")
+        if (not isinstance(block, tuple) or len(block) != 2
+                or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+            raise Fp8ValueError(f"block: expected a pair of positive ints, got {block!r}")
+        expected = grouped_scale_shape(tuple(data.shape), block)
+        if tuple(scale.shape) != expected:
+            raise Fp8ValueError(f"scale: expected shape {expected} for data {tuple(data.shape)} in per-expert "
+                                f"blocks {block}, got {tuple(scale.shape)}")
+
+    def __iter__(self):
+        return iter((self.data, self.scale, self.block))
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.data.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def expert(self, g: int) -> Fp8Tensor:
+        """Expert g's weight `[N, K]` as an Fp8Tensor (views, no copy)."""
+        return Fp8Tensor(self.data[g], self.scale[g], self.block)
+
+    def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """`data * scale` per expert in fp32, then cast to `dtype`: `[G, N, K]`."""
+        g, n, k = self.data.shape
+        out = torch.empty((g, n, k), dtype=dtype, device=self.device)
+        for i in range(g):
+            out[i] = (self.data[i].float() * expand_scale(self.scale[i], self.block, (n, k))).to(dtype)
+        return out
+
+    def __repr__(self) -> str:
+        return (f"GroupedFp8Tensor(shape={tuple(self.data.shape)}, dtype={self.data.dtype}, block={self.block}, "
+                f"scale={tuple(self.scale.shape)}, device={self.data.device})")
+
+
+def grouped_scale_shape(shape: tuple[int, int, int], block: Block) -> tuple[int, int, int]:
+    g, n, k = shape
+    return (g, cdiv(n, block[0]), cdiv(k, block[1]))
+
+
+def grouped_block(recipe: str, n: int, k: int, block_size: int = 128) -> Block:
+    """The per-expert weight block of a recipe: 128×128 for `block`, one row for `row`."""
+    if recipe == "block":
+        return (block_size, block_size)
+    if recipe == "row":
+        return (1, max(k, 1))
+    raise Fp8ValueError(f"recipe: expected one of {', '.join(GROUPED_RECIPES)}, got {recipe!r}")
+
+
+def recipe_of_grouped(block: Block, k: int) -> str:
+    """`row` when no scale varies along K and each output channel has its own; else `block`."""
+    if block[1] >= k and block[0] == 1:
+        return "row"
+    return "block"
+
+
+def quantize_grouped(w: torch.Tensor, recipe: str = "block", *, dtype: torch.dtype = torch.float8_e4m3fn,
+                     block_size: int = 128, pow2_scale: bool = False, backend: str = "auto") -> GroupedFp8Tensor:
+    """Quantize a `[G, N, K]` stack of expert weights, each expert blocked on its own.
+
+    One `fp8dispatch.quantize` call over the `[G * N', K]` view, N padded with zero rows to a multiple
+    of the block's rows when it is not one (zeros raise no block's amax), so every scale follows
+    the quantizer's rules exactly as a per-expert `quantize(w[g], ...)` would.
+    """
+    from fp8dispatch.api import quantize  # api imports this module
+
+    if not isinstance(w, torch.Tensor):
+        raise Fp8TypeError(f"w: expected a torch.Tensor, got {type(w).__name__}")
+    if w.dtype not in HIGH_PRECISION:
+        raise Fp8TypeError(f"w: expected float32, float16 or bfloat16, got {w.dtype}")
+    if w.dim() != 3:
+        raise Fp8ValueError(f"w: expected a 3-d [G, N, K] tensor, got shape {tuple(w.shape)}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+        raise Fp8ValueError(f"block_size: expected a positive int, got {block_size!r}")
+    g, n, k = w.shape
+    block = grouped_block(recipe, n, k, block_size)
+    rows = cdiv(n, block[0]) * block[0]
+    if g * rows * k == 0:
+        data = torch.empty((g, n, k), dtype=dtype, device=w.device)
+        return GroupedFp8Tensor(data, torch.ones(grouped_scale_shape((g, n, k), block), device=w.device), block)
+    padded = w if rows == n else torch.nn.functional.pad(w, (0, 0, 0, rows - n))
+    q = quantize(padded.reshape(g * rows, k), "block", dtype=dtype, block_size=block, pow2_scale=pow2_scale,
+                 backend=backend)
+    data = q.data.view(g, rows, k)[:, :n].contiguous()
+    return GroupedFp8Tensor(data, q.scale.view(grouped_scale_shape((g, rows, k), block)), block)
+
+
+def skewed_counts(groups: int, total: int, seed: int = 0) -> tuple[int, ...]:
+    """Row counts of a routed batch summing to `total`: a few hot experts, a long tail of 0, 1 and
+    small counts (weights drawn uniform, raised to the 6th power). Deterministic per seed."""
+    gen = torch.Generator().manual_seed(seed)
+    weights = torch.rand(groups, generator=gen) ** 6
+    counts = (weights / weights.sum() * total).floor().long()
+    counts[int(torch.randint(0, groups, (1,), generator=gen))] += total - int(counts.sum())
+    return tuple(int(c) for c in counts)
+
+
+@dataclass(frozen=True)
+class GroupedLinearProblem:
+    """`out[rows of g] = x[rows of g] @ w[g].T` for G experts; per-expert row counts are values, not part of it."""
+
+    device: torch.device
+    capability: tuple[int, int] | None
+    layout: str  # "contiguous": x [M, K] sorted by expert; "masked": x [G, max_m, K]
+    recipe: str  # "block" or "row"
+    x_dtype: torch.dtype
+    w_dtype: torch.dtype
+    groups: int
+    m: int  # contiguous: all rows M; masked: max_m, the rows per expert
+    n: int
+    k: int
+    x_block: Block
+    w_block: Block
+    offsets_dtype: torch.dtype  # of offsets (contiguous) or masked_m (masked)
+    x_row_major: bool
+    w_contiguous: bool
+    out_dtype: torch.dtype
+    bias_dtype: torch.dtype | None
+    op = "grouped_linear"
+
+    def describe(self) -> str:
+        def name(d):
+            return "none" if d is None else str(d).removeprefix("torch.")
+        rows = f"[{self.m}, {self.k}]" if self.layout == "contiguous" else f"[{self.groups}, {self.m}, {self.k}]"
+        bias = f", bias {name(self.bias_dtype)}" if self.bias_dtype is not None else ""
+        return (f"grouped_linear({self.layout}: x {name(self.x_dtype)}{rows} blocks {self.x_block}, "
+                f"w {name(self.w_dtype)}[{self.groups}, {self.n}, {self.k}] blocks {self.w_block}, "
+                f"recipe {self.recipe} on {self.device} -> {name(self.out_dtype)}{bias})")
