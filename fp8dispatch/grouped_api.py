@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 import torch
 
-from fp8dispatch import registry
+from fp8dispatch import checks, registry
 from fp8dispatch.errors import Fp8TypeError, Fp8ValueError
 from fp8dispatch.formats import HIGH_PRECISION, is_fp8
 from fp8dispatch.grouped import (
@@ -89,11 +89,9 @@ def plan_problem(x, w, offsets=None, masked_m=None, bias=None, recipe=None, out_
 
 
 def _describe(x, w, offsets, masked_m, bias, recipe, out_dtype, backend):
-    from fp8dispatch.api import _check_backend_arg, _check_out_dtype
-
     if recipe is not None and recipe not in GROUPED_RECIPES:
         raise Fp8ValueError(f"recipe: expected one of {', '.join(GROUPED_RECIPES)} for grouped_linear, got {recipe!r}")
-    _check_backend_arg(backend)
+    checks.backend_arg(backend)
     for name, t in (("x", x), ("w", w)):
         if isinstance(t, torch.Tensor) and t.dtype not in HIGH_PRECISION:
             hint = {"x": " (wrap FP8 data in an Fp8Tensor with its 1×128 group scales)",
@@ -131,7 +129,7 @@ def _describe(x, w, offsets, masked_m, bias, recipe, out_dtype, backend):
         raise Fp8ValueError(f"w: expected device {x.device} (x's), got {w.device}")
     if out_dtype is None:
         out_dtype = x.dtype if isinstance(x, torch.Tensor) else torch.bfloat16
-    _check_out_dtype("out_dtype", out_dtype)
+    checks.out_dtype("out_dtype", out_dtype)
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or bias.dtype not in HIGH_PRECISION:
             seen = bias.dtype if isinstance(bias, torch.Tensor) else type(bias).__name__
