@@ -234,19 +234,22 @@ def matmul(a, b, out_dtype, bias=None, stages: int = STAGES):
     else:  # the compiled kernel directly: Triton's binder costs tens of µs a call (launch.py)
         kernel, tail = compiled
         kernel[grid](*args, *tail, stream=torch.cuda.current_stream(da.device).cuda_stream)
-    last[:] = [da, grid, compiled, ints, bias]
+    last[:] = [id(da), grid, compiled, ints]
     return c
 
 
-last: list = []  # the latest launch: a's data, grid, (kernel, constexprs), ints, bias tensor; for `bind`
+# The latest launch, for `bind`: id of a's data, grid, (kernel, constexprs), ints. No tensor: one kept
+# alive from a CUDA-graph capture would break the capture's memory pool.
+last: list = []
 
 
 def bind(a, b, c, bias):
     """`(a, b, bias) -> c` for later calls of the shapes `matmul` just ran: the compiled kernel
     launched directly, the weight's descriptor kept while the weight is the same tensor."""
-    if not last or last[0] is not a.data or raw_stream is None:
+    if not last or last[0] != id(a.data) or raw_stream is None:
         return None
-    _, (g0, g1, g2), (kernel, tail), ints, no_bias = last
+    _, (g0, g1, g2), (kernel, tail), ints = last
+    no_bias = _no_bias(c.device)
     handles = bind_launch(kernel)
     if handles is None:
         return None

@@ -43,7 +43,9 @@ class Launcher:
     """`Launcher(kernel, tensors)(grid, args, constexprs, options)`: `args` are the runtime
     parameters in order (the first `tensors` of them tensors), `constexprs` the remaining
     parameters by name, `options` num_warps / num_stages. `last` is the latest slow launch, for
-    `bind`: (grid of 3, the CompiledKernel, args, constexpr values in parameter order)."""
+    `bind`: (grid of 3, the CompiledKernel, id of the first tensor, the args with tensors left out,
+    whether every tensor was 16-byte aligned, constexpr values in parameter order). It holds no
+    tensor: one kept alive from a CUDA-graph capture would break the capture's memory pool."""
 
     def __init__(self, kernel, tensors: int):
         self.kernel = kernel
@@ -74,16 +76,13 @@ class Launcher:
             hit = self.compiled[key] = (compiled, tuple(constexprs[n] for n in names))
         else:
             hit[0][grid3](*args, *hit[1], stream=torch.cuda.current_stream(args[0].device).cuda_stream)
-        self.last = (grid3, hit[0], args, hit[1])
+        self.last = (grid3, hit[0], id(args[0]), tuple(None if isinstance(a, torch.Tensor) else a for a in args),
+                     all(ok for _, ok in key[2]), hit[1])
 
 
 def tracing(t: torch.Tensor) -> bool:
     """Whether a torch.compile trace is running this code on `t` (then kernels become graph nodes)."""
     return is_fake(t)
-
-
-def aligned(*tensors) -> bool:
-    return all(t.data_ptr() % 16 == 0 for t in tensors if isinstance(t, torch.Tensor))
 
 
 def bind(compiled):

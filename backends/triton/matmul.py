@@ -34,7 +34,7 @@ from fp8dispatch.blocks import cdiv
 from fp8dispatch.problem import device_capability
 
 from .interpreter import active as interpreting
-from .launch import Launcher, aligned, bind, raw_stream, static_key, tracing
+from .launch import Launcher, bind, raw_stream, static_key, tracing
 from .tiles import grouped_tile, hint, next_pow2
 
 # Up to this M the swapped kernel runs (its narrow side is 16 to 64 wide).
@@ -53,16 +53,22 @@ def _load_k_step(ptrs, k_mask, EVEN_K: tl.constexpr):
 def _on_m(v, SWAP: tl.constexpr):
     """A vector over the tile's M side, broadcast against the accumulator (whose rows are M, or N
     when swapped)."""
+    # if/else, not an early return: the compiler (not the interpreter) types every return it sees,
+    # and the two shapes differ.
     if SWAP:
-        return v[None, :]
-    return v[:, None]
+        out = v[None, :]
+    else:
+        out = v[:, None]
+    return out
 
 
 @triton.jit
 def _on_n(v, SWAP: tl.constexpr):
     if SWAP:
-        return v[:, None]
-    return v[None, :]
+        out = v[:, None]
+    else:
+        out = v[None, :]
+    return out
 
 
 @triton.jit
@@ -436,9 +442,9 @@ def _bind(a, b, c, bias):
     if not isinstance(chosen, _Plan):
         return _hopper_module().bind(a, b, c, bias)
     last = chosen.launcher.last
-    if last is None or last[2][0] is not da or not aligned(da, db, sa, sb, bias):
+    if last is None or last[2] != id(da) or not last[4]:
         return None
-    (g0, g1, g2), compiled, args, tail = last
+    (g0, g1, g2), compiled, _, args, _, tail = last
     handles = bind(compiled)
     if handles is None:
         return None

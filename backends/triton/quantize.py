@@ -29,7 +29,7 @@ from fp8dispatch.blocks import cdiv, scale_shape
 from fp8dispatch.errors import Fp8ValueError
 from fp8dispatch.formats import fp8_format
 
-from .launch import Launcher, aligned, bind, raw_stream
+from .launch import Launcher, bind, raw_stream
 from .scaling import finite_abs, saturating_cast, scale_from_amax
 from .interpreter import active as interpreting
 from .tiles import TILE, next_pow2, num_warps_for, sm_count, wide_groups_plan
@@ -447,9 +447,9 @@ def _bind(launcher: Launcher, x, out):
     """`(x, scale_ub) -> (data, scale)` launching the kernel `launcher` last compiled for x, or
     None (unaligned first input, launch hooks set). Returns None on a call whose x is unaligned."""
     last = launcher.last
-    if last is None or last[2][0] is not x or not aligned(*last[2][:3]):
+    if last is None or last[2] != id(x) or not last[4]:
         return None
-    (g0, g1, g2), compiled, args, tail = last
+    (g0, g1, g2), compiled, _, args, _, tail = last
     handles = bind(compiled)
     if handles is None:
         return None
