@@ -112,16 +112,21 @@ class _ParallelLinear(Fp8Linear):
         bias = layer.bias
         if bias is not None and dim == 0:
             bias = bias.detach()[a:b]
-        return cls.from_local(weight, scale, bias, block=layer.block, full=(n, k), backend=layer.backend,
-                              mesh=mesh, **options)
+        return cls.from_local(weight, scale, bias, block=layer.block, full=(n, k), recipe=layer.recipe,
+                              backend=layer.backend, mesh=mesh, **options)
 
     @classmethod
-    def from_local(cls, weight, scale, bias=None, *, block, full: tuple[int, int], backend="auto", mesh=None,
-                   **options) -> _ParallelLinear:
-        """Wrap an already-sliced shard (what checkpoint loading reads) with its group."""
+    def from_local(cls, weight, scale, bias=None, *, block, full: tuple[int, int], recipe: str, backend="auto",
+                   mesh=None, **options) -> _ParallelLinear:
+        """Wrap an already-sliced shard (what checkpoint loading reads) with its group.
+
+        `recipe` is the whole layer's: a shard's shape alone can read differently (a [N, 128] shard
+        of 128×128 blocks has one K block, which reads as per-row scales).
+        """
         group, rank, world = resolve_group(mesh)
         local = (min(block[0], weight.shape[0]), min(block[1], weight.shape[1]))
-        layer = cls.from_fp8(weight.contiguous(), scale.contiguous(), bias, block=local, backend=backend)
+        layer = cls.from_fp8(weight.contiguous(), scale.contiguous(), bias, block=local, backend=backend,
+                             recipe=recipe)
         layer.group, layer.rank, layer.world = group, rank, world
         layer.full_out_features, layer.full_in_features = full
         layer._configure(**options)
