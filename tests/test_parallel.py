@@ -325,3 +325,21 @@ def test_without_torch_distributed_the_error_says_how_to_start_it():
 
     with pytest.raises(Fp8ValueError, match="mesh: torch.distributed is not initialized"):
         parallelize(Mlp(), PLAN)
+
+
+def test_the_gpu_script_runs_on_two_cpu_processes(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "scripts" / "verify_tp_gpu.py"
+    out = tmp_path / "tp.json"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(script), "--device", "cpu", "--dim", "256", "--ffn", "512", "--heads", "4",
+                          "--tokens", "32", "--backend", "reference", "--out", str(out)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["world"] == 2 and report["checks"]["error below 1e-3"]
+    assert report["checks"]["weights at most 1/world (+ scales)"] and report["weight_fraction"] == 0.5
