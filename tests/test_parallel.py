@@ -169,6 +169,14 @@ def _checkpoint_scenarios(rec, rank, groups, folder):
         torch.equal(model.down_proj.weight_scale_inv, whole.down_proj.weight_scale_inv[:, rank:rank + 1]),
         torch.equal(model.gate_proj.bias, whole.gate_proj.bias[rank * share:(rank + 1) * share]),
         torch.equal(model.down_proj.bias, whole.down_proj.bias))
+    from safetensors.torch import load_file
+
+    with torch.device("meta"):
+        model = Mlp(bias=True)
+    load_fp8_checkpoint_sharded(model, load_file(path), {"gate_proj": "colwise_gather", "up_proj": "colwise_gather"},
+                                backend="reference")
+    rec["state dict, gathered"] = (relative_error(model(x), want), type(model.up_proj).__name__,
+                                   tuple(model.up_proj.weight.shape), model.up_proj.gather_output)
     with torch.device("meta"):
         model = Mlp(bias=True)
     rec["bad scale"] = (_catch(lambda: load_fp8_checkpoint_sharded(model, bad, PLAN, backend="reference")),
@@ -294,6 +302,12 @@ def test_each_rank_loads_only_its_slice_of_a_checkpoint(records):
         assert error < ERROR_BOUND and layers == ["down_proj", "gate_proj", "up_proj"]
         assert (gate_type, down_type, shape) == ("Fp8ColwiseLinear", "Fp8RowwiseLinear", (D, F // WORLD))
         assert weight and scale and gate_bias and down_bias
+
+
+def test_a_state_dict_loads_sharded_too_and_gathered_outputs_are_whole(records):
+    for rec in records:
+        error, kind, shape, gathered = rec["state dict, gathered"]
+        assert error == 0.0 and (kind, shape, gathered) == ("Fp8ColwiseLinear", (F // WORLD, D), True)
 
 
 def test_a_bad_slice_on_one_rank_fails_every_rank(records):
