@@ -33,3 +33,8 @@ class Fp8IndexError(Fp8DispatchError, IndexError):
 
 class UnknownBackend(Fp8ValueError):
     """A backend name that is not registered; the message lists the known ones."""
+
+
+class ShardMisaligned(Fp8ValueError):
+    """A tensor-parallel split would cut through a scale block (or leave ranks unequal shares); the
+    message names the dimension and lists the world sizes that do split it."""
