@@ -411,7 +411,9 @@ def recipe_carried(block: Block, rows: int, cols: int, from_a: bool) -> tuple[st
     and not the block recipe's 128×128: `quantize(w, "block")` on a weight of at most 128×128
     gives a 128×128 block too, and reading that as "tensor" would quantize the activation with one
     scale for all its tokens. An exactly 128×128 tensor-scaled weight thus gets per-token
-    activations (the row recipe's numerics): more accurate, never less.
+    activations (the row recipe's numerics): more accurate, never less. A weight with a single K
+    block (K ≤ 128) whose blocks span several output channels but not all of them is the block
+    recipe too: the row recipe scales each output channel on its own.
     """
     k_block = block[1] if from_a else block[0]
     k = cols if from_a else rows
@@ -422,6 +424,8 @@ def recipe_carried(block: Block, rows: int, cols: int, from_a: bool) -> tuple[st
         return "block", k_block
     if covers:
         return "tensor", k
+    if not from_a and block[1] > 1:  # one K block, several output channels per scale: not per-channel
+        return "block", k_block
     return "row", k
 
 

@@ -187,6 +187,18 @@ def test_small_fp8_linear_and_convert_quantize_activation_in_groups(sandbox, n, 
     assert _row_error(model(x), expected) < 1e-6
 
 
+@pytest.mark.parametrize("n, k", [(256, 128), (300, 64)])
+def test_one_k_block_weight_reads_as_block_recipe(sandbox, n, k):
+    """K ≤ 128 and N > 128: the weight's 128×128 blocks span several output channels, so the
+    product is the block recipe, from `linear` and from a layer built off DeepSeek's tensors."""
+    x, wq = _rows_of_every_size(8, k), fd.quantize(randn(n, k, seed=2), "block")
+    expected = _group_reference(x, wq)
+    assert _row_error(fd.linear(x, wq), expected) < 1e-6
+    layer = Fp8Linear.from_fp8(wq.data, wq.scale)
+    assert layer.recipe == "block"
+    assert _row_error(layer(x), expected) < 1e-6
+
+
 # --- 4. routing tables are parsed defensively ---------------------------------------------------
 
 
