@@ -120,13 +120,49 @@ def _planned(plan, *specs, **options):
         return plan(*(_stand_in(s) for s in specs), **options)
 
 
-def _traced(routed) -> Callable | None:
-    """The backend's function to trace for a routed step, or None when the step must stay opaque."""
+def _traced(routed, *args) -> Callable | None:
+    """The backend's function to trace for a routed step called on `args`, or None when the step
+    must stay opaque."""
     run = routed.run
     traced = getattr(run, "traced", run)
-    if traced is run and routed.problem.op not in registry.get_backend(routed.backend).traceable:
-        return None
+    if traced is run:
+        if routed.problem.op not in registry.get_backend(routed.backend).traceable:
+            return None
+        if not _runs_on_fakes(routed, traced, args):
+            return None
     return traced
+
+
+_RUNS_ON_FAKES: dict = {}
+
+
+def _runs_on_fakes(routed, step, args) -> bool:
+    """Whether a library step runs on fake tensors, tried once per problem outside the trace. A
+    library op registered without a fake kernel cannot enter a graph (fbgemm-gpu-genai 1.6's
+    f8f8bf16_groupwise: "Operator does not support running with fake tensors"), so its step stays
+    one opaque op instead of failing the compile."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    key = (routed.backend, routed.problem)
+    if key not in _RUNS_ON_FAKES:
+        try:
+            with _disable_current_modes(), FakeTensorMode():
+                step(*map(_example, args))
+            _RUNS_ON_FAKES[key] = True
+        except Exception:  # any failure on fakes: the opaque op runs the same step on real tensors
+            _RUNS_ON_FAKES[key] = False
+    return _RUNS_ON_FAKES[key]
+
+
+def _example(t):
+    """A traced tensor's memory-less copy at its example sizes, installing no guard (see `_size`)."""
+    if isinstance(t, Fp8Tensor):
+        return Fp8Tensor._trusted(_example(t.data), _example(t.scale), t.block)
+    if isinstance(t, torch.Tensor):
+        return torch.empty_strided(tuple(map(_hint, t.shape)), tuple(map(_hint, t.stride())), dtype=t.dtype,
+                                   device=t.device)
+    return t
 
 
 # --- quantize -------------------------------------------------------------------------------
@@ -144,12 +180,13 @@ def quantize(
     plan = _planned(planning.plan_quantize, _spec(x, True), granularity=granularity, dtype=dtype, block_size=block,
                     scale=scale, scale_ub=scale_ub, pow2_scale=pow2_scale, overflow=overflow, backend=backend)
     routed = plan.routed
-    step = _traced(routed) if routed.problem is not None and scale is None else None
+    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    args = (x2d, plan.block, dtype, None, scale_ub, pow2_scale)
+    step = _traced(routed, *args) if routed.problem is not None and scale is None else None
     if step is None:
         return torch.ops.fp8dispatch.run_quantize(x, granularity, dtype, block_size, scale, scale_ub, pow2_scale,
                                                   overflow, routed.backend or backend)
-    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    data, s = step(x2d, plan.block, dtype, None, scale_ub, pow2_scale)
+    data, s = step(*args)
     return (data if x.dim() == 2 else data.view(x.shape)), s
 
 
@@ -201,12 +238,13 @@ def dequantize(bits: torch.Tensor, fp8_dtype: torch.dtype, scale: torch.Tensor, 
     """`fp8dispatch.dequantize` as an op on an Fp8Tensor's parts (its data as uint8 bits)."""
     t = Fp8Tensor(bits.view(fp8_dtype), scale, (block[0], block[1]))
     plan = _planned(planning.plan_dequantize, _spec(t, True), dtype=dtype, backend=backend)
-    step = _traced(plan.routed) if plan.problem is not None else None
+    data = t.data if t.data.dim() == 2 else t.data.reshape(-1, t.data.shape[-1])
+    args = (data, scale, t.block, dtype)
+    step = _traced(plan.routed, *args) if plan.problem is not None else None
     if step is None:
         return torch.ops.fp8dispatch.run_dequantize(bits, fp8_dtype, scale, block, dtype,
                                                     plan.routed.backend or backend)
-    data = t.data if t.data.dim() == 2 else t.data.reshape(-1, t.data.shape[-1])
-    out = step(data, scale, t.block, dtype)
+    out = step(*args)
     return out if t.data.dim() == 2 else out.view(t.data.shape)
 
 
@@ -258,7 +296,7 @@ def matmul(
     if plan.quantize_b is not None:
         t = _quantize_step(plan.quantize_b, b.t())
         b = Fp8Tensor._trusted(t.data.t(), t.scale.t(), (t.block[1], t.block[0]))
-    step = _traced(plan.routed)
+    step = _traced(plan.routed, a, b, out_dtype, bias)
     if step is None:
         out = torch.ops.fp8dispatch.run_matmul(*_parts("a", a), *_parts("b", b), None, out_dtype, bias,
                                                plan.routed.backend)
@@ -268,12 +306,13 @@ def matmul(
 
 
 def _quantize_step(q, x2d) -> Fp8Tensor:
-    step = _traced(q.routed)
+    args = (x2d, q.block, _E4M3, None, None, False)
+    step = _traced(q.routed, *args)
     if step is None:
         data, s = torch.ops.fp8dispatch.run_quantize(x2d, "block", _E4M3, list(q.block), None, None, False,
                                                      "saturate", q.routed.backend)
     else:
-        data, s = step(x2d, q.block, _E4M3, None, None, False)
+        data, s = step(*args)
     return Fp8Tensor._trusted(data, s, q.block)
 
 

@@ -216,6 +216,36 @@ def test_untraceable_steps_run_as_one_opaque_op_each(sandbox):
     assert "fp8dispatch.matmul.default" not in code
 
 
+@torch.library.custom_op("fp8dispatch_tests::no_fake_copy", mutates_args=())
+def _no_fake_copy(x: torch.Tensor) -> torch.Tensor:
+    """A library op registered without a fake kernel: it cannot run on fake tensors."""
+    return x.clone()
+
+
+def test_a_library_op_without_a_fake_kernel_stays_opaque(sandbox):
+    """A backend may declare its matmul traceable while the library op under it has no fake kernel
+    (fbgemm-gpu-genai 1.6's f8f8bf16_groupwise): tried once on fakes, the step becomes one opaque
+    `run_matmul` op, and the fullgraph compile succeeds with eager's bits."""
+    from fp8dispatch.backends import reference
+
+    def matmul(a, b, out_dtype, bias=None):
+        return _no_fake_copy(reference.matmul(a, b, out_dtype, bias))
+
+    fp8dispatch.register_backend(fp8dispatch.Backend(
+        name="nofake", probe=lambda: None, why_not=lambda op, problem, found: [], quantize=reference.quantize,
+        matmul=matmul, traceable=frozenset({"quantize", "matmul"})))
+    sandbox.env(FP8DISPATCH_BACKEND="nofake")
+    x, w = _randn(4, 256, dtype=torch.bfloat16), _q(_randn(64, 256), "block")
+
+    def fn(x):
+        return fp8dispatch.linear(x, w)
+
+    with torch.no_grad():
+        got, code = _inductor(fn, x)
+    assert torch.equal(got, fn(x))
+    assert "fp8dispatch.run_matmul" in code and "fp8dispatch.run_quantize" not in code
+
+
 def test_dynamic_token_count_recompiles_only_across_power_of_two_buckets():
     """Routing and kernel configurations are keyed by M's power-of-two bucket: one graph serves the
     bucket, a token count outside it recompiles (a guard, never a wrong plan)."""
