@@ -194,6 +194,19 @@ def test_compiled_graph_holds_the_backends_ops_not_the_public_api():
     assert "fp8dispatch.run_quantize" not in code and "fp8dispatch.matmul.default" not in code
 
 
+def _compiled_linear_code() -> str:
+    """Inductor's code for `linear(x, w)` compiled fullgraph, after checking it gives eager's bits."""
+    x, w = _randn(4, 256, dtype=torch.bfloat16), _q(_randn(64, 256), "block")
+
+    def fn(x):
+        return fp8dispatch.linear(x, w)
+
+    with torch.no_grad():
+        got, code = _inductor(fn, x)
+        assert torch.equal(got, fn(x))
+    return code
+
+
 def test_untraceable_steps_run_as_one_opaque_op_each(sandbox):
     """The Triton interpreter cannot be traced: each step is one `fp8dispatch::run_*` op that runs
     the cached plan of the backend chosen while tracing."""
@@ -204,14 +217,7 @@ def test_untraceable_steps_run_as_one_opaque_op_each(sandbox):
         pytest.skip(f"triton cannot run here: {found}")
     fp8dispatch.register_backend(triton.BACKEND, replace=True)
     sandbox.env(FP8DISPATCH_BACKEND="triton")
-    x, w = _randn(4, 256, dtype=torch.bfloat16), _q(_randn(64, 256), "block")
-
-    def fn(x):
-        return fp8dispatch.linear(x, w)
-
-    with torch.no_grad():
-        got, code = _inductor(fn, x)
-    assert torch.equal(got, fn(x))
+    code = _compiled_linear_code()
     assert "fp8dispatch.run_quantize" in code and "fp8dispatch.run_matmul" in code
     assert "fp8dispatch.matmul.default" not in code
 
@@ -235,14 +241,7 @@ def test_a_library_op_without_a_fake_kernel_stays_opaque(sandbox):
         name="nofake", probe=lambda: None, why_not=lambda op, problem, found: [], quantize=reference.quantize,
         matmul=matmul, traceable=frozenset({"quantize", "matmul"})))
     sandbox.env(FP8DISPATCH_BACKEND="nofake")
-    x, w = _randn(4, 256, dtype=torch.bfloat16), _q(_randn(64, 256), "block")
-
-    def fn(x):
-        return fp8dispatch.linear(x, w)
-
-    with torch.no_grad():
-        got, code = _inductor(fn, x)
-    assert torch.equal(got, fn(x))
+    code = _compiled_linear_code()
     assert "fp8dispatch.run_matmul" in code and "fp8dispatch.run_quantize" not in code
 
 

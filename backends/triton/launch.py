@@ -79,6 +79,17 @@ class Launcher:
         self.last = (grid3, hit[0], id(args[0]), tuple(None if isinstance(a, torch.Tensor) else a for a in args),
                      all(ok for _, ok in key[2]), hit[1])
 
+    def bound(self, first: torch.Tensor) -> tuple | None:
+        """`(grid, run, function, packed, args, constexprs)` for `bind`'s direct relaunch of the kernel
+        last launched with `first` as its first tensor (`args` with tensors left out), or None: that
+        launch was for another tensor or had an unaligned one, or Triton's own path must serve."""
+        last = self.last
+        if last is None or last[2] != id(first) or not last[4]:
+            return None
+        grid, compiled, _, args, _, constexprs = last
+        handles = bind(compiled)
+        return None if handles is None else (grid, *handles, args, constexprs)
+
 
 def tracing(t: torch.Tensor) -> bool:
     """Whether a torch.compile trace is running this code on `t` (then kernels become graph nodes)."""

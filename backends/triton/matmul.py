@@ -34,7 +34,7 @@ from fp8dispatch.blocks import cdiv
 from fp8dispatch.problem import device_capability
 
 from .interpreter import active as interpreting
-from .launch import Launcher, bind, raw_stream, static_key, tracing
+from .launch import Launcher, raw_stream, static_key, tracing
 from .tiles import grouped_tile, hint, next_pow2
 
 # Up to this M the swapped kernel runs (its narrow side is 16 to 64 wide).
@@ -441,14 +441,10 @@ def _bind(a, b, c, bias):
         return None
     if not isinstance(chosen, _Plan):
         return _hopper_module().bind(a, b, c, bias)
-    last = chosen.launcher.last
-    if last is None or last[2] != id(da) or not last[4]:
+    found = chosen.launcher.bound(da)
+    if found is None:
         return None
-    (g0, g1, g2), compiled, _, args, _, tail = last
-    handles = bind(compiled)
-    if handles is None:
-        return None
-    launch, function, packed = handles
+    (g0, g1, g2), launch, function, packed, args, tail = found
     ints, has_bias = args[6:], bias is not None
     shape, out_dtype, device, index = tuple(c.shape), c.dtype, da.device, da.device.index
     stream = raw_stream

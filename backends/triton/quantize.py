@@ -29,7 +29,7 @@ from fp8dispatch.blocks import cdiv, scale_shape
 from fp8dispatch.errors import Fp8ValueError
 from fp8dispatch.formats import fp8_format
 
-from .launch import Launcher, bind, raw_stream
+from .launch import Launcher, raw_stream
 from .scaling import finite_abs, saturating_cast, scale_from_amax
 from .interpreter import active as interpreting
 from .tiles import TILE, next_pow2, num_warps_for, sm_count, wide_groups_plan
@@ -446,14 +446,10 @@ def plan(problem):
 def _bind(launcher: Launcher, x, out):
     """`(x, scale_ub) -> (data, scale)` launching the kernel `launcher` last compiled for x, or
     None (unaligned first input, launch hooks set). Returns None on a call whose x is unaligned."""
-    last = launcher.last
-    if last is None or last[2] != id(x) or not last[4]:
+    found = launcher.bound(x)
+    if found is None:
         return None
-    (g0, g1, g2), compiled, _, args, _, tail = last
-    handles = bind(compiled)
-    if handles is None:
-        return None
-    launch, function, packed = handles
+    (g0, g1, g2), launch, function, packed, args, tail = found
     ints = args[3:-1]  # every kernel here takes (x, q, s, ints..., scale_ub, constexprs...)
     data_shape, data_dtype, scale_shape_ = tuple(out[0].shape), out[0].dtype, tuple(out[1].shape)
     device, index = x.device, x.device.index
