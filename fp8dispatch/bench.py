@@ -24,21 +24,12 @@ import fp8dispatch
 from fp8dispatch import bench_grouped, registry, tuning
 from fp8dispatch.blocks import GRANULARITIES, RECIPES, block_for, recipe_blocks, scale_shape
 from fp8dispatch.errors import Fp8DispatchError, Fp8ValueError
+from fp8dispatch.grid import CPU_QUICK_NK, DEEPSEEK_M, DEEPSEEK_NK, OPS, QUICK_NK, SQUARES
 from fp8dispatch.numerics import ERROR_BOUND, relative_error
 from fp8dispatch.problem import matmul_problem_of, quantize_problem
 from fp8dispatch.tensor import Fp8Tensor
 from fp8dispatch.timing import Timing, capture, time_cuda
 
-# DeepSeek-V3's linear layers, (N, K): q_a, kv_a, q_b, kv_b, o_proj, shared-expert gate/up, down.
-DEEPSEEK_NK = ((2112, 7168), (576, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048))
-DEEPSEEK_M = (1, 16, 64, 128, 512, 4096, 8192)
-SQUARES = (1024, 2048, 4096, 8192)
-QUICK_M = (1, 128, 4096)
-QUICK_NK = ((2112, 7168), (7168, 2048))
-# --quick on a CPU checks the plumbing, not speed: a grid that finishes in seconds.
-CPU_QUICK_M = (1, 64)
-CPU_QUICK_NK = ((256, 512),)
-OPS = ("matmul", "quantize", "linear", "grouped")  # grouped: fp8dispatch/bench_grouped.py
 E4M3 = torch.float8_e4m3fn
 BF16 = torch.bfloat16
 

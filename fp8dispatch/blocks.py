@@ -1,10 +1,16 @@
-"""The block model: every granularity is a block shape over a 2-D [rows, cols] view."""
+"""The block model: every granularity is a block shape over a 2-D [rows, cols] view.
+
+Importing it imports no torch, so the command line's `--help` can quote GRANULARITIES and RECIPES.
+"""
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from fp8dispatch.errors import Fp8TypeError, Fp8ValueError
+
+if TYPE_CHECKING:
+    import torch
 
 GRANULARITIES = ("tensor", "row", "group", "block")
 RECIPES = ("block", "row", "tensor")
@@ -91,6 +97,8 @@ def expand_scale(scale: torch.Tensor, block: Block, shape: tuple[int, int]) -> t
 
 def blockwise_amax(x: torch.Tensor, block: Block) -> torch.Tensor:
     """amax of |x| per block over finite values; a partial tail block is padded with zeros."""
+    import torch
+
     magnitude = torch.where(torch.isfinite(x), x.abs(), 0.0)
     rows, cols = x.shape
     br, bc = min(block[0], rows), min(block[1], cols)

@@ -6,7 +6,8 @@ shards its `model.safetensors.index.json` names (each 2-D `*.weight`; only the F
 checkpoint holds any, since those are the layers FP8 serves), from a directory holding any of
 these, or from an `nn.Module` (its `nn.Linear` and `Fp8Linear` layers). `tune` measures those
 shapes at a few M and merges the result into the user's routing table, as `fp8dispatch tune
---model PATH` does.
+--model PATH` does. torch is imported only once a model or device is at hand, so that command's
+`--help` can quote the defaults below without it.
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ import json
 import struct
 import sys
 from pathlib import Path
-
-import torch
 
 from fp8dispatch.errors import Fp8DispatchError, Fp8TypeError, Fp8ValueError
 
@@ -32,6 +31,8 @@ INDEX = "model.safetensors.index.json"
 
 def shapes_of(model) -> list[tuple[int, int]]:
     """(N, K) = (out_features, in_features) of each distinct linear layer, in the model's order."""
+    import torch
+
     if isinstance(model, torch.nn.Module):
         shapes = [(int(m.out_features), int(m.in_features)) for m in model.modules()
                   if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Fp8Linear"]
@@ -152,6 +153,8 @@ def from_config(config: dict, where: str = "config") -> list[tuple[int, int]]:
 def default_backends(device) -> list[str]:
     """Every available backend but those too slow to tune by default (`SLOW_TO_TUNE`) and, on a
     GPU, the reference (fp32 math on dequantized copies: never the fastest, slow at large M)."""
+    import torch
+
     from fp8dispatch import bench
 
     skip = SLOW_TO_TUNE + (("reference",) if torch.device(device).type == "cuda" else ())
@@ -163,6 +166,8 @@ def tune(model, m=MODEL_M, *, backends=None, ops=("matmul", "quantize"), recipes
     """Measure the backends on `model`'s linear shapes at each M, merge the result into the routing
     table (`table`, else the user's: $FP8DISPATCH_TUNING or ~/.cache/fp8dispatch/routing.json) and
     return what was measured (a table: environment and entries). `auto` uses it at once."""
+    import torch
+
     from fp8dispatch import bench, registry, tuning
     from fp8dispatch.blocks import GRANULARITIES, RECIPES
     from fp8dispatch.cli.bench import Progress

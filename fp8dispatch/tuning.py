@@ -33,13 +33,12 @@ import torch
 
 from fp8dispatch.blocks import granularity_of
 from fp8dispatch.devices import gpu_slug
+from fp8dispatch.user_table import ENV_VAR, user_path
 
 log = logging.getLogger("fp8dispatch")
 
 FORMAT = "fp8dispatch-routing"
 SCHEMA = 1
-ENV_VAR = "FP8DISPATCH_TUNING"
-DISABLED = ("off", "0", "none", "false", "no")
 SHIPPED_DIR = Path(__file__).parent / "tuned"
 # The libraries whose versions change which backend is fastest (kernels, cuBLASLt, autotuners).
 DISTRIBUTIONS = ("torch", "triton", "fbgemm-gpu-genai", "torchao", "fp8dispatch")
@@ -306,17 +305,6 @@ class _Loaded:
 
 _loaded: dict[torch.device, _Loaded] = {}
 _decided: dict[tuple, str | None] = {}
-
-
-def user_path() -> Path | None:
-    """The user's table: FP8DISPATCH_TUNING, else the per-user cache; None when tuning is off."""
-    value = os.environ.get(ENV_VAR, "").strip()
-    if value.lower() in DISABLED:
-        return None
-    if value:
-        return Path(value).expanduser()
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(cache) / "fp8dispatch" / "routing.json"
 
 
 def sources() -> list[_Source]:

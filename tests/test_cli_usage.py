@@ -11,7 +11,8 @@ import torch
 
 from fp8dispatch import bench
 from fp8dispatch.cli import bench as bench_cli
-from fp8dispatch.cli import main
+from fp8dispatch.cli import COMMANDS, main
+from fp8dispatch.grid import CPU_QUICK_M, CPU_QUICK_NK
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 
@@ -65,6 +66,18 @@ def test_help_and_version_import_no_torch():
     assert "COMMAND" in out.stdout and "support-matrix" in out.stdout
 
 
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_commands_help_and_usage_errors_import_no_torch(command):
+    """`fp8dispatch COMMAND --help` answers at once: its options are described without importing torch."""
+    code = ("import sys\nfrom fp8dispatch.cli import main\n"
+            f"for argv in ([{command!r}, '--help'], [{command!r}, '--no-such-option']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "print('torch imported' if 'torch' in sys.modules else 'no torch')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().endswith("no torch"), out.stdout + out.stderr
+    assert f"usage: fp8dispatch {command}" in out.stdout and "--no-such-option" in out.stderr, out.stdout + out.stderr
+
+
 def test_support_matrix_outside_the_repository_creates_no_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert run_main(["support-matrix"]) == 2
@@ -102,8 +115,8 @@ def test_bench_quick_on_a_cpu_measures_a_small_grid():
     parser = __import__("argparse").ArgumentParser()
     bench_cli.add_arguments(parser)
     grid, _, settings = bench_cli.selection(parser.parse_args(["--quick", "--device", "cpu"]))
-    assert {(p.shape.n, p.shape.k) for p in grid if p.op != "quantize"} == set(bench.CPU_QUICK_NK)
-    assert max(p.shape.m for p in grid) == max(bench.CPU_QUICK_M) and settings.runs <= 5
+    assert {(p.shape.n, p.shape.k) for p in grid if p.op != "quantize"} == set(CPU_QUICK_NK)
+    assert max(p.shape.m for p in grid) == max(CPU_QUICK_M) and settings.runs <= 5
 
 
 @NO_CUDA

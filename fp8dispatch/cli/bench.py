@@ -1,4 +1,7 @@
-"""`fp8dispatch bench`: time every available backend on a shape grid; table, CSV/JSON and plots."""
+"""`fp8dispatch bench`: time every available backend on a shape grid; table, CSV/JSON and plots.
+
+The measuring core (and torch with it) is imported where it is used, so `--help` answers at once.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +10,15 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from fp8dispatch import bench, tuning
 from fp8dispatch.blocks import GRANULARITIES, RECIPES
 from fp8dispatch.devices import gpu_slug
 from fp8dispatch.errors import Fp8DispatchError
+from fp8dispatch.grid import CPU_QUICK_M, CPU_QUICK_NK, DEEPSEEK_M, OPS, QUICK_M, QUICK_NK
+
+if TYPE_CHECKING:
+    from fp8dispatch import bench
 
 # Datasheet dense peaks (TFLOPS fp8, bf16; TB/s) for the roofline; the measured copy rate and
 # bf16 matmul from the same run are drawn beside them. Unknown GPUs get the measured lines only.
@@ -29,17 +36,17 @@ def add_selection(parser, *, ops_default: str) -> None:
     """The options that choose what to measure; `tune` takes the same ones."""
     g = parser.add_argument_group("what to measure")
     g.add_argument("--device", default=None, help="cuda device (default cuda); 'cpu' checks the plumbing only")
-    g.add_argument("--ops", default=ops_default, help=f"comma list of {', '.join(bench.OPS)} (default {ops_default})")
+    g.add_argument("--ops", default=ops_default, help=f"comma list of {', '.join(OPS)} (default {ops_default})")
     g.add_argument("--recipes", default=",".join(RECIPES), help="matmul/linear recipes (default block,row,tensor)")
     g.add_argument("--granularities", default=",".join(GRANULARITIES), help="quantize granularities (default all)")
     g.add_argument("--backends", default=None, help="comma list of backends (default every available one)")
     g.add_argument("--shapes", default=None,
                    help="deepseek (default), quick, squares, MxNxK, NxK (with every --m) or @file; comma list")
-    g.add_argument("--m", default=None, help=f"M values for NxK shapes (default {','.join(map(str, bench.DEEPSEEK_M))})")
+    g.add_argument("--m", default=None, help=f"M values for NxK shapes (default {','.join(map(str, DEEPSEEK_M))})")
     g.add_argument("--quick", action="store_true",
-                   help=f"a small grid: shapes {' '.join(f'{n}x{k}' for n, k in bench.QUICK_NK)}, "
-                        f"M {','.join(map(str, bench.QUICK_M))}, 20 runs; on a CPU "
-                        f"{' '.join(f'{n}x{k}' for n, k in bench.CPU_QUICK_NK)}, M {','.join(map(str, bench.CPU_QUICK_M))}, 3 runs")
+                   help=f"a small grid: shapes {' '.join(f'{n}x{k}' for n, k in QUICK_NK)}, "
+                        f"M {','.join(map(str, QUICK_M))}, 20 runs; on a CPU "
+                        f"{' '.join(f'{n}x{k}' for n, k in CPU_QUICK_NK)}, M {','.join(map(str, CPU_QUICK_M))}, 3 runs")
     g.add_argument("--runs", type=int, default=None, help="timed runs per row (default 50, --quick 20)")
     g.add_argument("--warmup", type=int, default=None,
                    help="untimed runs first, where autotuners run (default 5, --quick on a CPU 1)")
@@ -73,15 +80,17 @@ def add_arguments(parser) -> None:
 
 def selection(args) -> tuple[list[bench.Point], list[str], bench.Settings]:
     """Parse the selection options; raises Fp8DispatchError with a clear message."""
+    from fp8dispatch import bench
+
     device = bench.require_device(args.device)
     cpu = device.type == "cpu"
-    quick_m = bench.CPU_QUICK_M if cpu else bench.QUICK_M
-    ms = quick_m if args.quick and not args.m else _ints("m", args.m) if args.m else bench.DEEPSEEK_M
+    quick_m = CPU_QUICK_M if cpu else QUICK_M
+    ms = quick_m if args.quick and not args.m else _ints("m", args.m) if args.m else DEEPSEEK_M
     spec = args.shapes or (("cpu-quick" if cpu else "quick") if args.quick else "deepseek")
     shapes = bench.parse_shapes(spec, ms)
     recipes = _names("recipes", args.recipes, RECIPES)
     grans = _names("granularities", args.granularities, GRANULARITIES)
-    ops = _names("ops", args.ops, bench.OPS)
+    ops = _names("ops", args.ops, OPS)
     backends = bench.available_backends(_names("backends", args.backends, None) if args.backends else None)
     runs = args.runs or (3 if args.quick and cpu else 20 if args.quick else 50)
     warmup = args.warmup if args.warmup is not None else 1 if args.quick and cpu else 5
@@ -110,6 +119,8 @@ def _ints(what: str, text: str) -> list[int]:
 
 def measure(args) -> tuple[dict, list[dict]]:
     """Run the selected grid (resuming from OUT.json if asked); returns (environment, rows)."""
+    from fp8dispatch import bench, tuning
+
     grid, backends, settings = selection(args)
     env = tuning.environment(settings.device)
     args.out = named(args.out, env)
@@ -190,12 +201,14 @@ def table(rows: list[dict], show_all: bool = False) -> str:
 
 
 def _label(r: dict) -> str:
+    from fp8dispatch import bench
+
     return bench.Shape(r["m"], r["n"], r["k"]).label
 
 
 def _order(r):
     kind = 0 if r["backend"].startswith("bf16") else 2 if r["backend"] == "auto" else 1
-    return (bench.OPS.index(r["op"]) if r["op"] in bench.OPS else 9, r["variant"], r["n"], r["k"], r["m"],
+    return (OPS.index(r["op"]) if r["op"] in OPS else 9, r["variant"], r["n"], r["k"], r["m"],
             kind, r.get("median_s") or float("inf"))
 
 
@@ -350,6 +363,8 @@ def run(args) -> int:
         from fp8dispatch.cli import bench_model
 
         return bench_model.run(args)
+    from fp8dispatch import bench
+
     try:
         if args.sources:
             env, rows = bench.load_results([Path(p) for p in args.sources])

@@ -1,15 +1,15 @@
-"""`fp8dispatch demo`: a DeepSeek-V3-shaped FP8 linear layer through `auto`, explained and timed."""
+"""`fp8dispatch demo`: a DeepSeek-V3-shaped FP8 linear layer through `auto`, explained and timed.
+
+torch is imported in `run`, so `--help` answers at once.
+"""
 
 from __future__ import annotations
 
 import time
 
-import torch
-
 import fp8dispatch
 from fp8dispatch import cli
 from fp8dispatch.cli import positive_int
-from fp8dispatch.numerics import relative_error
 
 
 def add_arguments(parser) -> None:
@@ -21,6 +21,8 @@ def add_arguments(parser) -> None:
 
 
 def _timed(fn, device, repeats):
+    import torch
+
     fn()  # warm up: first-call planning, compilation, autotuning
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -33,6 +35,10 @@ def _timed(fn, device, repeats):
 
 
 def run(args) -> int:
+    import torch
+
+    from fp8dispatch.numerics import relative_error
+
     device = cli.device(args.device)
     gpu = device.type == "cuda"
     m = args.m if args.m is not None else (4096 if gpu else 256)

@@ -1,13 +1,17 @@
-"""`fp8dispatch info`: versions, the device, each backend's probe result, and the routing table."""
+"""`fp8dispatch info`: versions, the device, each backend's probe result, and the routing table.
+
+torch and the library are imported in `run`, so `--help` answers at once.
+"""
 
 from __future__ import annotations
 
 import platform
+from typing import TYPE_CHECKING
 
-import torch
+from fp8dispatch import cli
 
-from fp8dispatch import cli, registry
-from fp8dispatch.problem import DequantizeProblem, MatmulProblem, QuantizeProblem, device_capability
+if TYPE_CHECKING:
+    import torch
 
 # One representative problem per op × recipe: the routing table shows who serves each.
 _M, _N, _K = 4096, 7168, 2048
@@ -18,6 +22,10 @@ def add_arguments(parser) -> None:
 
 
 def routing_problems(device: torch.device) -> list[tuple[str, object]]:
+    import torch
+
+    from fp8dispatch.problem import DequantizeProblem, MatmulProblem, QuantizeProblem, device_capability
+
     cap = device_capability(device)
     problems = []
     for granularity, block in (("tensor", (_M, _K)), ("row", (1, _K)), ("group", (1, 128)), ("block", (128, 128))):
@@ -35,6 +43,11 @@ def routing_problems(device: torch.device) -> list[tuple[str, object]]:
 
 
 def run(args) -> int:
+    import torch
+
+    from fp8dispatch import registry
+    from fp8dispatch.problem import device_capability
+
     device = cli.device(args.device)
     print(f"fp8dispatch {_version()}   python {platform.python_version()}   torch {torch.__version__}")
     print(f"triton      {_module_version('triton')}")

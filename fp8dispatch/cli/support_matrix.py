@@ -1,4 +1,7 @@
-"""`fp8dispatch support-matrix`: the backend × op × recipe × format matrix, generated from `why_not`."""
+"""`fp8dispatch support-matrix`: the backend × op × recipe × format matrix, generated from `why_not`.
+
+torch and the library are imported where the matrix is generated, so `--help` answers at once.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +9,8 @@ import difflib
 import sys
 from pathlib import Path
 
-import torch
-
-from fp8dispatch import cli, registry
+from fp8dispatch import cli
 from fp8dispatch.blocks import RECIPES, recipe_blocks
-from fp8dispatch.formats import FORMATS
-from fp8dispatch.grouped import GROUPED_RECIPES, GroupedLinearProblem, grouped_block
-from fp8dispatch.problem import dequantize_problem, matmul_problem, quantize_problem
 
 DEFAULT_PATH = Path("docs/support-matrix.md")
 
@@ -20,16 +18,15 @@ DEFAULT_PATH = Path("docs/support-matrix.md")
 # is asked without a probe result, so it describes a complete install), so a CPU machine can
 # describe a GPU: the matrix states what each backend declares, not what this machine has.
 TARGETS = (
-    ("sm90: H100, H200", torch.device("cuda", 0), (9, 0)),
-    ("sm100: B200, GB200", torch.device("cuda", 0), (10, 0)),
-    ("sm89: L4, L40S, RTX 4090", torch.device("cuda", 0), (8, 9)),
-    ("cpu", torch.device("cpu"), None),
+    ("sm90: H100, H200", "cuda:0", (9, 0)),
+    ("sm100: B200, GB200", "cuda:0", (10, 0)),
+    ("sm89: L4, L40S, RTX 4090", "cuda:0", (8, 9)),
+    ("cpu", "cpu", None),
 )
 # Representative problems: DeepSeek-V3-sized and aligned, then small with tails in every dimension.
 M, N, K = 4096, 7168, 2048
 TAIL_M, TAIL_N, TAIL_K = 1, 200, 200
 GRANULARITY_BLOCKS = (("tensor", (M, K)), ("row", (1, K)), ("group", (1, 128)), ("block", (128, 128)))
-SHORT = {dtype: fmt.name for dtype, fmt in FORMATS.items()}
 
 
 def add_arguments(parser) -> None:
@@ -58,8 +55,15 @@ def run(args) -> int:
     return 0
 
 
-def sections(device: torch.device, capability) -> list[tuple[str, list[str], dict]]:
+def sections(device: str, capability) -> list[tuple[str, list[str], dict]]:
     """(title, columns, {column: {fp8 dtype: problem}}) per op for one target."""
+    import torch
+
+    from fp8dispatch.formats import FORMATS
+    from fp8dispatch.grouped import GROUPED_RECIPES, GroupedLinearProblem, grouped_block
+    from fp8dispatch.problem import dequantize_problem, matmul_problem, quantize_problem
+
+    device = torch.device(device)
     quantize = {g: {f: quantize_problem(device, (M, K), b, fp8_dtype=f, capability=capability) for f in FORMATS}
                 for g, b in GRANULARITY_BLOCKS}
     dequantize = {g: {f: dequantize_problem(device, (M, K), b, fp8_dtype=f, capability=capability) for f in FORMATS}
@@ -100,6 +104,8 @@ def declared(backend, problem) -> list[str]:
 
 
 def generate() -> str:
+    from fp8dispatch import registry
+
     # Built-in backends only: the committed file must not depend on what else a process registered.
     backends = [b for b in registry.all_backends() if b.name in registry.BUILTIN_MODULES]
     lines = [
@@ -130,11 +136,13 @@ def generate() -> str:
 
 
 def _cell(backend, by_format: dict, notes: dict[str, int]) -> str:
+    from fp8dispatch.formats import FORMATS
+
     accepted, refs = [], []
     for fp8, problem in by_format.items():
         reasons = declared(backend, problem)
         if not reasons:
-            accepted.append(SHORT[fp8])
+            accepted.append(FORMATS[fp8].name)
             continue
         for reason in reasons:
             number = notes.setdefault(reason, len(notes) + 1)

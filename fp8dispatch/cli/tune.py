@@ -1,4 +1,7 @@
-"""`fp8dispatch tune`: measure the backends here and write the routing table `auto` consults."""
+"""`fp8dispatch tune`: measure the backends here and write the routing table `auto` consults.
+
+The measuring core (and torch with it) is imported in `run`, so `--help` answers at once.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from fp8dispatch import bench, models, registry, tuning
+from fp8dispatch import models, user_table
 from fp8dispatch.cli import bench as bench_cli
 from fp8dispatch.errors import Fp8DispatchError
 
@@ -22,7 +25,7 @@ def add_arguments(parser) -> None:
     g.add_argument("--from", dest="sources", nargs="+", default=None, metavar="JSON",
                    help="measure nothing: build the table from these `bench --out` result files")
     g.add_argument("--table", default=None, metavar="PATH",
-                   help=f"where to write (default ${tuning.ENV_VAR}, else {_default_path()}); "
+                   help=f"where to write (default ${user_table.ENV_VAR}, else {_default_path()}); "
                         "'{gpu}' in PATH becomes the GPU's short name (h200)")
     g.add_argument("--dry-run", action="store_true", help="print the table, write nothing")
 
@@ -32,6 +35,8 @@ def _default_path() -> str:
 
 
 def run(args) -> int:
+    from fp8dispatch import bench, registry, tuning
+
     try:
         if args.model:
             _select_model(args)
@@ -40,9 +45,9 @@ def run(args) -> int:
         else:
             args.no_auto = args.no_baselines = True  # the table needs the backends alone
             env, rows = bench_cli.measure(args)
-        path = Path(bench_cli.named(args.table, env)).expanduser() if args.table else tuning.user_path()
+        path = Path(bench_cli.named(args.table, env)).expanduser() if args.table else user_table.user_path()
         if path is None and not args.dry_run:
-            raise Fp8DispatchError(f"{tuning.ENV_VAR}=off disables routing tables: pass --table PATH to write one")
+            raise Fp8DispatchError(f"{user_table.ENV_VAR}=off disables routing tables: pass --table PATH to write one")
     except Fp8DispatchError as e:
         print(f"fp8dispatch tune: {e}", file=sys.stderr)
         return 2
@@ -66,6 +71,8 @@ def run(args) -> int:
 
 def _select_model(args) -> None:
     """--model: its (N, K) at each --m become the shapes; torchao only when named (it is slow to tune)."""
+    from fp8dispatch import bench
+
     clash = [flag for flag, given in (("--shapes", args.shapes), ("--quick", args.quick), ("--from", args.sources))
              if given]
     if clash:
