@@ -17,7 +17,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
-from fp8dispatch import static_order
+from fp8dispatch import static_order, user_table
 from fp8dispatch.errors import Fp8DispatchError, Fp8TypeError, Fp8ValueError, NoBackend, UnknownBackend
 from fp8dispatch.problem import Problem
 
@@ -185,7 +185,7 @@ def fingerprint() -> str:
 
         backends = [(b.name, b.priority, sorted(b.priorities.items()), sorted(b.traceable)) for b in all_backends()]
         hooks = [(getattr(h, "__qualname__", repr(h)), getattr(h, "state", None)) for h in routing_hooks]
-        digest = hashlib.sha256(repr((settings(), os.environ.get("FP8DISPATCH_TUNING"), backends, hooks)).encode())
+        digest = hashlib.sha256(repr((settings(), os.environ.get(user_table.ENV_VAR), backends, hooks)).encode())
         folders = {Path(__file__).parent} | {Path(sys.modules[b.probe.__module__].__file__).parent
                                              for b in all_backends() if b.probe.__module__ in sys.modules}
         for path in sorted(p for folder in folders for ext in ("*.py", "*.json") for p in folder.rglob(ext)):

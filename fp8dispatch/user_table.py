@@ -10,6 +10,7 @@ from pathlib import Path
 
 ENV_VAR = "FP8DISPATCH_TUNING"
 DISABLED = ("off", "0", "none", "false", "no")
+CACHE_FILE = "fp8dispatch/routing.json"  # under $XDG_CACHE_HOME, else ~/.cache
 
 
 def user_path() -> Path | None:
@@ -20,4 +21,4 @@ def user_path() -> Path | None:
     if value:
         return Path(value).expanduser()
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(cache) / "fp8dispatch" / "routing.json"
+    return Path(cache) / CACHE_FILE

@@ -31,7 +31,7 @@ def add_arguments(parser) -> None:
 
 
 def _default_path() -> str:
-    return "~/.cache/fp8dispatch/routing.json"
+    return f"~/.cache/{user_table.CACHE_FILE}"
 
 
 def run(args) -> int:
