@@ -162,26 +162,44 @@ def write(run: Run, path: str | Path) -> tuple[Path, Path]:
     return md, js
 
 
+def load(path: str | Path) -> Run:
+    """A run read back from its JSON report (or the report beside a Markdown `path`)."""
+    path = Path(path)
+    js = path if path.suffix == ".json" else path.with_suffix(".json")
+    data = json.loads(js.read_text(encoding="utf-8"))
+    known = {c.id: c for quick in (True, False) for c in case_lists.all_cases(quick)}
+    results = [Result(r["backend"], known[r["case"]], Outcome(r["status"], r["detail"]), r["seconds"])
+               for r in data["results"] if r["case"] in known]
+    run = Run(device=data["environment"].get("device", ""), quick=data["size"] == "quick",
+              backends=list(data["backends"]), ops=list(data["ops"]), environment=data["environment"],
+              probes={b: v["probe"] for b, v in data["backends"].items()}, results=results,
+              seconds=data["summary"]["seconds"])
+    run.planned = len(results) + data["summary"]["planned"] - data["summary"]["checks"]
+    return run
+
+
 def merge(run: Run, path: str | Path) -> Run:
     """`run` plus the results of other backends in an earlier JSON report at `path` (or beside it).
 
     For machines where one command cannot run every backend in its time limit: run them one or a
-    few at a time with `--merge`, and the last report holds them all. A backend in `run` replaces
-    its earlier results.
+    few at a time with `--merge` (or side by side, each to its own report, then `--from`), and the
+    last report holds them all. A backend in `run` replaces its earlier results.
     """
     path = Path(path)
     js = path if path.suffix == ".json" else path.with_suffix(".json")
     if not js.exists():
         return run
-    old = json.loads(js.read_text(encoding="utf-8"))
-    known = {c.id: c for quick in (True, False) for c in case_lists.all_cases(quick)}
-    kept = [Result(r["backend"], known[r["case"]], Outcome(r["status"], r["detail"]), r["seconds"])
-            for r in old["results"] if r["backend"] not in run.backends and r["case"] in known]
-    names = list(dict.fromkeys([*old["backends"], *run.backends]))
-    merged = Run(device=run.device, quick=run.quick and old["size"] == "quick", backends=names,
-                 ops=[op for op in OPS if op in {*old["ops"], *run.ops}], environment=run.environment,
-                 probes={b: v["probe"] for b, v in old["backends"].items()} | run.probes,
-                 results=kept + run.results, seconds=run.seconds + sum(r.seconds for r in kept))
+    return combine(load(js), run)
+
+
+def combine(old: Run, run: Run) -> Run:
+    """`run` plus the results of the backends it did not check from `old`."""
+    kept = [r for r in old.results if r.backend not in run.backends]
+    names = list(dict.fromkeys([*old.backends, *run.backends]))
+    merged = Run(device=run.device, quick=run.quick and old.quick, backends=names,
+                 ops=[op for op in OPS if op in {*old.ops, *run.ops}], environment=run.environment,
+                 probes=old.probes | run.probes, results=kept + run.results,
+                 seconds=run.seconds + sum(r.seconds for r in kept))
     merged.planned = len(merged.results) + run.planned - len(run.results)
     return merged
 
@@ -190,5 +208,5 @@ def _escape(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-__all__ = ["COLUMNS", "OPS", "matrix", "matrix_markdown", "merge", "repro_command", "summary_line", "to_json",
+__all__ = ["COLUMNS", "OPS", "combine", "load", "matrix", "matrix_markdown", "merge", "repro_command", "summary_line", "to_json",
            "to_markdown", "unsupported_reasons", "write"]

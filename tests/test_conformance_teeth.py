@@ -236,6 +236,24 @@ def test_merge_keeps_other_backends_and_replaces_a_rerun_one(sandbox, tmp_path):
     assert len([r for r in merged.results if r.backend == "reference"]) == 8
 
 
+def test_reports_run_side_by_side_merge_with_from(sandbox, tmp_path, capsys):
+    """Backends checked by separate commands, each to its own report, merge into one with `--from`:
+    every result kept, a failure still fails the merged report, and it reads back the same."""
+    fp8dispatch.register_backend(_backend("flipped", quantize=flipped_scale_quantize))
+    for name in ("flipped", "reference"):
+        assert main(["conformance", "--backend", name, "--op", "quantize", "--case=-1x200-", "--device", "cpu",
+                     "--report", str(tmp_path / name / "conformance.md")]) == (name == "flipped")
+    merged_path = tmp_path / "all" / "conformance.md"
+    code = main(["conformance", "--from", str(tmp_path / "flipped" / "conformance.json"),
+                 str(tmp_path / "reference" / "conformance.json"), "--report", str(merged_path)])
+    assert code == 1
+    merged = reports.load(merged_path)
+    assert sorted(merged.backends) == ["flipped", "reference"] and not merged.interrupted
+    assert {r.backend for r in merged.failed} == {"flipped"}
+    assert len([r for r in merged.results if r.backend == "reference" and r.status == "passed"]) == 4
+    assert main(["conformance", "--from", str(tmp_path / "nothing.json"), "--report", str(merged_path)]) == 2
+    assert "nothing.json" in capsys.readouterr().err
+
 def scribbling_quantize(x, block, dtype, scale=None, scale_ub=None, pow2_scale=False):
     """The reference's answer, after which it doubles its input in place."""
     out = reference.quantize(x, block, dtype, scale, scale_ub, pow2_scale)

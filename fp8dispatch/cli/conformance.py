@@ -30,10 +30,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--merge", action="store_true",
                         help="keep the other backends' results from the JSON already at --report PATH "
                              "(run backends one at a time where one command has a time limit)")
+    parser.add_argument("--from", nargs="+", dest="sources", metavar="JSON",
+                        help="check nothing: merge these JSON reports (each backend's results from the last "
+                             "one holding it) into --report PATH")
     parser.add_argument("--list", action="store_true", help="list the selected case ids and exit")
 
 
 def run(args) -> int:
+    if args.sources:
+        return _merge_reports(args.sources, args.report)
     device = cli.device(args.device)
     # `python -m` puts the current directory on the path; --load does too, for a module beside you.
     sys.path.insert(0, os.getcwd())
@@ -83,6 +88,24 @@ def run(args) -> int:
         print("no checks selected", file=sys.stderr)
         return 2
     return 1 if result.failed or result.interrupted else 0
+
+
+def _merge_reports(sources: list[str], path: str | None) -> int:
+    from functools import reduce
+    from pathlib import Path
+
+    from fp8dispatch.conformance import report
+
+    if not path:
+        raise cli.UsageError("--from", "needs --report PATH to write the merged report to")
+    for source in sources:
+        if not Path(source).with_suffix(".json").is_file():
+            raise cli.UsageError("--from", f"{source}: no such JSON report")
+    merged = reduce(report.combine, map(report.load, sources))
+    md, js = report.write(merged, path)
+    print(report.matrix_markdown(merged))
+    print(f"report: {md} and {js} ({report.summary_line(merged)})")
+    return 1 if merged.failed or merged.interrupted else 0
 
 
 def _interrupt(signum, frame):
