@@ -194,9 +194,9 @@ def test_compiled_graph_holds_the_backends_ops_not_the_public_api():
     assert "fp8dispatch.run_quantize" not in code and "fp8dispatch.matmul.default" not in code
 
 
-def _compiled_linear_code() -> str:
+def _compiled_linear_code(device: str = "cpu") -> str:
     """Inductor's code for `linear(x, w)` compiled fullgraph, after checking it gives eager's bits."""
-    x, w = _randn(4, 256, dtype=torch.bfloat16), _q(_randn(64, 256), "block")
+    x, w = _randn(4, 256, dtype=torch.bfloat16).to(device), _q(_randn(64, 256).to(device), "block")
 
     def fn(x):
         return fp8dispatch.linear(x, w)
@@ -207,9 +207,10 @@ def _compiled_linear_code() -> str:
     return code
 
 
-def test_untraceable_steps_run_as_one_opaque_op_each(sandbox):
-    """The Triton interpreter cannot be traced: each step is one `fp8dispatch::run_*` op that runs
-    the cached plan of the backend chosen while tracing."""
+def test_triton_steps_in_a_compiled_graph(sandbox):
+    """The Triton interpreter (a machine without a GPU) cannot be traced: each step is one
+    `fp8dispatch::run_*` op that runs the cached plan of the backend chosen while tracing. On a GPU
+    the steps are the kernels themselves. Either way eager's bits, and no re-entry into the API."""
     from fp8dispatch.backends import triton
 
     found = triton.probe()
@@ -217,8 +218,10 @@ def test_untraceable_steps_run_as_one_opaque_op_each(sandbox):
         pytest.skip(f"triton cannot run here: {found}")
     fp8dispatch.register_backend(triton.BACKEND, replace=True)
     sandbox.env(FP8DISPATCH_BACKEND="triton")
-    code = _compiled_linear_code()
-    assert "fp8dispatch.run_quantize" in code and "fp8dispatch.run_matmul" in code
+    interpreted = not torch.cuda.is_available()
+    code = _compiled_linear_code("cpu" if interpreted else "cuda")
+    if interpreted:
+        assert "fp8dispatch.run_quantize" in code and "fp8dispatch.run_matmul" in code
     assert "fp8dispatch.matmul.default" not in code
 
 

@@ -115,3 +115,35 @@ def test_the_triton_backend_names_the_kernel_it_runs():
     text = fp8dispatch.explain("linear", _x(4, 7168), _x(256, 7168), backend="triton")
     assert "runs: triton · two-sweep 1×g groups kernel" in text or "runs: triton · one-pass groups kernel" in text
     assert "runs: triton · matmul.py: portable scaled-mm kernel, operands swapped (M ≤ 64)" in text
+
+
+# --- the Triton launcher's bookkeeping (its direct path runs only on a GPU) ----------------------
+
+
+def test_tracing_is_false_for_eager_tensors_and_true_for_fake_ones():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from fp8dispatch.backends.triton.launch import tracing
+
+    assert not tracing(torch.ones(2)) and not tracing(nn.Parameter(torch.ones(2)))
+    with FakeTensorMode():
+        assert tracing(torch.ones(2))
+
+
+def test_a_launchers_last_launch_is_bound_only_for_its_own_aligned_first_tensor():
+    """`bound` relaunches the latest launch only for the tensor it was made with, when every tensor
+    was 16-byte aligned, with the tensors' places left empty for the caller's pointers."""
+    from fp8dispatch.backends.triton import launch
+
+    launcher = launch.Launcher(kernel=None, tensors=2)
+    first = torch.ones(4)
+    handles = ("run", "function", "packed")
+    launcher.last = ((3, 1, 1), "compiled", id(first), ((torch.float32, True), (torch.float32, True)), (7, 8),
+                     (64,))
+    with mock.patch.object(launch, "bind", return_value=handles):
+        assert launcher.bound(first) == ((3, 1, 1), *handles, (None, None, 7, 8), (64,))
+        assert launcher.bound(torch.ones(4)) is None
+        launcher.last = (*launcher.last[:3], ((torch.float32, True), (torch.float32, False)), *launcher.last[4:])
+        assert launcher.bound(first) is None
+    with mock.patch.object(launch, "bind", return_value=None):  # Triton's own path must serve
+        launcher.last = (*launcher.last[:3], ((torch.float32, True),) * 2, *launcher.last[4:])
+        assert launcher.bound(first) is None

@@ -42,10 +42,10 @@ def static_key(scalars: tuple, constexprs: dict, options: dict) -> tuple:
 class Launcher:
     """`Launcher(kernel, tensors)(grid, args, constexprs, options)`: `args` are the runtime
     parameters in order (the first `tensors` of them tensors), `constexprs` the remaining
-    parameters by name, `options` num_warps / num_stages. `last` is the latest slow launch, for
-    `bind`: (grid of 3, the CompiledKernel, id of the first tensor, the args with tensors left out,
-    whether every tensor was 16-byte aligned, constexpr values in parameter order). It holds no
-    tensor: one kept alive from a CUDA-graph capture would break the capture's memory pool."""
+    parameters by name, `options` num_warps / num_stages. `last` is the latest launch, for `bound`:
+    (grid of 3, the CompiledKernel, id of the first tensor, each tensor's (dtype, 16-byte aligned),
+    the non-tensor args, constexpr values in parameter order). It holds no tensor: one kept alive
+    from a CUDA-graph capture would break the capture's memory pool."""
 
     def __init__(self, kernel, tensors: int):
         self.kernel = kernel
@@ -76,23 +76,26 @@ class Launcher:
             hit = self.compiled[key] = (compiled, tuple(constexprs[n] for n in names))
         else:
             hit[0][grid3](*args, *hit[1], stream=torch.cuda.current_stream(args[0].device).cuda_stream)
-        self.last = (grid3, hit[0], id(args[0]), tuple(None if isinstance(a, torch.Tensor) else a for a in args),
-                     all(ok for _, ok in key[2]), hit[1])
+        # Cheap on purpose (it runs on every launch): the checks and the args' rebuild wait for `bound`.
+        self.last = (grid3, hit[0], id(args[0]), key[2], args[self.tensors:], hit[1])
 
     def bound(self, first: torch.Tensor) -> tuple | None:
         """`(grid, run, function, packed, args, constexprs)` for `bind`'s direct relaunch of the kernel
         last launched with `first` as its first tensor (`args` with tensors left out), or None: that
         launch was for another tensor or had an unaligned one, or Triton's own path must serve."""
         last = self.last
-        if last is None or last[2] != id(first) or not last[4]:
+        if last is None or last[2] != id(first) or not all(aligned for _, aligned in last[3]):
             return None
-        grid, compiled, _, args, _, constexprs = last
+        grid, compiled, _, _, scalars, constexprs = last
         handles = bind(compiled)
-        return None if handles is None else (grid, *handles, args, constexprs)
+        return None if handles is None else (grid, *handles, (None,) * self.tensors + scalars, constexprs)
 
 
 def tracing(t: torch.Tensor) -> bool:
-    """Whether a torch.compile trace is running this code on `t` (then kernels become graph nodes)."""
+    """Whether a torch.compile trace is running this code on `t` (then kernels become graph nodes).
+    A plain eager tensor answers from its type: `is_fake` alone costs 3 µs a call on a CPU."""
+    if type(t) is torch.Tensor and not torch._is_functional_tensor(t):
+        return False
     return is_fake(t)
 
 
