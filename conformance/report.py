@@ -200,7 +200,10 @@ def combine(old: Run, run: Run) -> Run:
                  ops=[op for op in OPS if op in {*old.ops, *run.ops}], environment=run.environment,
                  probes=old.probes | run.probes, results=kept + run.results,
                  seconds=run.seconds + sum(r.seconds for r in kept))
-    merged.planned = len(merged.results) + run.planned - len(run.results)
+    # Checks still to run: run's, and old's too when run replaced none of old's backends (old does
+    # not say whose its unrun checks were).
+    old_left = 0 if set(old.backends) & set(run.backends) else old.planned - len(old.results)
+    merged.planned = len(merged.results) + run.planned - len(run.results) + old_left
     return merged
 
 
