@@ -15,14 +15,14 @@ import torch
 from fp8dispatch.blocks import Block, cdiv, expand_scale
 from fp8dispatch.errors import Fp8TypeError, Fp8ValueError
 from fp8dispatch.formats import HIGH_PRECISION, is_fp8
-from fp8dispatch.tensor import Fp8Tensor
+from fp8dispatch.tensor import DataView, Fp8Tensor
 
 GROUPED_RECIPES = ("block", "row")
 LAYOUTS = ("contiguous", "masked")
 
 
 @dataclass(frozen=True, eq=False)
-class GroupedFp8Tensor:
+class GroupedFp8Tensor(DataView):
     """`w[g] ≈ data[g].float() * scale[g]`, the scale broadcast by `block` over each expert's [N, K].
 
     `data` FP8 `[G, N, K]`, `scale` fp32 `[G, ceil(N / block[0]), ceil(K / block[1])]`. Unpacks like
@@ -55,18 +55,6 @@ class GroupedFp8Tensor:
 
     def __iter__(self):
         return iter((self.data, self.scale, self.block))
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.data.shape
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.data.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.data.device
 
     def expert(self, g: int) -> Fp8Tensor:
         """Expert g's weight `[N, K]` as an Fp8Tensor (views, no copy)."""

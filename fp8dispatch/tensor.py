@@ -12,8 +12,26 @@ from fp8dispatch.errors import Fp8IndexError, Fp8TypeError, Fp8ValueError
 from fp8dispatch.formats import fp8_format, is_fp8
 
 
+class DataView:
+    """`shape`, `dtype` and `device`: those of the FP8 `data` a subclass holds."""
+
+    __slots__ = ()
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.data.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+
 @dataclass(frozen=True, slots=True, eq=False)
-class Fp8Tensor:
+class Fp8Tensor(DataView):
     """`x ≈ data.float() * scale`, the scale broadcast by `block` over the 2-D view of data.
 
     Data of more than two dimensions is viewed as [prod(leading dims), last dim] for blocks and
@@ -91,18 +109,6 @@ class Fp8Tensor:
             if not -3 <= index < 3:
                 raise Fp8IndexError(f"index: expected -3 to 2 for (data, scale, block), got {index}")
         return (self.data, self.scale, self.block)[index]
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.data.shape
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.data.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.data.device
 
     @property
     def shape2d(self) -> tuple[int, int]:
