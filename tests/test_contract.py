@@ -137,6 +137,22 @@ def test_non_finite_values_poison_nothing_but_themselves():
     assert torch.equal(t.bits()[keep], ref.bits()[keep])
 
 
+class _SubTensor(Fp8Tensor):
+    """A user's subclass: `_trusted` must still build one, frozen, whatever its memory layout."""
+
+
+@pytest.mark.parametrize("cls", [Fp8Tensor, _SubTensor])
+def test_the_unchecked_constructor_builds_a_frozen_instance_of_its_class(cls):
+    import dataclasses
+
+    data, scale = torch.zeros(2, 4, dtype=E4M3), torch.ones(2, 1)
+    t = cls._trusted(data, scale, (1, 4))
+    assert type(t) is cls and t.data is data and t.scale is scale and t.block == (1, 4)
+    assert t.t().block == (4, 1) and tuple(t) == (data, scale, (1, 4))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        t.block = (1, 2)
+
+
 def test_fp8_tensor_unpacks_transposes_and_round_trips_bits():
     w = torch.randn(256, 384)
     t = q(w, "block")
