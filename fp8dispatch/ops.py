@@ -133,7 +133,8 @@ def _traced(routed, *args) -> Callable | None:
     return traced
 
 
-_RUNS_ON_FAKES: dict = {}
+_RUNS_ON_FAKES: dict = {}  # (backend, problem) -> bool; a re-registered backend is tried afresh
+registry._refresh_hooks.append(_RUNS_ON_FAKES.clear)
 
 
 def _runs_on_fakes(routed, step, args) -> bool:
