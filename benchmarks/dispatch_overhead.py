@@ -9,6 +9,7 @@ eager, with the cached decisions unchanged by the capture.
     python benchmarks/dispatch_overhead.py [--out docs/results/h100/dispatch-overhead.json]
     git show REV:fp8dispatch/api.py > /tmp/api_rev.py   # before/after, in the same rounds:
     python benchmarks/dispatch_overhead.py --baseline /tmp/api_rev.py
+    python benchmarks/dispatch_overhead.py --breakdown --out host-layers.json   # benchmarks/host_layers.py
 """
 
 from __future__ import annotations
@@ -247,7 +248,7 @@ def graph_check(x, wq) -> dict:
     return result
 
 
-def main() -> int:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=15)
@@ -256,7 +257,13 @@ def main() -> int:
                         help="another version of fp8dispatch/api.py (e.g. from `git show REV:fp8dispatch/api.py`) "
                              "to time in the same rounds, for a before/after free of run-to-run drift")
     parser.add_argument("--cpu-only", action="store_true", help="skip the GPU section even if there is a GPU")
-    args = parser.parse_args()
+    parser.add_argument("--breakdown", action="store_true",
+                        help="instead: host time of each layer of fd.quantize / fd.linear (benchmarks/host_layers.py)")
+    parser.add_argument("--tiny", action="store_true", help="with --breakdown: tiny tensors and few calls (a check)")
+    parser.add_argument("--backends", default="triton,auto", help="with --breakdown: the backends to peel")
+    args = parser.parse_args(argv)
+    if args.breakdown:
+        return host_breakdown(args)
     global BASELINE
     if args.baseline:
         BASELINE = load_baseline(args.baseline)
@@ -275,6 +282,21 @@ def main() -> int:
         print(f"wrote {args.out}")
     worst = max(r["overhead_us"] for r in report["cpu"] if r["case"].startswith("null"))
     print(f"\nworst CPU dispatch overhead (null backend): {worst:.2f} µs per call (target {TARGET_US} µs)")
+    return 0
+
+
+def host_breakdown(args) -> int:
+    import host_layers
+
+    calls, repeats = (2, 2) if args.tiny else (min(args.calls, 200), args.repeats)
+    report = host_layers.run("tiny" if args.tiny else "full", args.backends.split(","), calls, repeats,
+                             "cpu" if args.cpu_only else None)
+    table = host_layers.markdown(report)
+    print("\n" + table)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"wrote {args.out}")
     return 0
 
 
