@@ -142,6 +142,84 @@ def breakdown() -> dict:
     return out
 
 
+def after_work(rounds: int) -> list[dict]:
+    """The same cached calls with other work between them, each call timed alone (µs, medians).
+
+    Work between calls leaves the caches (data, instructions, TLB, branch predictors) holding that
+    work's memory, so a call then pays for every object and function it touches. Three kinds: real
+    reference work (torch), a pure-Python job that never calls torch, and a 4 MB copy (data caches
+    only), and the reference work again with the garbage collector off or with the last 64 results
+    kept alive instead of dropped; a plain Python wrapper that builds a small frozen object around the same backend call
+    is the control: what any Python layer pays in the same state. The calls run in a random order
+    each round, so each kind of work precedes each call alike.
+    """
+    import collections
+    import dataclasses
+    import decimal
+    import gc
+    import random
+
+    x = torch.randn(1, 256, dtype=torch.bfloat16)
+    e4m3, group = torch.float8_e4m3fn, (1, 128)
+    fp8dispatch.register_backend(null_backend(x.device), replace=True)
+    try:
+        null, ref = registry.get_backend("null"), registry.get_backend("reference")
+        run = fp8dispatch.plan_quantize(x, "group", backend="null").run
+
+        @dataclasses.dataclass(frozen=True, slots=True, eq=False)
+        class Frozen:
+            data: torch.Tensor
+            scale: torch.Tensor
+            block: tuple
+
+        def wrapper(x, granularity="row", *, dtype=e4m3, block_size=128, scale=None, scale_ub=None,
+                    pow2_scale=False, overflow="saturate", backend="auto"):
+            data, s = null.quantize(x, group, dtype, None, None, False)
+            return Frozen(data, s, group)
+
+        calls = {
+            "the backend's function (returns a tuple)": lambda: null.quantize(x, group, e4m3, None, None, False),
+            "a plain Python wrapper -> frozen object": lambda: wrapper(x, "group", backend="null"),
+            "the plan's run (plan_quantize(...).run)": lambda: run(x),
+            'fd.quantize(x, "group")': lambda: fp8dispatch.quantize(x, "group", backend="null"),
+            "  its key alone: planning.quantize_key(...)": lambda: planning.quantize_key(
+                x, "group", e4m3, 128, None, None, False, "saturate", "null"),
+            "  its compile check alone: torch.compiler.is_compiling()": api._is_compiling,
+        }
+        big, doc = bytearray(4 << 20), {"a": [list(range(20)), {"b": "c" * 10, "d": [1.5, 2.5]}] * 40}
+        works = {
+            "none": lambda: None,
+            "reference quantize of x (torch)": lambda: ref.quantize(x, group, e4m3, None, None, False),
+            "JSON round trip + decimal sqrt (Python, no torch)": lambda: (json.loads(json.dumps(doc)),
+                                                                         decimal.Decimal(2).sqrt()),
+            "copy 4 MB (data caches only)": lambda: bytes(big),
+            "reference quantize, garbage collector off": lambda: ref.quantize(x, group, e4m3, None, None, False),
+            "reference quantize, the last 64 results kept": lambda: ref.quantize(x, group, e4m3, None, None, False),
+        }
+        clock, rows = time.perf_counter_ns, []
+        for work_name, work in works.items():
+            times, kept = {name: [] for name in calls}, collections.deque(maxlen=64 if "kept" in work_name else 1)
+            if "collector off" in work_name:
+                gc.disable()
+            try:
+                for _ in range(rounds):
+                    for name in random.sample(list(calls), len(calls)):
+                        work()
+                        start = clock()
+                        kept.append(calls[name]())
+                        times[name].append(clock() - start)
+            finally:
+                gc.enable()
+            rows.append({"work": work_name, **{name: statistics.median(t) / 1000 for name, t in times.items()}})
+        print(f"  each call timed alone after other work, {rounds} rounds in random order, median µs; "
+              f"columns: the work before the call ({' | '.join(works)})")
+        for name in calls:
+            print(f"    {name:<58}" + "".join(f"  {row[name]:7.2f}" for row in rows))
+    finally:
+        fp8dispatch.unregister_backend("null")
+    return rows
+
+
 def cpu_section(calls: int, repeats: int) -> list[dict]:
     print(f"CPU ({platform.processor() or platform.machine()}), {calls} calls × {repeats} repeats, median per call")
     device = torch.device("cpu")
@@ -261,6 +339,8 @@ def main(argv=None) -> int:
                         help="instead: host time of each layer of fd.quantize / fd.linear (benchmarks/host_layers.py)")
     parser.add_argument("--tiny", action="store_true", help="with --breakdown: tiny tensors and few calls (a check)")
     parser.add_argument("--backends", default="triton,auto", help="with --breakdown: the backends to peel")
+    parser.add_argument("--after-work", type=int, default=0, metavar="ROUNDS",
+                        help="also time the cached calls after other work (cold caches), ROUNDS rounds")
     args = parser.parse_args(argv)
     if args.breakdown:
         return host_breakdown(args)
@@ -269,6 +349,8 @@ def main(argv=None) -> int:
         BASELINE = load_baseline(args.baseline)
     report = {"python": platform.python_version(), "torch": torch.__version__, "target_us": TARGET_US,
               "cpu": cpu_section(args.calls, args.repeats), "cpu_breakdown": breakdown()}
+    if args.after_work:
+        report["cpu_after_work"] = after_work(args.after_work)
     if args.baseline:
         report["baseline"] = args.baseline
     if torch.cuda.is_available() and not args.cpu_only:
