@@ -9,7 +9,7 @@ eager, with the cached decisions unchanged by the capture.
     python benchmarks/dispatch_overhead.py [--out docs/results/h100/dispatch-overhead.json]
     git show REV:fp8dispatch/api.py > /tmp/api_rev.py   # before/after, in the same rounds:
     python benchmarks/dispatch_overhead.py --baseline /tmp/api_rev.py
-    python benchmarks/dispatch_overhead.py --breakdown --out host-layers.json   # benchmarks/host_layers.py
+    python benchmarks/dispatch_overhead.py --breakdown --out host-layers.json   # and host-layers.md
 """
 
 from __future__ import annotations
@@ -378,7 +378,10 @@ def host_breakdown(args) -> int:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
-        print(f"wrote {args.out}")
+        markdown = args.out.removesuffix(".json") + ".md"
+        with open(markdown, "w") as f:
+            f.write(table)
+        print(f"wrote {args.out} and {markdown}")
     return 0
 
 

@@ -35,6 +35,7 @@ def test_breakdown_reports_every_layer(tmp_path, monkeypatch, capsys):
     out = tmp_path / "host.json"
     assert load("dispatch_overhead").main(["--breakdown", "--tiny", "--cpu-only", "--out", str(out)]) == 0
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [line for line in (tmp_path / "host.md").read_text().splitlines() if line.startswith("| ")] == table
     rows = json.loads(out.read_text())["rows"]
     assert len(table) == len(rows) + 1  # the header, then one line per row
     for backend in ("triton", "auto (triton)"):
