@@ -109,11 +109,11 @@ def quantize_layers(table: Table, x: torch.Tensor, backend: str) -> None:
     both = (_alloc(data.shape, data.dtype, x.device), _alloc(scale.shape, scale.dtype, x.device))
     table.time(op, name, "both outputs", lambda: (both[0](), both[1]()))
     table.time(op, name, "compiled kernel's launch, args packed (CompiledKernel.run)",
-               _quantize_launch(plan, x, data, scale, step))
+               _quantize_launch(plan, x, data, scale))
     table.time(op, name, "Fp8Tensor._trusted(data, scale, block)", lambda: Fp8Tensor._trusted(data, scale, GROUP))
 
 
-def _quantize_launch(plan, x, data, scale, step):
+def _quantize_launch(plan, x, data, scale):
     """The compiled kernel the triton backend's direct path launches, every argument packed now."""
     if plan.routed.backend != "triton":
         return f"n/a: {plan.routed.backend} serves this call"
@@ -121,7 +121,7 @@ def _quantize_launch(plan, x, data, scale, step):
         return "n/a: Triton's CPU interpreter compiles no kernel"
     launch_mod, quantize_mod, _ = _triton_modules()
     launcher, _ = quantize_mod.kernel_for(plan.routed.problem)
-    step(x, GROUP, E4M3, None, None, False)  # the launcher's latest launch is for x again
+    quantize_mod.quantize(x, GROUP, E4M3)  # through the Launcher: its latest launch is for x again
     found = None if launcher is None else launcher.bound(x)
     if found is None:
         return "n/a: no direct launch for this kernel (launch hooks set, or fast launches off)"
