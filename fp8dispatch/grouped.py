@@ -14,7 +14,7 @@ import torch
 
 from fp8dispatch.blocks import Block, cdiv, expand_scale
 from fp8dispatch.errors import Fp8TypeError, Fp8ValueError
-from fp8dispatch.formats import HIGH_PRECISION, is_fp8
+from fp8dispatch.formats import HIGH_PRECISION
 from fp8dispatch.tensor import DataView, Fp8Tensor
 
 GROUPED_RECIPES = ("block", "row")
@@ -34,20 +34,10 @@ class GroupedFp8Tensor(DataView):
     block: Block
 
     def __post_init__(self):
+        self._check_parts()
         data, scale, block = self.data, self.scale, self.block
-        if not isinstance(data, torch.Tensor) or not is_fp8(data.dtype):
-            seen = data.dtype if isinstance(data, torch.Tensor) else type(data).__name__
-            raise Fp8TypeError(f"data: expected a tensor of an FP8 dtype, got {seen}")
         if data.dim() != 3:
             raise Fp8ValueError(f"data: expected a 3-d [G, N, K] tensor, got shape {tuple(data.shape)}")
-        if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32:
-            seen = scale.dtype if isinstance(scale, torch.Tensor) else type(scale).__name__
-            raise Fp8TypeError(f"scale: expected a float32 tensor, got {seen}")
-        if scale.device != data.device:
-            raise Fp8ValueError(f"scale: expected device {data.device} (the data's), got {scale.device}")
-        if (not isinstance(block, tuple) or len(block) != 2
-                or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
-            raise Fp8ValueError(f"block: expected a pair of positive ints, got {block!r}")
         expected = grouped_scale_shape(tuple(data.shape), block)
         if tuple(scale.shape) != expected:
             raise Fp8ValueError(f"scale: expected shape {expected} for data {tuple(data.shape)} in per-expert "

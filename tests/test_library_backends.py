@@ -97,13 +97,17 @@ def fake_per_row(wrong=False, raises=False):
     return quantize_fp8_per_row
 
 
+def installed_on_cpu(monkeypatch, module):
+    """A library backend probing on CPU: the device gate passes and the library is 'installed'."""
+    monkeypatch.setattr(module, "_loaded", {})
+    monkeypatch.setattr(lib, "cuda_reason", lambda capability: None)
+    monkeypatch.setattr(module, "_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(module, "_find_spec", lambda name: object())
+
+
 @pytest.fixture
 def fbgemm_fakes(monkeypatch):
-    """An fbgemm backend probing on CPU: the device gate passes and the library is 'installed'."""
-    monkeypatch.setattr(fb, "_loaded", {})
-    monkeypatch.setattr(lib, "cuda_reason", lambda capability: None)
-    monkeypatch.setattr(fb, "_device", lambda: torch.device("cpu"))
-    monkeypatch.setattr(fb, "_find_spec", lambda name: object())
+    installed_on_cpu(monkeypatch, fb)
     monkeypatch.setattr(fb, "_import", lambda name: types.SimpleNamespace(__name__=name))
     monkeypatch.setattr(fb, "_ops", lambda: types.SimpleNamespace(quantize_fp8_per_row=fake_per_row()))
     return monkeypatch
@@ -161,10 +165,7 @@ def fake_torchao(wrong=False, drop=()):
 
 @pytest.fixture
 def torchao_fakes(monkeypatch):
-    monkeypatch.setattr(ta, "_loaded", {})
-    monkeypatch.setattr(lib, "cuda_reason", lambda capability: None)
-    monkeypatch.setattr(ta, "_device", lambda: torch.device("cpu"))
-    monkeypatch.setattr(ta, "_find_spec", lambda name: object())
+    installed_on_cpu(monkeypatch, ta)
     monkeypatch.setattr(ta, "_has_triton", lambda: True)
     monkeypatch.setattr(ta, "_import", lambda name: fake_torchao())
     return monkeypatch
