@@ -88,9 +88,9 @@ def quantize_grouped(w: torch.Tensor, recipe: str = "block", *, dtype: torch.dty
                      block_size: int = 128, pow2_scale: bool = False, backend: str = "auto") -> GroupedFp8Tensor:
     """Quantize a `[G, N, K]` stack of expert weights, each expert blocked on its own.
 
-    One `fp8dispatch.quantize` call over the `[G * N', K]` view, N padded with zero rows to a multiple
-    of the block's rows when it is not one (zeros raise no block's amax), so every scale follows
-    the quantizer's rules exactly as a per-expert `quantize(w[g], ...)` would.
+    `fp8dispatch.quantize` calls over `[G' * N', K]` views of a few experts at a time, N padded with
+    zero rows to a multiple of the block's rows when it is not one (zeros raise no block's amax), so
+    every scale follows the quantizer's rules exactly as a per-expert `quantize(w[g], ...)` would.
     """
     from fp8dispatch.api import quantize  # api imports this module
 
@@ -108,11 +108,23 @@ def quantize_grouped(w: torch.Tensor, recipe: str = "block", *, dtype: torch.dty
     if g * rows * k == 0:
         data = torch.empty((g, n, k), dtype=dtype, device=w.device)
         return GroupedFp8Tensor(data, torch.ones(grouped_scale_shape((g, n, k), block), device=w.device), block)
-    padded = w if rows == n else torch.nn.functional.pad(w, (0, 0, 0, rows - n))
-    q = quantize(padded.reshape(g * rows, k), "block", dtype=dtype, block_size=block, pow2_scale=pow2_scale,
-                 backend=backend)
-    data = q.data.view(g, rows, k)[:, :n].contiguous()
-    return GroupedFp8Tensor(data, q.scale.view(grouped_scale_shape((g, rows, k), block)), block)
+    data = torch.empty((g, n, k), dtype=dtype, device=w.device)
+    scale = torch.empty(grouped_scale_shape((g, n, k), block), dtype=torch.float32, device=w.device)
+    # A few experts per quantize call, so a backend's fp32 working copies stay small (256 of
+    # DeepSeek-V3's 4096×7168 experts would take 28 GiB in one call); blocks never span experts.
+    step = max(1, QUANTIZE_CHUNK_ELEMENTS // (rows * k))
+    for first in range(0, g, step):
+        part = w[first:first + step]
+        padded = part if rows == n else torch.nn.functional.pad(part, (0, 0, 0, rows - n))
+        q = quantize(padded.reshape(-1, k), "block", dtype=dtype, block_size=block, pow2_scale=pow2_scale,
+                     backend=backend)
+        data[first:first + step] = q.data.view(-1, rows, k)[:, :n]
+        scale[first:first + step] = q.scale.view(grouped_scale_shape((part.shape[0], rows, k), block))
+    return GroupedFp8Tensor(data, scale, block)
+
+
+# Elements of w per quantize call in `quantize_grouped` (1 GiB of fp32 working copy).
+QUANTIZE_CHUNK_ELEMENTS = 1 << 28
 
 
 def skewed_counts(groups: int, total: int, seed: int = 0) -> tuple[int, ...]:
