@@ -120,17 +120,19 @@ def build(case: GroupedCase, device: torch.device) -> dict:
     rows = groups * case.max_m if masked else sum(case.counts)
     masked_m = list(min(c, case.max_m) for c in case.counts) if masked else None
     pow2 = case.exact
-    # w expert by expert, straight into the input dtype on the device: DeepSeek-V3's 256 experts of
-    # 4096×7168 are 28 GiB in fp32, and several backends' checks may share one GPU.
+    # w expert by expert, drawn on the device straight into the input dtype: DeepSeek-V3's 256
+    # experts of 4096×7168 are 7.5 G numbers (28 GiB in fp32), and several backends' checks may share
+    # one GPU. Deterministic per device.
     w = torch.empty((groups, n, k), dtype=case.in_dtype, device=device)
+    w_gen = torch.Generator(device).manual_seed(case.seed + 1)
     if pow2:
         x = _small_integers((rows, k), gen)
         for g in range(groups):
-            w[g] = _small_integers((n, k), gen)
+            w[g] = _small_integers((n, k), w_gen, device)
     else:
         x = torch.randn(rows, k, generator=gen)
         for g in range(groups):
-            w[g] = torch.randn(n, k, generator=gen) / k**0.5
+            w[g] = torch.randn(n, k, generator=w_gen, device=device) / k**0.5
     if masked:  # padding rows: NaN, which must reach no valid row and no output
         pad = (torch.arange(case.max_m)[None, :] >= torch.tensor(masked_m)[:, None]).reshape(-1)
         x[pad] = float("nan")
@@ -155,10 +157,10 @@ def build(case: GroupedCase, device: torch.device) -> dict:
     return {"x": xa, "w": wq, "offsets": offsets, "masked_m": masked_t, "bias": bias}
 
 
-def _small_integers(shape, gen) -> torch.Tensor:
+def _small_integers(shape, gen, device="cpu") -> torch.Tensor:
     """Integers in [-2, 2] with the first of each 128-wide K run at 2 (so block amaxes are 2 and
     pow2 scales make the FP8 codes exact); products ≤ 4, sums over K ≤ 384 exact in fp32 and fp16."""
-    x = torch.randint(-2, 3, shape, generator=gen).float()
+    x = torch.randint(-2, 3, shape, generator=gen, device=device).float()
     x[..., ::128] = 2.0
     return x
 
