@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import io
 from importlib import metadata
@@ -136,10 +137,21 @@ def add_bias(out: torch.Tensor, bias) -> torch.Tensor:
 # --- grouped (mixture-of-experts) helpers: device-side, no host synchronization ---------------
 
 
-def masked_as_contiguous(groups: int, max_m: int, device: torch.device) -> torch.Tensor:
-    """offsets [G + 1] that give every expert all max_m slots of a masked-layout x (the padding
-    rows are computed and then zeroed by `zero_past_masked`), for kernels without a masked mode."""
-    return torch.arange(groups + 1, device=device, dtype=torch.int64) * max_m
+def masked_as_contiguous(run):
+    """A grouped_linear runner for a kernel without a masked mode, from `run(xq, x, w, offsets)`
+    that multiplies xq [M, K] (x's data, flattened) in the contiguous layout. A masked-layout x
+    [G, max_m, K] runs as contiguous, every expert given all max_m slots; the padding rows this
+    computes are then zeroed (`zero_past_masked`)."""
+
+    @functools.wraps(run)
+    def grouped_linear(x, w, offsets, masked_m, out_dtype, bias=None):
+        groups, n, k = w.data.shape
+        if offsets is None:
+            offsets = torch.arange(groups + 1, device=x.data.device, dtype=torch.int64) * x.data.shape[1]
+        out = run(x.data.reshape(-1, k), x, w, offsets)
+        return out if masked_m is None else zero_past_masked(out.view(groups, -1, n), masked_m)
+
+    return grouped_linear
 
 
 def zero_past_masked(out: torch.Tensor, masked_m: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """The `fbgemm` backend: FBGEMM GenAI's CUTLASS FP8 GEMMs and its Triton dequantizers.
 
 Every quirk of fbgemm-gpu-genai 1.6 that docs/backends.md lists is translated here or declared in
-`why_not`: MN-major groupwise scales, bf16-only reads, sm_90a-only cubins, alignment rules that
-CUTLASS does not check. Its quantizers are declined: none is the contract (docs/backends.md).
+its capability table: MN-major groupwise scales, bf16-only reads, sm_90a-only cubins, alignment
+rules that CUTLASS does not check. Its quantizers are declined: none is the contract (docs/backends.md).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fp8dispatch.capabilities import Capabilities, Serves, sm
+from fp8dispatch.capabilities import Capabilities, Serves
 from fp8dispatch.registry import Backend
 
 from . import _library as lib
@@ -29,6 +29,7 @@ OPS = ("quantize_fp8_per_row", "quantize_fp8_per_tensor", "f8f8bf16_rowwise", "f
 # instruction; H100, docs/backends.md). Other M are padded with zero
 # rows to a multiple of 4.
 GROUPWISE_M_MULTIPLE = 4
+GROUPED_OPS = {"block": "f8f8bf16_groupwise_grouped", "row": "f8f8bf16_rowwise_grouped_stacked"}
 
 _import = importlib.import_module
 _find_spec = importlib.util.find_spec
@@ -46,35 +47,6 @@ class Found:
 
 # A complete build: what `fp8dispatch support-matrix` describes.
 COMPLETE = Found(ops=frozenset(OPS), triton=None)
-
-# One row per function: what it takes, where it has kernels, what it needs (docs/backends.md).
-E4M3_ONLY, BF16_ONLY, SM90, SM100 = (E4M3,), (torch.bfloat16,), (9, 0), (10, 0)
-SM90A = {"arch": "sm_90a cubins"}
-# can_implement is disabled in the block GEMMs: keep to K % 128, where tails are verified.
-K128 = (("K", 128), ("N", 16))
-TRITON_KERNELS = {"arch": "FBGEMM's Triton FP8 kernels"}
-TABLE = Capabilities("FBGEMM", (
-    Serves("matmul", "row", "f8f8bf16_rowwise", None, E4M3_ONLY, BF16_ONLY, archs=(SM90, SM100),
-           multiples=(("K", 16), ("N", 8)), bias="any", why={"arch": "sm_90a and sm_100a cubins"}),
-    Serves("matmul", "tensor", "f8f8bf16", None, E4M3_ONLY, BF16_ONLY, archs=(SM90,),
-           multiples=(("K", 16), ("N", 16)), why=SM90A),
-    Serves("matmul", "block", "f8f8bf16_groupwise", (GROUP, BLOCK), E4M3_ONLY, BF16_ONLY, archs=(SM90,),
-           multiples=K128, why=SM90A),
-    Serves("matmul", "mixed", "f8f8bf16_blockwise", (BLOCK, BLOCK), E4M3_ONLY, BF16_ONLY, archs=(SM90,),
-           multiples=K128, why=SM90A),
-    Serves("dequantize", "row", "dequantize_fp8_row", out_dtypes=BF16_ONLY, multiples=(("rows", 16),),
-           why=dict(TRITON_KERNELS, rows="dequantize_fp8_row reads scales in tiles of 16 rows without a mask")),
-    Serves("dequantize", "group", "dequantize_fp8_block", out_dtypes=BF16_ONLY, why=TRITON_KERNELS),
-    Serves("dequantize", "block", "dequantize_fp8_block", out_dtypes=BF16_ONLY, why=TRITON_KERNELS),
-), declined={"quantize": (
-    # Measured on the H100 (docs/backends.md): the CUDA row and tensor quantizers let ±inf into
-    # the amax (the scale becomes inf and the row's codes 0 or NaN), a NaN resets their running
-    # max, and they floor the scale at 1/(fp8_max·512); the Triton group and block quantizers
-    # divide approximately (0 of 26 group cases bit for bit). None is the contract, and the
-    # differences hide in values why_not cannot see, so none is offered: the triton backend
-    # quantizes every granularity bit for bit.
-    "FBGEMM's quantizers are not offered: they depart from the contract on values why_not cannot "
-    "see (±inf in the amax, NaN resetting it, a scale floor, approximate division); use triton")})
 
 
 def _ops():
@@ -126,26 +98,65 @@ def _self_test(ops, present, device) -> str | None:
     return None
 
 
-# --- why not --------------------------------------------------------------------------------
+# --- why not: the table, and the value checks it cannot express ---------------------------
+
+
+def _in_build(row, p, found: Found) -> str | None:
+    """Whether this build has the row's function (the dequantizers: FBGEMM's Triton module)."""
+    if row.op == "dequantize":
+        return f"FBGEMM's Triton kernels: {found.triton}" if found.triton else None
+    return None if row.kernel in found.ops else f"torch.ops.fbgemm.{row.kernel} is missing from this fbgemm_gpu build"
+
+
+def _pow2_sides(row, p, found) -> str | None:
+    if all(n > 0 and n & (n - 1) == 0 for n in p.block):
+        return None
+    return f"block {p.block}: {row.kernel} needs power-of-two block sides"
+
+
+# One row per function: what it takes, where it has kernels, what it needs (docs/backends.md).
+E4M3_ONLY, BF16_ONLY, SM90, SM100 = (E4M3,), (torch.bfloat16,), (9, 0), (10, 0)
+SM90A = {"arch": "sm_90a cubins"}
+# can_implement is disabled in the block GEMMs: keep to K % 128, where tails are verified.
+K128 = (("K", 128), ("N", 16))
+TRITON_KERNELS = {"arch": "FBGEMM's Triton FP8 kernels"}
+# How f8f8bf16_groupwise_grouped finds expert g's scales (see grouped_linear below).
+SCALE_OFFSETS = f"{GROUPED_OPS['block']} finds each expert's scales at offsets in N // 128 and K // 128"
+TABLE = Capabilities("FBGEMM", (
+    Serves("matmul", "row", "f8f8bf16_rowwise", None, E4M3_ONLY, BF16_ONLY, archs=(SM90, SM100),
+           multiples=(("K", 16), ("N", 8)), bias="any", why={"arch": "sm_90a and sm_100a cubins"},
+           checks=(_in_build,)),
+    Serves("matmul", "tensor", "f8f8bf16", None, E4M3_ONLY, BF16_ONLY, archs=(SM90,),
+           multiples=(("K", 16), ("N", 16)), why=SM90A, checks=(_in_build,)),
+    Serves("matmul", "block", "f8f8bf16_groupwise", (GROUP, BLOCK), E4M3_ONLY, BF16_ONLY, archs=(SM90,),
+           multiples=K128, why=SM90A, checks=(_in_build,)),
+    Serves("matmul", "mixed", "f8f8bf16_blockwise", (BLOCK, BLOCK), E4M3_ONLY, BF16_ONLY, archs=(SM90,),
+           multiples=K128, why=SM90A, checks=(_in_build,)),
+    Serves("dequantize", "row", "dequantize_fp8_row", out_dtypes=BF16_ONLY, multiples=(("rows", 16),),
+           why=dict(TRITON_KERNELS, rows="dequantize_fp8_row reads scales in tiles of 16 rows without a mask"),
+           checks=(_in_build,)),
+    Serves("dequantize", "group", "dequantize_fp8_block", out_dtypes=BF16_ONLY, why=TRITON_KERNELS,
+           checks=(_in_build, _pow2_sides)),
+    Serves("dequantize", "block", "dequantize_fp8_block", out_dtypes=BF16_ONLY, why=TRITON_KERNELS,
+           checks=(_in_build, _pow2_sides)),
+    Serves("grouped_linear", "block", GROUPED_OPS["block"], (GROUP, BLOCK), E4M3_ONLY, BF16_ONLY, archs=(SM90,),
+           multiples=(("K", 128), ("N", 128)), why=dict(SM90A, K=SCALE_OFFSETS, N=SCALE_OFFSETS),
+           checks=(_in_build,)),
+    Serves("grouped_linear", "row", GROUPED_OPS["row"], None, E4M3_ONLY, BF16_ONLY, archs=(SM90,),
+           multiples=(("K", 16), ("N", 8)), why=SM90A, checks=(_in_build,)),
+), declined={"quantize": (
+    # Measured on the H100 (docs/backends.md): the CUDA row and tensor quantizers let ±inf into
+    # the amax (the scale becomes inf and the row's codes 0 or NaN), a NaN resets their running
+    # max, and they floor the scale at 1/(fp8_max·512); the Triton group and block quantizers
+    # divide approximately (0 of 26 group cases bit for bit). None is the contract, and the
+    # differences hide in values why_not cannot see, so none is offered: the triton backend
+    # quantizes every granularity bit for bit.
+    "FBGEMM's quantizers are not offered: they depart from the contract on values why_not cannot "
+    "see (±inf in the amax, NaN resetting it, a scale floor, approximate division); use triton")})
 
 
 def why_not(op: str, p, found: Found = COMPLETE) -> list[str]:
-    if op == "grouped_linear":
-        return _grouped_reasons(p, found)
-    reasons, row = TABLE.check(p)
-    if row is None:
-        return reasons
-    if op == "matmul" and row.kernel not in found.ops:
-        reasons.insert(0, f"torch.ops.fbgemm.{row.kernel} is missing from this fbgemm_gpu build")
-    if op == "dequantize" and found.triton:
-        reasons.insert(0, f"FBGEMM's Triton kernels: {found.triton}")
-    if op == "dequantize" and row.kind != "row" and not (_pow2(p.block[0]) and _pow2(p.block[1])):
-        reasons.append(f"block {p.block}: {row.kernel} needs power-of-two block sides")
-    return reasons
-
-
-def _pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
+    return TABLE.check(p, found)[0]
 
 
 # --- the ops --------------------------------------------------------------------------------
@@ -188,52 +199,17 @@ def matmul(a, b, out_dtype, bias=None):
 # take no bias, and have no masked mode: the masked layout runs as contiguous over every slot and
 # its padding rows are zeroed after. None of this is checked on a CPU: the GPU conformance run is
 # its test (`fp8dispatch conformance --backend fbgemm --op grouped_linear`).
-GROUPED_OPS = {"block": "f8f8bf16_groupwise_grouped", "row": "f8f8bf16_rowwise_grouped_stacked"}
-
-
-def _grouped_reasons(p, found: Found) -> list[str]:
-    if p.device.type != "cuda":
-        return [f"needs a CUDA tensor, got device {p.device}"]
-    op = GROUPED_OPS[p.recipe]
-    reasons = [] if op in found.ops else [f"torch.ops.fbgemm.{op} is missing from this fbgemm_gpu build"]
-    if p.capability != (9, 0):
-        reasons.append(f"{op} has sm_90a kernels only, this GPU is {sm(p.capability)}")
-    if (p.x_dtype, p.w_dtype) != (E4M3, E4M3):
-        reasons.append(f"x, w: FBGEMM's grouped GEMMs take float8_e4m3fn only, got {p.x_dtype} × {p.w_dtype}")
-    if p.out_dtype != torch.bfloat16:
-        reasons.append(f"out_dtype: FBGEMM's grouped GEMMs write bf16 only, asked {p.out_dtype}")
-    if p.bias_dtype is not None:
-        reasons.append("bias: FBGEMM's grouped GEMMs take no bias, and adding it to the bf16 output would round twice")
-    if not (p.x_row_major and p.w_contiguous):
-        reasons.append("x, w: need contiguous data (x row-major [M, K], w [G, N, K])")
-    if p.recipe == "block":
-        if (p.x_block, p.w_block) != (GROUP, BLOCK):
-            reasons.append(f"blocks {p.x_block} × {p.w_block}: {op} takes 1×128 · 128×128 only")
-        if p.k % 128 or p.n % 128:
-            reasons.append(f"N={p.n}, K={p.k}: {op} finds each expert's scales by N / 128 and K / 128 "
-                           f"(integer division), so needs N % 128 == 0 and K % 128 == 0")
-    elif p.k % 16 or p.n % 8:
-        reasons.append(f"N={p.n}, K={p.k}: needs K % 16 == 0 and N % 8 == 0")
-    return reasons
-
-
-def grouped_linear(x, w, offsets, masked_m, out_dtype, bias=None):
+@lib.masked_as_contiguous
+def grouped_linear(xq, x, w, offsets):
     ops = _ops()
     groups, n, k = w.data.shape
-    xq = x.data.reshape(-1, k)
-    if offsets is None:
-        offsets = lib.masked_as_contiguous(groups, x.data.shape[1], xq.device)
     sizes = (offsets[1:] - offsets[:-1]).to(torch.int64)
     if x.block[1] < k:
         xs = lib.per_expert_mn_major(x.scale, offsets)
         ws = w.scale.transpose(1, 2).contiguous()  # [G, K/128, N/128]
-        out = ops.f8f8bf16_groupwise_grouped(xq, w.data, xs, ws, sizes)
-    else:
-        xs = lib.per_row(x.scale, x.block[0], xq.shape[0]).view(-1)
-        out = ops.f8f8bf16_rowwise_grouped_stacked(xq, w.data, xs, w.scale.reshape(groups, n).contiguous(), sizes)
-    if masked_m is not None:
-        out = lib.zero_past_masked(out.view(groups, -1, n), masked_m)
-    return out
+        return ops.f8f8bf16_groupwise_grouped(xq, w.data, xs, ws, sizes)
+    xs = lib.per_row(x.scale, x.block[0], xq.shape[0]).view(-1)
+    return ops.f8f8bf16_rowwise_grouped_stacked(xq, w.data, xs, w.scale.reshape(groups, n).contiguous(), sizes)
 
 
 BACKEND = Backend(

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from fp8dispatch.blocks import cdiv
-from fp8dispatch.capabilities import Capabilities, Serves, sm
+from fp8dispatch.capabilities import Capabilities, Serves
 from fp8dispatch.registry import Backend
 
 from . import _library as lib
@@ -40,17 +40,6 @@ class Found:
 
 # A complete install on a supported GPU: what `fp8dispatch support-matrix` describes.
 COMPLETE = Found(cublaslt=CUBLASLT_BLOCKWISE, scaled_mm_v2=True, rowwise=None)
-
-# One row per recipe: torch._scaled_mm serves tensor and row on any FP8 GPU, block on sm90 (cuBLASLt).
-TENSOR_CORES, ALIGNED = {"arch": "FP8 tensor cores"}, (("K", 16), ("N", 16))
-TABLE = Capabilities("torch", (
-    Serves("matmul", "tensor", "torch._scaled_mm", multiples=ALIGNED, bias="out_dtype", why=TENSOR_CORES),
-    Serves("matmul", "row", "torch._scaled_mm", multiples=ALIGNED, bias="out_dtype", why=TENSOR_CORES),
-    Serves("matmul", "block", "torch._scaled_mm's 1×128 · 128×128 scaling", (GROUP, BLOCK), (E4M3,),
-           archs=((9, 0),), multiples=ALIGNED,
-           why={"arch": "cuBLASLt", "formats": "the only pair verified on the H100"}),
-))
-
 
 def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
@@ -101,22 +90,57 @@ def cublaslt_version() -> int | None:
     return None
 
 
+# --- why not: the table, and the value checks it cannot express ---------------------------
+
+
+def _not_e5m2_pair(row, p, found) -> str | None:
+    if p.a_dtype == E5M2 and p.b_dtype == E5M2:
+        return "a, b: float8_e5m2 × float8_e5m2 is rejected by torch._scaled_mm; quantize one to e4m3fn"
+    return None
+
+
+def _rowwise_runs(row, p, found: Found) -> str | None:
+    return f"row recipe: torch._scaled_mm here takes tensorwise scales only ({found.rowwise})" if found.rowwise else None
+
+
+def _cublaslt_blockwise(row, p, found: Found) -> str | None:
+    if (found.cublaslt or 0) >= CUBLASLT_BLOCKWISE:
+        return None
+    return f"block recipe: needs cuBLASLt >= 12.9, found {found.cublaslt or 'unknown'}"
+
+
+def _k_blocks_readable(row, p, found: Found) -> str | None:
+    if cdiv(p.k, 128) % 4 == 0 or found.scaled_mm_v2:
+        return None
+    return (f"K={p.k}: torch._scaled_mm is silently wrong unless ceil(K/128) % 4 == 0, and "
+            f"F.scaled_mm (torch >= 2.10), which takes padded scales, is missing")
+
+
+def _grouped_runs(row, p, found: Found) -> str | None:
+    return found.grouped
+
+
+# One row per recipe: torch._scaled_mm serves tensor and row on any FP8 GPU, block on sm90 (cuBLASLt);
+# torch._scaled_grouped_mm serves grouped_linear's row recipe on sm90 and sm100.
+TENSOR_CORES, ALIGNED = {"arch": "FP8 tensor cores"}, (("K", 16), ("N", 16))
+STRIDES = "16-byte aligned strides"
+TABLE = Capabilities("torch", (
+    Serves("matmul", "tensor", "torch._scaled_mm", multiples=ALIGNED, bias="out_dtype", why=TENSOR_CORES,
+           checks=(_not_e5m2_pair,)),
+    Serves("matmul", "row", "torch._scaled_mm", multiples=ALIGNED, bias="out_dtype", why=TENSOR_CORES,
+           checks=(_not_e5m2_pair, _rowwise_runs)),
+    Serves("matmul", "block", "torch._scaled_mm's 1×128 · 128×128 scaling", (GROUP, BLOCK), (E4M3,),
+           archs=((9, 0),), multiples=ALIGNED, checks=(_cublaslt_blockwise, _k_blocks_readable),
+           why={"arch": "cuBLASLt", "formats": "the only pair verified on the H100"}),
+    Serves("grouped_linear", "row", "torch._scaled_grouped_mm", None, (E4M3,), (torch.bfloat16,),
+           archs=((9, 0), (10, 0)), multiples=ALIGNED, checks=(_grouped_runs,),
+           why={"arch": "its FP8 kernels", "K": STRIDES, "N": STRIDES}),
+), elsewhere={"grouped_linear": "torch._scaled_grouped_mm takes rowwise scales (and MX formats on sm100), "
+                                "not 1×128 · 128×128 blocks; use triton or fbgemm"})
+
+
 def why_not(op: str, p, found: Found = COMPLETE) -> list[str]:
-    if op == "grouped_linear":
-        return _grouped_reasons(p, found)
-    reasons, row = TABLE.check(p)
-    if row is None:
-        return reasons
-    if p.recipe != "block" and p.a_dtype == E5M2 and p.b_dtype == E5M2:
-        reasons.append("a, b: float8_e5m2 × float8_e5m2 is rejected by torch._scaled_mm; quantize one to e4m3fn")
-    if p.recipe == "row" and found.rowwise:
-        reasons.append(f"row recipe: torch._scaled_mm here takes tensorwise scales only ({found.rowwise})")
-    if p.recipe == "block" and (found.cublaslt or 0) < CUBLASLT_BLOCKWISE:
-        reasons.append(f"block recipe: needs cuBLASLt >= 12.9, found {found.cublaslt or 'unknown'}")
-    if p.recipe == "block" and cdiv(p.k, 128) % 4 and not found.scaled_mm_v2:
-        reasons.append(f"K={p.k}: torch._scaled_mm is silently wrong unless ceil(K/128) % 4 == 0, and "
-                       f"F.scaled_mm (torch >= 2.10), which takes padded scales, is missing")
-    return reasons
+    return TABLE.check(p, found)[0]
 
 
 def matmul(a, b, out_dtype, bias=None):
@@ -177,42 +201,13 @@ def grouped_probe(device: torch.device) -> str | None:
     return None
 
 
-def _grouped_reasons(p, found: Found) -> list[str]:
-    if p.device.type != "cuda":
-        return [f"needs a CUDA tensor, got device {p.device}"]
-    reasons = [found.grouped] if found.grouped else []
-    if p.capability not in ((9, 0), (10, 0)):
-        reasons.append(f"torch._scaled_grouped_mm runs FP8 on sm90 and sm100 only, this GPU is {sm(p.capability)}")
-    if p.recipe != "row":
-        reasons.append("block recipe: torch._scaled_grouped_mm takes rowwise scales (and MX formats on sm100), "
-                       "not 1×128 · 128×128 blocks; use triton or fbgemm")
-    if (p.x_dtype, p.w_dtype) != (E4M3, E4M3):
-        reasons.append(f"x, w: torch._scaled_grouped_mm takes float8_e4m3fn only, got {p.x_dtype} × {p.w_dtype}")
-    if p.out_dtype != torch.bfloat16:
-        reasons.append(f"out_dtype: torch._scaled_grouped_mm writes bf16 only, asked {p.out_dtype}")
-    if p.bias_dtype is not None:
-        reasons.append("bias: torch._scaled_grouped_mm takes no bias, and adding it to the bf16 output would "
-                       "round twice")
-    if p.k % 16 or p.n % 16:
-        reasons.append(f"K={p.k}, N={p.n}: needs K % 16 == 0 and N % 16 == 0 (16-byte aligned strides)")
-    if not (p.x_row_major and p.w_contiguous):
-        reasons.append("x, w: need contiguous data (x row-major [M, K], w [G, N, K])")
-    return reasons
-
-
-def grouped_linear(x, w, offsets, masked_m, out_dtype, bias=None):
-    """Rows past an expert's end: the masked layout runs as contiguous over every slot, then zeroes them."""
-    groups, n, k = w.data.shape
-    data = x.data.reshape(-1, k)
-    if offsets is None:
-        offsets = lib.masked_as_contiguous(groups, x.data.shape[1], data.device)
-    sa = lib.per_row(x.scale, x.block[0], data.shape[0]).view(-1)
+@lib.masked_as_contiguous
+def grouped_linear(xq, x, w, offsets):
+    groups, n, _ = w.data.shape
+    sa = lib.per_row(x.scale, x.block[0], xq.shape[0]).view(-1)
     sb = w.scale.reshape(groups, n)
-    out = torch._scaled_grouped_mm(data, w.data.transpose(-2, -1), sa, sb, offs=offsets[1:].to(torch.int32),
-                                   out_dtype=torch.bfloat16, use_fast_accum=True)
-    if masked_m is not None:
-        out = lib.zero_past_masked(out.view(groups, -1, n), masked_m)
-    return out
+    return torch._scaled_grouped_mm(xq, w.data.transpose(-2, -1), sa, sb, offs=offsets[1:].to(torch.int32),
+                                    out_dtype=torch.bfloat16, use_fast_accum=True)
 
 
 BACKEND = Backend(

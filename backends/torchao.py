@@ -27,12 +27,6 @@ _import = importlib.import_module
 _find_spec = importlib.util.find_spec
 # The library module, for the runners (filled by the probe; why_not never reads it).
 _loaded: dict = {}
-# One row per function TorchAO adds; tensor and row go to torch._scaled_mm (the torch backend).
-TABLE = Capabilities("TorchAO", (
-    Serves("dequantize", "block", "fp8_blockwise_weight_dequant", BLOCK),
-    Serves("matmul", "block", "blockwise_fp8_gemm", (GROUP, BLOCK), (E4M3,), (torch.bfloat16,),
-           why={"formats": "the only format verified"}),
-), elsewhere={"matmul": "tensor and row go to torch._scaled_mm (backend torch)"})
 
 
 def _device() -> torch.device:
@@ -72,12 +66,23 @@ def _self_test(module, device) -> str | None:
     return None
 
 
+def _writes_float32(row, p, found) -> str | None:
+    if torch.get_default_dtype() == torch.float32:
+        return None
+    return (f"fp8_blockwise_weight_dequant writes torch.get_default_dtype(), which is "
+            f"{torch.get_default_dtype()}, not float32: results would be rounded twice")
+
+
+# One row per function TorchAO adds; tensor and row go to torch._scaled_mm (the torch backend).
+TABLE = Capabilities("TorchAO", (
+    Serves("dequantize", "block", "fp8_blockwise_weight_dequant", BLOCK, checks=(_writes_float32,)),
+    Serves("matmul", "block", "blockwise_fp8_gemm", (GROUP, BLOCK), (E4M3,), (torch.bfloat16,),
+           why={"formats": "the only format verified"}),
+), elsewhere={"matmul": "tensor and row go to torch._scaled_mm (backend torch)"})
+
+
 def why_not(op: str, p, found=None) -> list[str]:
-    reasons, row = TABLE.check(p)
-    if op == "dequantize" and row is not None and torch.get_default_dtype() != torch.float32:
-        reasons.append(f"fp8_blockwise_weight_dequant writes torch.get_default_dtype(), which is "
-                       f"{torch.get_default_dtype()}, not float32: results would be rounded twice")
-    return reasons
+    return TABLE.check(p, found)[0]
 
 
 def dequantize(data, scale, block, out_dtype):

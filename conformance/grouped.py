@@ -120,16 +120,23 @@ def build(case: GroupedCase, device: torch.device) -> dict:
     rows = groups * case.max_m if masked else sum(case.counts)
     masked_m = list(min(c, case.max_m) for c in case.counts) if masked else None
     pow2 = case.exact
+    # w expert by expert, drawn on the device straight into the input dtype: DeepSeek-V3's 256
+    # experts of 4096×7168 are 7.5 G numbers (28 GiB in fp32), and several backends' checks may share
+    # one GPU. Deterministic per device.
+    w = torch.empty((groups, n, k), dtype=case.in_dtype, device=device)
+    w_gen = torch.Generator(device).manual_seed(case.seed + 1)
     if pow2:
         x = _small_integers((rows, k), gen)
-        w = _small_integers((groups, n, k), gen)
+        for g in range(groups):
+            w[g] = _small_integers((n, k), w_gen, device)
     else:
         x = torch.randn(rows, k, generator=gen)
-        w = torch.randn(groups, n, k, generator=gen) / k**0.5
+        for g in range(groups):
+            w[g] = torch.randn(n, k, generator=w_gen, device=device) / k**0.5
     if masked:  # padding rows: NaN, which must reach no valid row and no output
         pad = (torch.arange(case.max_m)[None, :] >= torch.tensor(masked_m)[:, None]).reshape(-1)
         x[pad] = float("nan")
-    x, w = x.to(case.in_dtype).to(device), w.to(case.in_dtype).to(device)
+    x = x.to(case.in_dtype).to(device)
     if case.x_given == "high":
         xa = x.view(groups, case.max_m, k) if masked else x
     else:
@@ -137,6 +144,7 @@ def build(case: GroupedCase, device: torch.device) -> dict:
                                  backend="reference")
         xa = fp8dispatch.Fp8Tensor(q.data.view(groups, case.max_m, k) if masked else q.data, q.scale, q.block)
     wq = fp8dispatch.quantize_grouped(w, case.recipe, dtype=case.w_fp8, pow2_scale=pow2, backend="reference")
+    del w
     offsets = masked_t = None
     if masked:
         masked_t = torch.tensor(masked_m, dtype=torch.int32, device=device)
@@ -149,10 +157,10 @@ def build(case: GroupedCase, device: torch.device) -> dict:
     return {"x": xa, "w": wq, "offsets": offsets, "masked_m": masked_t, "bias": bias}
 
 
-def _small_integers(shape, gen) -> torch.Tensor:
+def _small_integers(shape, gen, device="cpu") -> torch.Tensor:
     """Integers in [-2, 2] with the first of each 128-wide K run at 2 (so block amaxes are 2 and
     pow2 scales make the FP8 codes exact); products ≤ 4, sums over K ≤ 384 exact in fp32 and fp16."""
-    x = torch.randint(-2, 3, shape, generator=gen).float()
+    x = torch.randint(-2, 3, shape, generator=gen, device=device).float()
     x[..., ::128] = 2.0
     return x
 
@@ -179,7 +187,6 @@ def product(case: GroupedCase, inputs: dict) -> torch.Tensor:
         x = fp8dispatch.quantize(x.reshape(-1, case.k), "group" if case.recipe == "block" else "row",
                                  backend="reference")
     xs = x.dequantize(torch.float32).reshape(-1, case.k)
-    ws = w.dequantize(torch.float32)
     groups = len(case.counts)
     if case.layout == "masked":
         out = torch.zeros(groups, case.max_m, case.n, device=xs.device)
@@ -193,7 +200,7 @@ def product(case: GroupedCase, inputs: dict) -> torch.Tensor:
         targets = [out] * groups
         local = False
     for g, ((a, b), target) in enumerate(zip(spans, targets)):
-        rows = xs[a:b] @ ws[g].T
+        rows = xs[a:b] @ w.expert(g).dequantize(torch.float32).T  # one expert in fp32 at a time
         if bias is not None:
             rows = rows + bias[g].float()
         if local:

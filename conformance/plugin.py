@@ -18,7 +18,7 @@ def pytest_addoption(parser):
     group.addoption("--backend", action="append", default=None, metavar="NAME",
                     help="conformance: backends to check, repeatable or comma-separated (default: all registered)")
     group.addoption("--op", action="append", default=None, metavar="OP",
-                    help="conformance: quantize, dequantize and/or matmul (default: all)")
+                    help="conformance: quantize, dequantize, matmul and/or grouped_linear (default: all)")
     group.addoption("--full", action="store_true", default=False,
                     help="conformance: add the large shapes (M up to 8192); for a GPU")
     group.addoption("--conformance-device", default=None, metavar="DEVICE",

@@ -1,17 +1,17 @@
 """Capability tables: what a library backend serves, as data, and the one reader that explains them.
 
-A table lists, per op and kind of scaling (the matmul recipe, or the granularity), the library
-function that serves it and what that function needs: FP8 formats, output dtypes, GPUs,
-alignments, whether its epilogue takes a bias. `Capabilities.check(problem)` turns a table and a
-problem into every reason the table declines it, each naming the quantity, the need and what was
-seen. A backend's `why_not` is that list plus the few value checks a table cannot express, read
-from the problem and the frozen result of its probe, nothing else.
+A table lists, per op and kind of scaling (the matmul or grouped_linear recipe, or the
+granularity), the library function that serves it and what that function needs: FP8 formats,
+output dtypes, GPUs, alignments, whether its epilogue takes a bias, and the few value checks a table
+cannot express. `Capabilities.check(problem, found)` turns a table, a problem and the frozen result
+of the backend's probe into every reason the table declines it, each naming the quantity, the need
+and what was seen: a library backend's whole `why_not`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
@@ -19,6 +19,11 @@ E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
 Arch = tuple[int, int]
 _SHORT = {BF16: "bf16", F16: "fp16", F32: "fp32"}
+# The ops whose problems pair two FP8 operands: their names, and the attributes of their dtypes and blocks.
+_OPERANDS = {"matmul": ("a, b", ("a_dtype", "b_dtype"), ("a_block", "b_block")),
+             "grouped_linear": ("x, w", ("x_dtype", "w_dtype"), ("x_block", "w_block"))}
+# A value check: check(row, problem, found) -> a reason, or None when the value passes.
+Check = Callable[["Serves", object, object], "str | None"]
 
 
 @dataclass(frozen=True)
@@ -26,13 +31,14 @@ class Serves:
     """One row of a table: the function that runs one op for one kind of scaling, and its needs.
 
     `why` adds the reason behind a need to its message, keyed by what it explains: "arch",
-    "formats", "out_dtype", "bias", or a quantity of `multiples` ("K", "N", "rows").
+    "formats", "out_dtype", "bias", or a quantity of `multiples` ("K", "N", "rows"). `checks` are
+    what a table cannot express (a value's form, what the probe found), run once the rest is read.
     """
 
     op: str
-    kind: str  # the matmul recipe, or the quantize / dequantize granularity
+    kind: str  # the matmul or grouped_linear recipe, or the quantize / dequantize granularity
     kernel: str  # the library function, named in every reason
-    blocks: tuple | None = None  # exactly these blocks ((a, b) for matmul); None: any of this kind
+    blocks: tuple | None = None  # exactly these blocks ((a, b) for matmul, (x, w) grouped); None: any
     formats: tuple[torch.dtype, ...] = (E4M3, E5M2)
     out_dtypes: tuple[torch.dtype, ...] = (BF16, F16, F32)
     min_arch: Arch = (8, 9)
@@ -40,11 +46,12 @@ class Serves:
     multiples: tuple[tuple[str, int], ...] = ()  # ("K", 16): K % 16 == 0
     bias: str = "none"  # what the matmul epilogue adds: "none", "any", or "out_dtype" (that dtype only)
     why: Mapping[str, str] = field(default_factory=dict)
+    checks: tuple[Check, ...] = ()
 
     def label(self) -> str:
         if self.blocks is None:
             return self.kind
-        pairs = self.blocks if self.op == "matmul" else (self.blocks,)
+        pairs = self.blocks if self.op in _OPERANDS else (self.blocks,)
         return " · ".join(f"{r}×{c}" for r, c in pairs)
 
 
@@ -65,8 +72,9 @@ class Capabilities:
                 return row
         return None
 
-    def check(self, p) -> tuple[list[str], Serves | None]:
-        """Every reason the table declines `p`, and the row that serves it (None: look no further)."""
+    def check(self, p, found=None) -> tuple[list[str], Serves | None]:
+        """Every reason the table declines `p` given the probe's `found`, and the row that serves it
+        (None: look no further)."""
         if p.device.type not in self.devices:
             return [f"needs a {' or '.join(d.upper() for d in self.devices)} tensor, got device {p.device}"], None
         if p.op in self.declined:
@@ -76,16 +84,19 @@ class Capabilities:
             served = [r.label() for r in self.serves if r.op == p.op]
             hint = f"; {self.elsewhere[p.op]}" if p.op in self.elsewhere else ""
             return [f"{_kind_text(p)}: {self.who} serves {_listed(served, 'and')} only{hint}"], None
+        checked = [check(row, p, found) for check in row.checks]
         return (_arch(row, p.capability) + _formats(row, p) + _out_dtype(row, p) + _bias(row, p)
-                + layout_reasons(p) + _multiples(row, p)), row
+                + layout_reasons(p) + _multiples(row, p) + [reason for reason in checked if reason]), row
 
 
 def kind_of(p) -> str:
-    return p.recipe if p.op == "matmul" else p.granularity
+    return p.recipe if p.op in _OPERANDS else p.granularity
 
 
 def blocks_of(p) -> tuple:
-    return (p.a_block, p.b_block) if p.op == "matmul" else p.block
+    if p.op in _OPERANDS:
+        return tuple(getattr(p, name) for name in _OPERANDS[p.op][2])
+    return p.block
 
 
 def sm(capability: Arch | None) -> str:
@@ -93,7 +104,12 @@ def sm(capability: Arch | None) -> str:
 
 
 def layout_reasons(p) -> list[str]:
-    """The layout the kernels here read: a row-major [M, K], b column-major [K, N]; data contiguous."""
+    """The layout the kernels here read: a row-major [M, K], b column-major [K, N]; x row-major and
+    w [G, N, K] contiguous; data contiguous."""
+    if p.op == "grouped_linear":
+        reasons = [] if p.x_row_major else ["x: needs row-major contiguous data (call .contiguous())"]
+        return reasons + ([] if p.w_contiguous else ["w: needs contiguous [G, N, K] data and scales "
+                                                     "(build it from .contiguous() ones)"])
     if p.op != "matmul":
         return [] if p.contiguous else ["t: needs contiguous data (call .contiguous())"]
     reasons = []
@@ -106,8 +122,8 @@ def layout_reasons(p) -> list[str]:
 
 
 def _kind_text(p) -> str:
-    if p.op == "matmul":
-        return f"recipe {p.recipe} (blocks {p.a_block} × {p.b_block})"
+    if p.op in _OPERANDS:
+        return f"recipe {p.recipe} (blocks {' × '.join(map(str, blocks_of(p)))})"
     return f"granularity {p.granularity} (block {p.block})"
 
 
@@ -134,10 +150,10 @@ def _arch(row: Serves, cap: Arch | None) -> list[str]:
 
 
 def _formats(row: Serves, p) -> list[str]:
-    seen = (p.a_dtype, p.b_dtype) if p.op == "matmul" else (p.fp8_dtype,)
+    operands, dtypes, _ = _OPERANDS.get(p.op, ("t", ("fp8_dtype",), None))
+    seen = tuple(getattr(p, name) for name in dtypes)
     if all(dtype in row.formats for dtype in seen):
         return []
-    operands = "a, b" if p.op == "matmul" else "t"
     return [f"{operands}: {row.kernel} takes {_listed(map(_name, row.formats), 'and')} only"
             f"{_because(row, 'formats')}, got {' × '.join(map(str, seen))}"]
 
@@ -145,7 +161,7 @@ def _formats(row: Serves, p) -> list[str]:
 def _out_dtype(row: Serves, p) -> list[str]:
     if p.op == "quantize" or p.out_dtype in row.out_dtypes:
         return []
-    param = "out_dtype" if p.op == "matmul" else "dtype"
+    param = "out_dtype" if p.op in _OPERANDS else "dtype"
     return [f"{param}: {row.kernel} writes {_listed(map(_name, row.out_dtypes), 'or')} only"
             f"{_because(row, 'out_dtype')}, asked {p.out_dtype}"]
 

@@ -14,7 +14,7 @@ import torch
 
 from fp8dispatch.blocks import Block, cdiv, expand_scale
 from fp8dispatch.errors import Fp8TypeError, Fp8ValueError
-from fp8dispatch.formats import HIGH_PRECISION, is_fp8
+from fp8dispatch.formats import HIGH_PRECISION
 from fp8dispatch.tensor import DataView, Fp8Tensor
 
 GROUPED_RECIPES = ("block", "row")
@@ -34,20 +34,10 @@ class GroupedFp8Tensor(DataView):
     block: Block
 
     def __post_init__(self):
+        self._check_parts()
         data, scale, block = self.data, self.scale, self.block
-        if not isinstance(data, torch.Tensor) or not is_fp8(data.dtype):
-            seen = data.dtype if isinstance(data, torch.Tensor) else type(data).__name__
-            raise Fp8TypeError(f"data: expected a tensor of an FP8 dtype, got {seen}")
         if data.dim() != 3:
             raise Fp8ValueError(f"data: expected a 3-d [G, N, K] tensor, got shape {tuple(data.shape)}")
-        if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32:
-            seen = scale.dtype if isinstance(scale, torch.Tensor) else type(scale).__name__
-            raise Fp8TypeError(f"scale: expected a float32 tensor, got {seen}")
-        if scale.device != data.device:
-            raise Fp8ValueError(f"scale: expected device {data.device} (the data's), got {scale.device}")
-        if (not isinstance(block, tuple) or len(block) != 2
-                or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
-            raise Fp8ValueError(f"block: expected a pair of positive ints, got {block!r}")
         expected = grouped_scale_shape(tuple(data.shape), block)
         if tuple(scale.shape) != expected:
             raise Fp8ValueError(f"scale: expected shape {expected} for data {tuple(data.shape)} in per-expert "
@@ -98,9 +88,9 @@ def quantize_grouped(w: torch.Tensor, recipe: str = "block", *, dtype: torch.dty
                      block_size: int = 128, pow2_scale: bool = False, backend: str = "auto") -> GroupedFp8Tensor:
     """Quantize a `[G, N, K]` stack of expert weights, each expert blocked on its own.
 
-    One `fp8dispatch.quantize` call over the `[G * N', K]` view, N padded with zero rows to a multiple
-    of the block's rows when it is not one (zeros raise no block's amax), so every scale follows
-    the quantizer's rules exactly as a per-expert `quantize(w[g], ...)` would.
+    `fp8dispatch.quantize` calls over `[G' * N', K]` views of a few experts at a time, N padded with
+    zero rows to a multiple of the block's rows when it is not one (zeros raise no block's amax), so
+    every scale follows the quantizer's rules exactly as a per-expert `quantize(w[g], ...)` would.
     """
     from fp8dispatch.api import quantize  # api imports this module
 
@@ -118,11 +108,23 @@ def quantize_grouped(w: torch.Tensor, recipe: str = "block", *, dtype: torch.dty
     if g * rows * k == 0:
         data = torch.empty((g, n, k), dtype=dtype, device=w.device)
         return GroupedFp8Tensor(data, torch.ones(grouped_scale_shape((g, n, k), block), device=w.device), block)
-    padded = w if rows == n else torch.nn.functional.pad(w, (0, 0, 0, rows - n))
-    q = quantize(padded.reshape(g * rows, k), "block", dtype=dtype, block_size=block, pow2_scale=pow2_scale,
-                 backend=backend)
-    data = q.data.view(g, rows, k)[:, :n].contiguous()
-    return GroupedFp8Tensor(data, q.scale.view(grouped_scale_shape((g, rows, k), block)), block)
+    data = torch.empty((g, n, k), dtype=dtype, device=w.device)
+    scale = torch.empty(grouped_scale_shape((g, n, k), block), dtype=torch.float32, device=w.device)
+    # A few experts per quantize call, so a backend's fp32 working copies stay small (256 of
+    # DeepSeek-V3's 4096×7168 experts would take 28 GiB in one call); blocks never span experts.
+    step = max(1, QUANTIZE_CHUNK_ELEMENTS // (rows * k))
+    for first in range(0, g, step):
+        part = w[first:first + step]
+        padded = part if rows == n else torch.nn.functional.pad(part, (0, 0, 0, rows - n))
+        q = quantize(padded.reshape(-1, k), "block", dtype=dtype, block_size=block, pow2_scale=pow2_scale,
+                     backend=backend)
+        data[first:first + step] = q.data.view(-1, rows, k)[:, :n]
+        scale[first:first + step] = q.scale.view(grouped_scale_shape((part.shape[0], rows, k), block))
+    return GroupedFp8Tensor(data, scale, block)
+
+
+# Elements of w per quantize call in `quantize_grouped` (1 GiB of fp32 working copy).
+QUANTIZE_CHUNK_ELEMENTS = 1 << 28
 
 
 def skewed_counts(groups: int, total: int, seed: int = 0) -> tuple[int, ...]:

@@ -29,6 +29,21 @@ class DataView:
     def device(self) -> torch.device:
         return self.data.device
 
+    def _check_parts(self) -> None:
+        """What every FP8 tensor asks of its parts: FP8 data, fp32 scales beside it, a block of two positive ints."""
+        data, scale, block = self.data, self.scale, self.block
+        if not isinstance(data, torch.Tensor) or not is_fp8(data.dtype):
+            seen = data.dtype if isinstance(data, torch.Tensor) else type(data).__name__
+            raise Fp8TypeError(f"data: expected a tensor of an FP8 dtype, got {seen}")
+        if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32:
+            seen = scale.dtype if isinstance(scale, torch.Tensor) else type(scale).__name__
+            raise Fp8TypeError(f"scale: expected a float32 tensor, got {seen}")
+        if scale.device != data.device:
+            raise Fp8ValueError(f"scale: expected device {data.device} (the data's), got {scale.device}")
+        if (not isinstance(block, tuple) or len(block) != 2
+                or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+            raise Fp8ValueError(f"block: expected a pair of positive ints, got {block!r}")
+
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Fp8Tensor(DataView):
@@ -48,23 +63,10 @@ class Fp8Tensor(DataView):
     _key: tuple | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
+        self._check_parts()
         data, scale, block = self.data, self.scale, self.block
-        if not isinstance(data, torch.Tensor) or not is_fp8(data.dtype):
-            seen = data.dtype if isinstance(data, torch.Tensor) else type(data).__name__
-            raise Fp8TypeError(f"data: expected a tensor of an FP8 dtype, got {seen}")
         if data.dim() < 1:
             raise Fp8ValueError(f"data: expected at least 1 dimension, got a {data.dim()}-d tensor")
-        if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32:
-            seen = scale.dtype if isinstance(scale, torch.Tensor) else type(scale).__name__
-            raise Fp8TypeError(f"scale: expected a float32 tensor, got {seen}")
-        if scale.device != data.device:
-            raise Fp8ValueError(f"scale: expected device {data.device} (the data's), got {scale.device}")
-        if (
-            not isinstance(block, tuple)
-            or len(block) != 2
-            or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)
-        ):
-            raise Fp8ValueError(f"block: expected a pair of positive ints, got {block!r}")
         expected = scale_shape(self.shape2d, block)
         if tuple(scale.shape) != expected:
             raise Fp8ValueError(

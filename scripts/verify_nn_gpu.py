@@ -31,22 +31,23 @@ from fp8dispatch.numerics import ERROR_BOUND, relative_error
 
 
 class Block(nn.Module):
-    """A pre-norm transformer block: RMSNorm, causal attention, RMSNorm, SwiGLU MLP."""
+    """A pre-norm transformer block: RMSNorm, causal attention, RMSNorm, SwiGLU MLP. The head count
+    follows q's width, so the block runs sharded too (scripts/verify_tp_gpu.py)."""
 
     def __init__(self, d: int, ffn: int, heads: int):
         super().__init__()
-        self.heads = heads
+        self.head_dim = d // heads
         self.norm1, self.norm2 = nn.RMSNorm(d), nn.RMSNorm(d)
         self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=False) for _ in range(4))
         self.gate, self.up = nn.Linear(d, ffn, bias=False), nn.Linear(d, ffn, bias=False)
         self.down = nn.Linear(ffn, d, bias=False)
 
     def forward(self, x):
-        b, t, d = x.shape
+        b, t, _ = x.shape
         h = self.norm1(x)
-        q, k, v = (p(h).view(b, t, self.heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
+        q, k, v = (p(h).view(b, t, -1, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
         a = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.o(a.transpose(1, 2).reshape(b, t, d))
+        x = x + self.o(a.transpose(1, 2).reshape(b, t, -1))
         h = self.norm2(x)
         return x + self.down(nn.functional.silu(self.gate(h)) * self.up(h))
 

@@ -25,31 +25,10 @@ import time
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from verify_nn_gpu import Block  # the block the one-GPU check converts (this script's folder is on sys.path)
 
 PLAN = {"q": "colwise", "k": "colwise", "v": "colwise", "o": "rowwise",
         "gate": "colwise", "up": "colwise", "down": "rowwise"}
-
-
-class Block(nn.Module):
-    """Pre-norm attention + SwiGLU MLP; the head count follows q's (possibly sharded) width."""
-
-    def __init__(self, d: int, ffn: int, heads: int):
-        super().__init__()
-        self.head_dim = d // heads
-        self.norm1, self.norm2 = nn.RMSNorm(d), nn.RMSNorm(d)
-        self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=False) for _ in range(4))
-        self.gate, self.up = nn.Linear(d, ffn, bias=False), nn.Linear(d, ffn, bias=False)
-        self.down = nn.Linear(ffn, d, bias=False)
-
-    def forward(self, x):
-        b, t, _ = x.shape
-        h = self.norm1(x)
-        q, k, v = (p(h).view(b, t, -1, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
-        a = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.o(a.transpose(1, 2).reshape(b, t, -1))
-        h = self.norm2(x)
-        return x + self.down(nn.functional.silu(self.gate(h)) * self.up(h))
 
 
 def median_s(fn, device, warmup: int = 3, iters: int = 10) -> float:

@@ -5,6 +5,7 @@ import dataclasses
 import torch
 
 from fp8dispatch.capabilities import Capabilities, Serves
+from fp8dispatch.grouped import GroupedLinearProblem
 from fp8dispatch.problem import dequantize_problem, matmul_problem, quantize_problem
 
 E4M3, E5M2, BF16 = torch.float8_e4m3fn, torch.float8_e5m2, torch.bfloat16
@@ -53,6 +54,26 @@ def test_each_need_names_the_quantity_what_is_needed_and_what_was_seen():
                                                 contiguous=False))
     assert reasons == ["dtype: lib_dequant_row writes bf16 only, asked torch.float32",
                        "t: needs contiguous data (call .contiguous())", "rows=100: needs rows % 16 == 0"]
+
+
+def test_grouped_linear_rows_read_x_and_w_and_run_their_value_checks():
+    table = Capabilities("Lib", (
+        Serves("grouped_linear", "row", "lib_grouped", None, (E4M3,), (BF16,), archs=((9, 0),), multiples=(("N", 8),),
+               checks=(lambda row, p, found: found, lambda row, p, found: None)),
+    ))
+    problem = GroupedLinearProblem(CUDA, (9, 0), "contiguous", "row", E5M2, E4M3, 4, 64, 100, 256, (1, 256),
+                                   (1, 256), torch.int64, False, False, BF16, torch.float16)
+    reasons, row = table.check(problem, "what the probe found")
+    assert row is table.serves[0] and reasons == [
+        "x, w: lib_grouped takes float8_e4m3fn only, got torch.float8_e5m2 × torch.float8_e4m3fn",
+        "bias: lib_grouped has no bias epilogue, and adding it afterwards would round twice (bf16 output)",
+        "x: needs row-major contiguous data (call .contiguous())",
+        "w: needs contiguous [G, N, K] data and scales (build it from .contiguous() ones)",
+        "N=100: needs N % 8 == 0",
+        "what the probe found",
+    ]
+    block = dataclasses.replace(problem, recipe="block", x_block=GROUP, w_block=BLOCK)
+    assert table.check(block, None) == (["recipe block (blocks (1, 128) × (128, 128)): Lib serves row only"], None)
 
 
 def test_a_bias_rides_in_the_epilogue_or_on_an_fp32_output():

@@ -38,6 +38,23 @@ def test_quantize_grouped_is_the_per_expert_quantizer_bit_for_bit(recipe, granul
     assert wq.scale.shape == ((G, 2, 3) if recipe == "block" else (G, N, 1))
 
 
+@pytest.mark.parametrize("recipe", ["block", "row"])
+def test_quantize_grouped_works_a_few_experts_at_a_time(recipe, monkeypatch):
+    """256 experts of 4096×7168 would be one 28 GiB fp32 working copy in one quantize call: each call
+    covers at most QUANTIZE_CHUNK_ELEMENTS of w (rounded to whole experts), with the same bits."""
+    from fp8dispatch import api, grouped
+
+    whole = fd.quantize_grouped(_weights(g=5), recipe, backend="reference")
+    seen, quantize = [], api.quantize
+    monkeypatch.setattr(api, "quantize", lambda x, *a, **k: seen.append(x.numel()) or quantize(x, *a, **k))
+    monkeypatch.setattr(grouped, "QUANTIZE_CHUNK_ELEMENTS", 2 * 256 * K)  # two experts of N padded to 256
+    chunked = fd.quantize_grouped(_weights(g=5), recipe, backend="reference")
+    rows = 256 if recipe == "block" else N
+    assert seen == [2 * rows * K, 2 * rows * K, rows * K]
+    assert torch.equal(chunked.data.view(torch.uint8), whole.data.view(torch.uint8))
+    assert torch.equal(chunked.scale, whole.scale)
+
+
 def test_quantize_grouped_rejects_bad_weights():
     with pytest.raises(Fp8ValueError, match="w: expected a 3-d"):
         fd.quantize_grouped(torch.randn(4, 4))

@@ -16,6 +16,7 @@ from fp8dispatch.backends import reference
 from fp8dispatch.backends import torch as tb
 from fp8dispatch.backends import torchao as ta
 import fp8dispatch.problem as problems
+from fp8dispatch.grouped import GroupedLinearProblem
 from fp8dispatch.blocks import block_for, recipe_blocks
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
@@ -96,13 +97,17 @@ def fake_per_row(wrong=False, raises=False):
     return quantize_fp8_per_row
 
 
+def installed_on_cpu(monkeypatch, module):
+    """A library backend probing on CPU: the device gate passes and the library is 'installed'."""
+    monkeypatch.setattr(module, "_loaded", {})
+    monkeypatch.setattr(lib, "cuda_reason", lambda capability: None)
+    monkeypatch.setattr(module, "_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(module, "_find_spec", lambda name: object())
+
+
 @pytest.fixture
 def fbgemm_fakes(monkeypatch):
-    """An fbgemm backend probing on CPU: the device gate passes and the library is 'installed'."""
-    monkeypatch.setattr(fb, "_loaded", {})
-    monkeypatch.setattr(lib, "cuda_reason", lambda capability: None)
-    monkeypatch.setattr(fb, "_device", lambda: torch.device("cpu"))
-    monkeypatch.setattr(fb, "_find_spec", lambda name: object())
+    installed_on_cpu(monkeypatch, fb)
     monkeypatch.setattr(fb, "_import", lambda name: types.SimpleNamespace(__name__=name))
     monkeypatch.setattr(fb, "_ops", lambda: types.SimpleNamespace(quantize_fp8_per_row=fake_per_row()))
     return monkeypatch
@@ -160,10 +165,7 @@ def fake_torchao(wrong=False, drop=()):
 
 @pytest.fixture
 def torchao_fakes(monkeypatch):
-    monkeypatch.setattr(ta, "_loaded", {})
-    monkeypatch.setattr(lib, "cuda_reason", lambda capability: None)
-    monkeypatch.setattr(ta, "_device", lambda: torch.device("cpu"))
-    monkeypatch.setattr(ta, "_find_spec", lambda name: object())
+    installed_on_cpu(monkeypatch, ta)
     monkeypatch.setattr(ta, "_has_triton", lambda: True)
     monkeypatch.setattr(ta, "_import", lambda name: fake_torchao())
     return monkeypatch
@@ -293,6 +295,13 @@ def dequantize_problem(shape, block, fp8=E4M3, out=BF16):
     return problems.dequantize_problem(CUDA, shape, block, fp8_dtype=fp8, out_dtype=out, capability=H100)
 
 
+def grouped_problem(recipe, n=7168, k=2048, *, x_dtype=E4M3, w_dtype=E4M3, out=BF16, capability=H100,
+                    blocks=None, bias=None, x_row_major=True, w_contiguous=True):
+    x_block, w_block = blocks or (((1, 128), (128, 128)) if recipe == "block" else ((1, k), (1, k)))
+    return GroupedLinearProblem(CUDA, capability, "contiguous", recipe, x_dtype, w_dtype, 8, 4096, n, k,
+                                x_block, w_block, torch.int64, x_row_major, w_contiguous, out, bias)
+
+
 @pytest.mark.parametrize("module, op, problem", [
     (tb, "matmul", matmul_problem("block")), (tb, "matmul", matmul_problem("row", m=1)),
     (tb, "matmul", matmul_problem("tensor", out=torch.float32)), (tb, "matmul", matmul_problem("block", m=17, k=640)),
@@ -303,6 +312,8 @@ def dequantize_problem(shape, block, fp8=E4M3, out=BF16):
     (tb, "matmul", matmul_problem("block", out=torch.float32, bias=BF16)),
     (fb, "dequantize", dequantize_problem((4096, 7168), (128, 128), E4M3, BF16)),
     (ta, "dequantize", dequantize_problem((300, 200), (128, 128), E5M2, torch.float16)),
+    (fb, "grouped_linear", grouped_problem("block")), (fb, "grouped_linear", grouped_problem("row", n=200, k=48)),
+    (tb, "grouped_linear", grouped_problem("row", capability=(10, 0))),
 ])
 def test_what_each_backend_accepts(module, op, problem):
     assert module.why_not(op, problem) == []
@@ -359,10 +370,54 @@ def test_what_each_backend_accepts(module, op, problem):
     (fb, "quantize", quantize_problem("block"), "use triton"),
     (ta, "dequantize", dequantize_problem((128, 128), (1, 128), E4M3, BF16),
      "granularity row (block (1, 128)): TorchAO serves 128×128 only"),
+    # fbgemm grouped_linear
+    (fb, "grouped_linear", grouped_problem("block", capability=(10, 0)),
+     "f8f8bf16_groupwise_grouped runs on sm90 only (sm_90a cubins), this GPU is sm100"),
+    (fb, "grouped_linear", grouped_problem("row", capability=(8, 9)),
+     "f8f8bf16_rowwise_grouped_stacked runs on sm90 only (sm_90a cubins), this GPU is sm89"),
+    (fb, "grouped_linear", grouped_problem("block", n=200),
+     "N=200: needs N % 128 == 0 (f8f8bf16_groupwise_grouped finds each expert's scales at offsets in N // 128 "
+     "and K // 128)"),
+    (fb, "grouped_linear", grouped_problem("block", k=320), "K=320: needs K % 128 == 0"),
+    (fb, "grouped_linear", grouped_problem("row", k=40), "K=40: needs K % 16 == 0"),
+    (fb, "grouped_linear", grouped_problem("row", n=100), "N=100: needs N % 8 == 0"),
+    (fb, "grouped_linear", grouped_problem("row", x_dtype=E5M2),
+     "x, w: f8f8bf16_rowwise_grouped_stacked takes float8_e4m3fn only, got torch.float8_e5m2 × torch.float8_e4m3fn"),
+    (fb, "grouped_linear", grouped_problem("block", out=torch.float32),
+     "out_dtype: f8f8bf16_groupwise_grouped writes bf16 only, asked torch.float32"),
+    (fb, "grouped_linear", grouped_problem("block", bias=BF16),
+     "bias: f8f8bf16_groupwise_grouped has no bias epilogue, and adding it afterwards would round twice (bf16 output)"),
+    (fb, "grouped_linear", grouped_problem("block", blocks=((1, 64), (64, 64))),
+     "recipe block (blocks (1, 64) × (64, 64)): FBGEMM serves 1×128 · 128×128 and row only"),
+    (fb, "grouped_linear", grouped_problem("row", x_row_major=False),
+     "x: needs row-major contiguous data (call .contiguous())"),
+    (fb, "grouped_linear", grouped_problem("row", w_contiguous=False), "w: needs contiguous [G, N, K] data and scales"),
+    # torch grouped_linear
+    (tb, "grouped_linear", grouped_problem("block"),
+     "recipe block (blocks (1, 128) × (128, 128)): torch serves row only; torch._scaled_grouped_mm takes rowwise "
+     "scales (and MX formats on sm100), not 1×128 · 128×128 blocks; use triton or fbgemm"),
+    (tb, "grouped_linear", grouped_problem("row", capability=(8, 9)),
+     "torch._scaled_grouped_mm runs on sm90 and sm100 only (its FP8 kernels), this GPU is sm89"),
+    (tb, "grouped_linear", grouped_problem("row", w_dtype=E5M2),
+     "x, w: torch._scaled_grouped_mm takes float8_e4m3fn only, got torch.float8_e4m3fn × torch.float8_e5m2"),
+    (tb, "grouped_linear", grouped_problem("row", out=torch.float16),
+     "out_dtype: torch._scaled_grouped_mm writes bf16 only, asked torch.float16"),
+    (tb, "grouped_linear", grouped_problem("row", bias=torch.float32), "bias: torch._scaled_grouped_mm has no bias epilogue"),
+    (tb, "grouped_linear", grouped_problem("row", k=200), "K=200: needs K % 16 == 0 (16-byte aligned strides)"),
+    (tb, "grouped_linear", grouped_problem("row", n=200), "N=200: needs N % 16 == 0 (16-byte aligned strides)"),
 ])
 def test_every_declared_limit_names_quantity_need_and_value(module, op, problem, reason):
     reasons = module.why_not(op, problem)
     assert any(reason in r for r in reasons), reasons
+
+
+def test_what_the_probe_found_declines_grouped_problems():
+    no_kernel = dataclasses.replace(tb.COMPLETE, grouped="torch 2.13.0 has no CUDA kernel for torch._scaled_grouped_mm")
+    assert tb.why_not("grouped_linear", grouped_problem("row"), no_kernel) == [no_kernel.grouped]
+    partial_build = fb.Found(ops=frozenset(fb.OPS) - {"f8f8bf16_groupwise_grouped"}, triton=None)
+    assert fb.why_not("grouped_linear", grouped_problem("block"), partial_build) == [
+        "torch.ops.fbgemm.f8f8bf16_groupwise_grouped is missing from this fbgemm_gpu build"]
+    assert fb.why_not("grouped_linear", grouped_problem("row"), partial_build) == []
 
 
 def test_cublaslt_and_v2_limits_of_the_torch_block_recipe():
@@ -373,11 +428,12 @@ def test_cublaslt_and_v2_limits_of_the_torch_block_recipe():
     assert any("ceil(K/128) % 4 == 0" in r for r in tb.why_not("matmul", matmul_problem("block", k=640), v1))
 
 
-@pytest.mark.parametrize("module", [fb, ta, tb])
-def test_cpu_tensors_are_declined_before_anything_else(module):
-    problem = matmul_problem("block")
+@pytest.mark.parametrize("module, problem", [(fb, matmul_problem("block")), (ta, matmul_problem("block")),
+                                             (tb, matmul_problem("block")), (fb, grouped_problem("block", n=100)),
+                                             (tb, grouped_problem("row", out=torch.float16))])
+def test_cpu_tensors_are_declined_before_anything_else(module, problem):
     cpu = dataclasses.replace(problem, device=torch.device("cpu"), capability=None)
-    assert module.why_not("matmul", cpu) == ["needs a CUDA tensor, got device cpu"]
+    assert module.why_not(problem.op, cpu) == ["needs a CUDA tensor, got device cpu"]
 
 
 def test_library_quantizers_are_not_offered():

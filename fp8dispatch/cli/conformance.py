@@ -15,7 +15,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--backend", action="append", metavar="NAME",
                         help="backends to check, repeatable or comma-separated (default: every registered one)")
     parser.add_argument("--op", action="append", metavar="OP",
-                        help="quantize, dequantize and/or matmul, repeatable or comma-separated (default: all)")
+                        help="quantize, dequantize, matmul and/or grouped_linear, repeatable or comma-separated "
+                             "(default: all)")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true",
                       help="small shapes (≤ 256), the default without a GPU: fast under the Triton interpreter")
