@@ -33,6 +33,11 @@ EXIT = "{67372036, 67372036}"
 
 @pytest.fixture(scope="module")
 def ptx():
+    import triton
+
+    if not triton.__version__.startswith("3.6."):
+        pytest.skip(f"the controls and the protocol checked here are Triton 3.6's lowering of warp_specialize "
+                    f"(the sanitizer run's Triton); this is Triton {triton.__version__}")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", COMPILE], env=env, capture_output=True, text=True, cwd=ROOT,
                           timeout=600)
