@@ -35,11 +35,16 @@ for tool in memcheck racecheck; do
     eval "${tool}_code=$code"
 done
 
-echo "== racecheck, control (a warp-specialized kernel that owns no shared memory)"
-timeout "${SANITIZE_SECONDS:-240}" "$sanitizer" --tool racecheck --racecheck-report all --print-limit 200 \
-    "$python" scripts/sanitize_control.py > "$dir/racecheck-control.log" 2>&1
-control_code=$?
-grep -E "RACECHECK SUMMARY|control:" "$dir/racecheck-control.log" | tail -2
+# The controls: the Hopper kernel's partitions without its data path, one mode per piece of its
+# synchronization (scripts/sanitize_control.py says which), each under racecheck on its own.
+modes="plain barriers mbarriers"
+for mode in $modes; do
+    echo "== racecheck, control $mode"
+    timeout "${SANITIZE_SECONDS:-240}" "$sanitizer" --tool racecheck --racecheck-report all --print-limit 200 \
+        "$python" scripts/sanitize_control.py --mode "$mode" > "$dir/racecheck-control-$mode.log" 2>&1
+    eval "control_${mode}_code=$?"
+    grep -E "RACECHECK SUMMARY|^control $mode:" "$dir/racecheck-control-$mode.log" | tail -2
+done
 
 gpu=$("$python" -c "import torch; p = torch.cuda.get_device_properties(0); print(f'{p.name}, sm{p.major}{p.minor}')" 2>/dev/null)
 versions=$("$python" -c "import torch, triton; print(f'torch {torch.__version__}, triton {triton.__version__}')" 2>/dev/null)
@@ -56,11 +61,14 @@ versions=$("$python" -c "import torch, triton; print(f'torch {torch.__version__}
         code_var="${tool}_code"
         echo "| $tool | ${!code_var} | $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$dir/$tool.log" | tail -1 | sed 's/^========= //') |"
     done
-    echo "| racecheck, control ($(grep -o 'control:.*' "$dir/racecheck-control.log" | tail -1)) | $control_code | $(grep -E "RACECHECK SUMMARY" "$dir/racecheck-control.log" | tail -1 | sed 's/^========= //') |"
+    for mode in $modes; do
+        log="$dir/racecheck-control-$mode.log" code_var="control_${mode}_code"
+        echo "| racecheck, control $mode ($(grep -o "^control $mode:.*" "$log" | tail -1 | sed "s/^control $mode: //")) | ${!code_var} | $(grep -E "RACECHECK SUMMARY" "$log" | tail -1 | sed 's/^========= //') |"
+    done
     echo
-    echo "The control, \`scripts/sanitize_control.py\`, is a warp-specialized kernel with the Hopper kernel's"
-    echo "partition shape that owns no shared memory: hazards it shows come from Triton's own lowering."
-    echo "Full output: memcheck.log, racecheck.log, racecheck-control.log and plain.log beside this file."
+    echo "The controls, \`scripts/sanitize_control.py --mode MODE\`, are warp-specialized kernels with the Hopper"
+    echo "kernel's partition shape and none of its data path: hazards they show come from Triton's lowering."
+    echo "Full output: memcheck.log, racecheck.log, racecheck-control-MODE.log and plain.log beside this file."
 } > "$dir/summary.md"
 cat "$dir/summary.md"
 [ "$plain" -ne 0 ] && status=1
