@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 import fp8dispatch as fd
 from fp8dispatch import planning, registry
+from fp8dispatch.errors import NoBackend
 from fp8dispatch.tensor import Fp8Tensor
 
 E4M3, BF16 = torch.float8_e4m3fn, torch.bfloat16
@@ -270,8 +271,12 @@ def run(size: str = "full", backends=("triton", "auto"), calls: int = 200, repea
             for op, layer in (("quantize", 'fd.quantize(x, "group")'), ("linear", "fd.linear(x, wq)")):
                 table.time(op, backend, layer, f"n/a: {backend} cannot run here: {reason}")
             continue
-        quantize_layers(table, x, backend)
-        linear_layers(table, x, wq, backend)
+        for op, layer, layers in (("quantize", 'fd.quantize(x, "group")', lambda: quantize_layers(table, x, backend)),
+                                  ("linear", "fd.linear(x, wq)", lambda: linear_layers(table, x, wq, backend))):
+            try:
+                layers()
+            except NoBackend as e:  # declined for these operands (say CPU tensors with a GPU's Triton)
+                table.time(op, backend, layer, f"n/a: {backend} cannot run this call: {str(e).splitlines()[-1].strip()}")
     reference_layers(table, x, w)
     env = {"device": where, "torch": torch.__version__, "python": platform.python_version(),
            "triton": _version("triton"), "m": m, "n": n, "k": k, "calls": calls, "repeats": repeats}

@@ -5,8 +5,10 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from fp8dispatch import registry
+from fp8dispatch.errors import NoBackend
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -29,7 +31,9 @@ def load(name):
     return module
 
 
-@pytest.mark.skipif(registry.probe_result("triton") is not None, reason="needs the triton backend (interpreter)")
+@pytest.mark.skipif(registry.probe_result("triton") is not None or torch.cuda.is_available(),
+                    reason="needs the triton backend in its interpreter, serving CPU tensors (with a GPU, triton "
+                           "serves CUDA tensors only; the breakdown's GPU rows come from running the benchmark)")
 def test_breakdown_reports_every_layer(tmp_path, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(BENCHMARKS))  # dispatch_overhead imports host_layers beside it
     out = tmp_path / "host.json"
@@ -66,3 +70,19 @@ def test_a_backend_that_cannot_run_keeps_its_rows_with_the_reason(monkeypatch):
     assert [r["op"] for r in mine] == ["quantize", "linear"]
     assert all(r["us"] is None and "not here" in r["note"] for r in mine)
     assert "| quantize | triton |" in module.markdown(report)
+
+
+def test_a_backend_that_declines_the_operands_keeps_its_rows_with_the_reason(monkeypatch):
+    """On a GPU machine triton refuses CPU tensors at plan time: its rows say so, the run goes on."""
+    module = load("host_layers")
+
+    def declined(*args, **kwargs):
+        raise NoBackend("no backend can run quantize(...)\n  triton:\n    - device cpu: needs a CUDA tensor")
+
+    monkeypatch.setattr(module, "quantize_layers", declined)
+    monkeypatch.setattr(module, "linear_layers", declined)
+    monkeypatch.setattr(registry, "probe_result", lambda name: None)
+    report = module.run("tiny", ["triton"], calls=1, repeats=1, device="cpu")
+    mine = [r for r in report["rows"] if r["backend"] == "triton"]
+    assert [r["op"] for r in mine] == ["quantize", "linear"]
+    assert all(r["us"] is None and "needs a CUDA tensor" in r["note"] for r in mine)
