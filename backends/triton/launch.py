@@ -103,7 +103,11 @@ def bind(compiled):
     """`(run, function, packed)` such that `run(g0, g1, g2, stream, function, packed, None, None,
     None, *args)` launches `compiled` (every parameter in order, constexprs included): Triton's
     own launch minus its per-call work. None when Triton's launch hooks are set (a profiler
-    listening), which only the full path calls, or when fast launches are switched off."""
+    listening), which only the full path calls, or when fast launches are switched off.
+    Known gap: Triton 3.6 and 3.9 keep `launch_enter_hook` as an empty `HookChain`, never None, so
+    this returns None there and plans fall back to `Launcher` (measured in
+    docs/results/h200/host-layers.md). An empty chain should count as no hook; that change waits for
+    a GPU run of the conformance suite, since no CPU test reaches this launch."""
     if not ENABLED or getattr(triton, "knobs", None) is None or triton.knobs.runtime.launch_enter_hook is not None:
         return None
     try:
