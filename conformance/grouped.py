@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 import fp8dispatch
-from fp8dispatch.grouped import skewed_counts
+from fp8dispatch.grouped import QUANTIZE_CHUNK_ELEMENTS, GroupedFp8Tensor, skewed_counts
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 
@@ -120,19 +120,7 @@ def build(case: GroupedCase, device: torch.device) -> dict:
     rows = groups * case.max_m if masked else sum(case.counts)
     masked_m = list(min(c, case.max_m) for c in case.counts) if masked else None
     pow2 = case.exact
-    # w expert by expert, drawn on the device straight into the input dtype: DeepSeek-V3's 256
-    # experts of 4096×7168 are 7.5 G numbers (28 GiB in fp32), and several backends' checks may share
-    # one GPU. Deterministic per device.
-    w = torch.empty((groups, n, k), dtype=case.in_dtype, device=device)
-    w_gen = torch.Generator(device).manual_seed(case.seed + 1)
-    if pow2:
-        x = _small_integers((rows, k), gen)
-        for g in range(groups):
-            w[g] = _small_integers((n, k), w_gen, device)
-    else:
-        x = torch.randn(rows, k, generator=gen)
-        for g in range(groups):
-            w[g] = torch.randn(n, k, generator=w_gen, device=device) / k**0.5
+    x = _small_integers((rows, k), gen) if pow2 else torch.randn(rows, k, generator=gen)
     if masked:  # padding rows: NaN, which must reach no valid row and no output
         pad = (torch.arange(case.max_m)[None, :] >= torch.tensor(masked_m)[:, None]).reshape(-1)
         x[pad] = float("nan")
@@ -143,8 +131,7 @@ def build(case: GroupedCase, device: torch.device) -> dict:
         q = fp8dispatch.quantize(x, "group" if case.recipe == "block" else "row", dtype=case.fp8, pow2_scale=pow2,
                                  backend="reference")
         xa = fp8dispatch.Fp8Tensor(q.data.view(groups, case.max_m, k) if masked else q.data, q.scale, q.block)
-    wq = fp8dispatch.quantize_grouped(w, case.recipe, dtype=case.w_fp8, pow2_scale=pow2, backend="reference")
-    del w
+    wq = _weights(case, device)
     offsets = masked_t = None
     if masked:
         masked_t = torch.tensor(masked_m, dtype=torch.int32, device=device)
@@ -155,6 +142,29 @@ def build(case: GroupedCase, device: torch.device) -> dict:
         bias = (torch.randint(-8, 9, (groups, n), generator=gen) if pow2 else torch.randn(groups, n, generator=gen))
         bias = bias.to(case.bias).to(device)
     return {"x": xa, "w": wq, "offsets": offsets, "masked_m": masked_t, "bias": bias}
+
+
+def _weights(case: GroupedCase, device: torch.device) -> GroupedFp8Tensor:
+    """The case's `[G, N, K]` weights, drawn on the device expert by expert and quantized a few
+    experts at a time: DeepSeek-V3's 256 experts of 4096×7168 are 7.5 G numbers, and only their FP8
+    stack (7.5 GB) is ever whole, so several backends' checks can share one GPU. Deterministic per
+    device."""
+    groups, n, k = len(case.counts), case.n, case.k
+    gen = torch.Generator(device).manual_seed(case.seed + 1)
+    step = max(1, QUANTIZE_CHUNK_ELEMENTS // (n * k))
+    data = scale = None
+    for first in range(0, groups, step):
+        count = min(step, groups - first)
+        w = torch.empty((count, n, k), dtype=case.in_dtype, device=device)
+        for g in range(count):
+            w[g] = (_small_integers((n, k), gen, device) if case.exact
+                    else torch.randn(n, k, generator=gen, device=device) / k**0.5)
+        q = fp8dispatch.quantize_grouped(w, case.recipe, dtype=case.w_fp8, pow2_scale=case.exact, backend="reference")
+        if data is None:
+            data = torch.empty((groups, n, k), dtype=q.data.dtype, device=device)
+            scale = torch.empty((groups, *q.scale.shape[1:]), dtype=q.scale.dtype, device=device)
+        data[first:first + count], scale[first:first + count] = q.data, q.scale
+    return GroupedFp8Tensor(data, scale, q.block)
 
 
 def _small_integers(shape, gen, device="cpu") -> torch.Tensor:
