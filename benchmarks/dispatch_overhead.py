@@ -27,26 +27,10 @@ import fp8dispatch
 from fp8dispatch import Backend, Fp8Tensor, api, planning, registry
 from fp8dispatch.backends import reference
 from fp8dispatch.problem import quantize_problem
+import host_layers  # beside this file
 
 TARGET_US = 3.0  # issue 6: dispatch overhead per call
 BASELINE = None  # --baseline: another api.py, timed alongside
-
-
-def per_call_us(fn, calls: int, repeats: int, sync=None) -> list[float]:
-    """Host time per call in µs, one value per repeat of `calls` back-to-back calls."""
-    for _ in range(max(calls // 10, 10)):
-        fn()
-    out = []
-    for _ in range(repeats):
-        if sync:
-            sync()
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        if sync:
-            sync()
-        out.append((time.perf_counter() - start) / calls * 1e6)
-    return out
 
 
 def compare(name: str, call, direct, calls: int, repeats: int, sync=None) -> dict:
@@ -57,10 +41,10 @@ def compare(name: str, call, direct, calls: int, repeats: int, sync=None) -> dic
     """
     api_t, direct_t, base_t = [], [], []
     for _ in range(repeats):
-        api_t += per_call_us(lambda: call(fp8dispatch), calls, 1, sync)
-        direct_t += per_call_us(direct, calls, 1, sync)
+        api_t += host_layers.per_call_us(lambda: call(fp8dispatch), calls, 1, sync)
+        direct_t += host_layers.per_call_us(direct, calls, 1, sync)
         if BASELINE is not None:
-            base_t += per_call_us(lambda: call(BASELINE), calls, 1, sync)
+            base_t += host_layers.per_call_us(lambda: call(BASELINE), calls, 1, sync)
     a, d = statistics.median(api_t), statistics.median(direct_t)
     paired = statistics.median(x - y for x, y in zip(api_t, direct_t))  # each pair ran back to back
     row = {"case": name, "api_us": a, "direct_us": d, "overhead_us": paired,
@@ -368,8 +352,6 @@ def main(argv=None) -> int:
 
 
 def host_breakdown(args) -> int:
-    import host_layers
-
     calls, repeats = (2, 2) if args.tiny else (min(args.calls, 200), args.repeats)
     report = host_layers.run("tiny" if args.tiny else "full", args.backends.split(","), calls, repeats,
                              "cpu" if args.cpu_only else None)

@@ -40,18 +40,29 @@ GROUP = (1, 128)
 SIZES = {"full": (1, 2048, 7168), "tiny": (1, 128, 256)}
 
 
-def host_us(fn, calls: int, repeats: int, sync) -> tuple[float, float]:
-    """(median, minimum) over `repeats` of the host µs per call of `calls` back-to-back `fn()`."""
-    for _ in range(max(calls // 10, 3)):
+def per_call_us(fn, calls: int, repeats: int, sync=None, wait: bool = True) -> list[float]:
+    """µs per call, one value per repeat of `calls` back-to-back calls, `sync` (the GPU's) run
+    before each repeat; with `wait`, the time until the GPU has finished them, else host time alone."""
+    for _ in range(max(calls // 10, 10)):
         fn()
-    times = []
+    out = []
     for _ in range(repeats):
-        sync()
+        if sync:
+            sync()
         start = time.perf_counter()
         for _ in range(calls):
             fn()
-        times.append((time.perf_counter() - start) / calls * 1e6)
-    sync()
+        if sync and wait:
+            sync()
+        out.append((time.perf_counter() - start) / calls * 1e6)
+    if sync and not wait:
+        sync()  # the launches queued by the last repeat finish before anything else is timed
+    return out
+
+
+def host_us(fn, calls: int, repeats: int, sync) -> tuple[float, float]:
+    """(median, minimum) over `repeats` of the host µs per call of `calls` back-to-back `fn()`."""
+    times = per_call_us(fn, calls, repeats, sync, wait=False)
     return statistics.median(times), min(times)
 
 
