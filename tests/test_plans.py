@@ -1,5 +1,6 @@
 """Plan once, run direct: the public planning functions, bound runners, and what a plan serves."""
 
+from types import SimpleNamespace
 from unittest import mock
 
 import pytest
@@ -147,3 +148,34 @@ def test_a_launchers_last_launch_is_bound_only_for_its_own_aligned_first_tensor(
     with mock.patch.object(launch, "bind", return_value=None):  # Triton's own path must serve
         launcher.last = (*launcher.last[:3], ((torch.float32, True),) * 2, *launcher.last[4:])
         assert launcher.bound(first) is None
+
+
+def test_bind_takes_the_direct_launch_unless_a_launch_hook_listens():
+    """Triton 3.6 and newer keep each launch hook as a `HookChain` that is never None: an empty one
+    must not keep plans off the direct launch, and a hook added later (a profiler) must be seen by
+    every bound runner, which then hands its call back to Triton's own path."""
+    import triton
+    from fp8dispatch.backends.triton import launch
+
+    compiled = SimpleNamespace(run="run", function="function", packed_metadata="packed")
+    runtime = triton.knobs.runtime
+    if not hasattr(runtime.launch_enter_hook, "calls"):
+        pytest.skip(f"Triton {triton.__version__} keeps launch hooks as plain values, not HookChains")
+    assert not runtime.launch_enter_hook.calls and not runtime.launch_exit_hook.calls
+    assert not launch.listening()
+    assert launch.bind(compiled) == ("run", "function", "packed")
+    for chain in (runtime.launch_enter_hook, runtime.launch_exit_hook):
+        hook = lambda metadata: None  # noqa: E731
+        chain.add(hook)
+        try:
+            assert launch.listening() and launch.bind(compiled) is None
+        finally:
+            chain.remove(hook)
+    assert launch.bind(compiled) == ("run", "function", "packed")
+
+
+def test_a_hook_set_as_a_plain_value_listens_and_none_does_not():
+    from fp8dispatch.backends.triton import launch
+
+    assert not launch._listens(None) and launch._listens(print)
+    assert not launch._listens(SimpleNamespace(calls=[])) and launch._listens(SimpleNamespace(calls=[print]))

@@ -39,7 +39,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .launch import ENABLED, bind as bind_launch, raw_stream
+from .launch import ENABLED, bind as bind_launch, listening, raw_stream
 from .tiles import sm_count
 
 BLOCK_M, BLOCK_N, BLOCK_K = 128, 128, 128  # BLOCK_K = the scale group; BLOCK_N = the weight block's width
@@ -233,7 +233,7 @@ def matmul(a, b, out_dtype, bias=None, stages: int = STAGES):
                                      tuple(constexprs.values()))
     else:  # the compiled kernel directly: Triton's binder costs tens of µs a call (launch.py)
         kernel, tail = compiled
-        kernel[grid](*args, *tail, stream=torch.cuda.current_stream(da.device).cuda_stream)
+        kernel[grid](*args, *tail, stream=raw_stream(da.device.index))
     last[:] = [id(da), grid, compiled, ints]
     return c
 
@@ -246,7 +246,7 @@ last: list = []
 def bind(a, b, c, bias):
     """`(a, b, bias) -> c` for later calls of the shapes `matmul` just ran: the compiled kernel
     launched directly, the weight's descriptor kept while the weight is the same tensor."""
-    if not last or last[0] != id(a.data) or raw_stream is None:
+    if not last or last[0] != id(a.data):
         return None
     _, (g0, g1, g2), (kernel, tail), ints = last
     no_bias = _no_bias(c.device)
@@ -265,7 +265,8 @@ def bind(a, b, c, bias):
     def run(a, b, bias):
         da, sa, sb = a.data, a.scale, b.scale
         bias = bias if has_bias else no_bias
-        if (da.data_ptr() | b.data.data_ptr() | sa.data_ptr() | sb.data_ptr() | bias.data_ptr()) & 15:
+        pointers = da.data_ptr() | b.data.data_ptr() | sa.data_ptr() | sb.data_ptr() | bias.data_ptr()
+        if pointers & 15 or listening():
             return None
         if weights[0] is not b.data:
             weight = b.data.t()

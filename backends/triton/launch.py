@@ -30,6 +30,12 @@ ENABLED = os.environ.get("FP8DISPATCH_TRITON_FAST_LAUNCH", "1") != "0"
 # threads interpreting at once break each other: off the GPU, one launch at a time.
 _interpreter_lock = threading.Lock()
 
+# The stream torch's current-stream context selects, as the raw handle Triton's launcher takes;
+# the same query Triton's own driver makes (a CUDA-graph capture switches it). 0.1 µs a call on an
+# H200 against 4 µs for `torch.cuda.current_stream(i).cuda_stream`, the fallback where it is missing.
+raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
+    lambda index: torch.cuda.current_stream(index).cuda_stream)
+
 
 def static_key(scalars: tuple, constexprs: dict, options: dict) -> tuple:
     """The non-tensor part of a launch's key: each integer's value (finer than Triton's "equals 1 /
@@ -75,7 +81,7 @@ class Launcher:
             names = self.kernel.arg_names[len(args):]
             hit = self.compiled[key] = (compiled, tuple(constexprs[n] for n in names))
         else:
-            hit[0][grid3](*args, *hit[1], stream=torch.cuda.current_stream(args[0].device).cuda_stream)
+            hit[0][grid3](*args, *hit[1], stream=raw_stream(args[0].device.index))
         # Cheap on purpose (it runs on every launch): the checks and the args' rebuild wait for `bound`.
         self.last = (grid3, hit[0], id(args[0]), key[2], args[self.tensors:], hit[1])
 
@@ -102,13 +108,10 @@ def tracing(t: torch.Tensor) -> bool:
 def bind(compiled):
     """`(run, function, packed)` such that `run(g0, g1, g2, stream, function, packed, None, None,
     None, *args)` launches `compiled` (every parameter in order, constexprs included): Triton's
-    own launch minus its per-call work. None when Triton's launch hooks are set (a profiler
-    listening), which only the full path calls, or when fast launches are switched off.
-    Known gap: Triton 3.6 and 3.9 keep `launch_enter_hook` as an empty `HookChain`, never None, so
-    this returns None there and plans fall back to `Launcher` (measured in
-    docs/results/h200/host-layers.md). An empty chain should count as no hook; that change waits for
-    a GPU run of the conformance suite, since no CPU test reaches this launch."""
-    if not ENABLED or getattr(triton, "knobs", None) is None or triton.knobs.runtime.launch_enter_hook is not None:
+    own launch minus its per-call work. None when a launch hook listens (a profiler; only Triton's
+    full path calls hooks) or when fast launches are switched off. Bound runners ask `listening()`
+    again on every call, so a profiler attached later still sees each launch."""
+    if not ENABLED or getattr(triton, "knobs", None) is None or listening():
         return None
     try:
         run = compiled.run  # loads the module on first access
@@ -117,6 +120,12 @@ def bind(compiled):
         return None
 
 
-# The stream torch's current-stream context selects, as the raw handle Triton's launcher takes;
-# the same query Triton's own driver makes (a CUDA-graph capture switches it).
-raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+def listening() -> bool:
+    """Whether a Triton launch hook is set. Triton 3.6 and newer keep each hook as a `HookChain`
+    that is never None and listens only when it holds a call; older ones use None for no hook."""
+    runtime = triton.knobs.runtime
+    return _listens(runtime.launch_enter_hook) or _listens(runtime.launch_exit_hook)
+
+
+def _listens(hook) -> bool:
+    return hook is not None and bool(getattr(hook, "calls", True))

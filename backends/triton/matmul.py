@@ -34,7 +34,7 @@ from fp8dispatch.blocks import cdiv
 from fp8dispatch.problem import device_capability
 
 from .interpreter import active as interpreting
-from .launch import Launcher, raw_stream, static_key, tracing
+from .launch import Launcher, listening, raw_stream, static_key, tracing
 from .tiles import grouped_tile, hint, next_pow2
 
 # Up to this M the swapped kernel runs (its narrow side is 16 to 64 wide).
@@ -405,7 +405,7 @@ def plan(problem):
     # Under torch.compile the portable kernel is a graph node (Inductor launches it); the Gluon
     # kernel and the interpreter are not traceable, so their calls stay opaque (fp8dispatch/ops.py).
     traced = None if interpreting() or _hopper_serves(problem) else matmul
-    if problem.device.type != "cuda" or raw_stream is None:
+    if problem.device.type != "cuda":
         def run(a, b, out_dtype, bias=None):
             return matmul(a, b, out_dtype, bias)
         run.kernel, run.traced = kernel, traced
@@ -452,7 +452,7 @@ def _bind(a, b, c, bias):
     def run(a, b, bias):
         pa, pb, psa, psb = a.data.data_ptr(), b.data.data_ptr(), a.scale.data_ptr(), b.scale.data_ptr()
         pbias = bias.data_ptr() if has_bias else psa
-        if (pa | pb | psa | psb | pbias) & 15:
+        if (pa | pb | psa | psb | pbias) & 15 or listening():
             return None
         out = torch.empty(shape, dtype=out_dtype, device=device)
         launch(g0, g1, g2, stream(index), function, packed, None, None, None, pa, pb, out.data_ptr(), psa, psb,

@@ -29,7 +29,7 @@ from fp8dispatch.blocks import cdiv, scale_shape
 from fp8dispatch.errors import Fp8ValueError
 from fp8dispatch.formats import fp8_format
 
-from .launch import Launcher, raw_stream
+from .launch import Launcher, listening, raw_stream
 from .scaling import finite_abs, saturating_cast, scale_from_amax
 from .interpreter import active as interpreting
 from .tiles import TILE, next_pow2, num_warps_for, sm_count, wide_groups_plan
@@ -417,7 +417,7 @@ def plan(problem):
     allocate the outputs and launch it directly (one kernel, no Triton binder)."""
     launcher, kernel = kernel_for(problem)
     traced = None if interpreting() else quantize  # under torch.compile: graph nodes Inductor launches
-    if launcher is None or problem.user_scale or problem.device.type != "cuda" or raw_stream is None:
+    if launcher is None or problem.user_scale or problem.device.type != "cuda":
         def run(x, block, dtype, scale=None, scale_ub=None, pow2_scale=False):
             return quantize(x, block, dtype, scale, scale_ub, pow2_scale)
         run.kernel, run.traced = kernel, traced
@@ -445,7 +445,8 @@ def plan(problem):
 
 def _bind(launcher: Launcher, x, out):
     """`(x, scale_ub) -> (data, scale)` launching the kernel `launcher` last compiled for x, or
-    None (unaligned first input, launch hooks set). Returns None on a call whose x is unaligned."""
+    None (unaligned first input, launch hooks set). Returns None on a call whose x is unaligned
+    or while a launch hook listens (Triton's own path then serves)."""
     found = launcher.bound(x)
     if found is None:
         return None
@@ -457,7 +458,7 @@ def _bind(launcher: Launcher, x, out):
 
     def run(x, scale_ub):
         px = x.data_ptr()
-        if px & 15:
+        if px & 15 or listening():
             return None
         data = torch.empty(data_shape, dtype=data_dtype, device=device)
         s = torch.empty(scale_shape_, dtype=f32, device=device)
