@@ -286,3 +286,14 @@ def test_a_compiled_graph_is_never_reused_after_routing_changes(sandbox):
     second = compiled(x)
     assert len(graphs) == 2
     assert torch.equal(first.data.view(torch.uint8), second.data.view(torch.uint8))
+
+
+def test_opaque_ops_refuse_inputs_that_require_grad():
+    """The run_* ops have no autograd kernel: without the refusal torch would differentiate the
+    kernel's own arithmetic (quantization included) and hand back gradients no formula defines."""
+    a, b = _randn(16, 64).requires_grad_(), _randn(64, 40)
+    args = (a, None, None, None, b, None, None, None, "tensor", torch.bfloat16, None, "auto")
+    with pytest.raises(fp8dispatch.Fp8TypeError, match="run_matmul: an input requires grad"):
+        ops.run_matmul(*args)
+    with torch.no_grad():
+        assert ops.run_matmul(*args).shape == (16, 40)
