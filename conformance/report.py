@@ -183,7 +183,8 @@ def merge(run: Run, path: str | Path) -> Run:
 
     For machines where one command cannot run every backend in its time limit: run them one or a
     few at a time with `--merge` (or side by side, each to its own report, then `--from`), and the
-    last report holds them all. A backend in `run` replaces its earlier results.
+    last report holds them all. A backend checked again on an op replaces its earlier results for
+    that op; its other ops' results stay.
     """
     path = Path(path)
     js = path if path.suffix == ".json" else path.with_suffix(".json")
@@ -193,8 +194,8 @@ def merge(run: Run, path: str | Path) -> Run:
 
 
 def combine(old: Run, run: Run) -> Run:
-    """`run` plus the results of the backends it did not check from `old`."""
-    kept = [r for r in old.results if r.backend not in run.backends]
+    """`run` plus the results from `old` of every (backend, op) that `run` did not check."""
+    kept = [r for r in old.results if r.backend not in run.backends or r.case.op not in run.ops]
     names = list(dict.fromkeys([*old.backends, *run.backends]))
     merged = Run(device=run.device, quick=run.quick and old.quick, backends=names,
                  ops=[op for op in OPS if op in {*old.ops, *run.ops}], environment=run.environment,

@@ -1,5 +1,6 @@
 """The conformance suite has teeth: deliberately wrong backends fail it, a correct one passes."""
 
+from collections import Counter
 import json
 import os
 import subprocess
@@ -234,6 +235,18 @@ def test_merge_keeps_other_backends_and_replaces_a_rerun_one(sandbox, tmp_path):
     assert sorted(merged.backends) == ["flipped", "reference"] and merged.ops == ["quantize", "dequantize"]
     assert len(merged.failed) == 4 and {r.backend for r in merged.failed} == {"flipped"}
     assert len([r for r in merged.results if r.backend == "reference"]) == 8
+
+
+def test_merge_replaces_only_the_ops_a_backend_was_checked_on_again(sandbox, tmp_path):
+    """A backend's ops checked by separate commands (each under its own time limit) add up."""
+    path = tmp_path / "conformance.md"
+    reports.write(runner.run(backends=["reference"], ops=["quantize", "dequantize"], device="cpu",
+                             match=["-1x200-"]), path)
+    again = runner.run(backends=["reference"], ops=["dequantize"], device="cpu", match=["-1x200-"])
+    merged = reports.merge(again, path)
+    by_op = Counter(r.case.op for r in merged.results)
+    assert by_op == {"quantize": 4, "dequantize": 4} and merged.ops == ["quantize", "dequantize"]
+    assert all(r in merged.results for r in again.results)
 
 
 def test_reports_run_side_by_side_merge_with_from(sandbox, tmp_path, capsys):
