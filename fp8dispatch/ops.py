@@ -64,7 +64,10 @@ def _opaque(fake: Callable):
     aliasing checks, 2.5-3× the dispatch time of a plain registration (about 40 against 15 µs a call
     on a 2-core CPU). What those checks guard is kept here: every kernel returns new tensors, and an
     input that requires grad is refused (these ops compute no gradient; without an autograd kernel
-    torch would differentiate the kernel's own fp32 arithmetic instead, silently)."""
+    torch would differentiate the kernel's own fp32 arithmetic instead, silently). Only for steps
+    inside the traced ops: under tracing these ops have no autograd node, so only an enclosing op
+    with one (the `triton_op`s below, which refuse backward) keeps a compiled backward from passing
+    silently by them; an op users reach directly stays a `custom_op` (`grouped_api`)."""
     def define(fn):
         name = fn.__name__
 

@@ -297,3 +297,12 @@ def test_opaque_ops_refuse_inputs_that_require_grad():
         ops.run_matmul(*args)
     with torch.no_grad():
         assert ops.run_matmul(*args).shape == (16, 40)
+
+
+def test_a_compiled_backward_through_an_opaque_step_fails_loudly():
+    """The opaque run_* ops carry no autograd node of their own: the traced op around them must
+    still refuse a backward under torch.compile (a silent None gradient would be worse)."""
+    x, w = _randn(16, 256).requires_grad_(), fp8dispatch.quantize(_randn(64, 256), "block")
+    compiled = torch.compile(lambda x: fp8dispatch.matmul(x, w.t()), fullgraph=True)
+    with pytest.raises(Exception, match="no autograd formula"):
+        compiled(x).float().sum().backward()
