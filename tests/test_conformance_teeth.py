@@ -1,11 +1,11 @@
 """The conformance suite has teeth: deliberately wrong backends fail it, a correct one passes."""
 
-from collections import Counter
 import json
 import os
 import subprocess
 import sys
 import textwrap
+from collections import Counter
 
 import torch
 

@@ -152,8 +152,8 @@ def test_a_launchers_last_launch_is_bound_only_for_its_own_aligned_first_tensor(
 
 def test_bind_takes_the_direct_launch_unless_a_launch_hook_listens():
     """Triton 3.6 and newer keep each launch hook as a `HookChain` that is never None: an empty one
-    must not keep plans off the direct launch, and a hook added later (a profiler) must be seen by
-    every bound runner, which then hands its call back to Triton's own path."""
+    must not keep plans off the direct launch, and a hook in either chain (a profiler) must make
+    `listening()` true, which is what every bound runner asks before each direct launch."""
     import triton
     from fp8dispatch.backends.triton import launch
 
