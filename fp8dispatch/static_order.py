@@ -17,7 +17,8 @@ from __future__ import annotations
 
 # (op, recipe or granularity; None for every one) -> backend names, first tried first.
 ORDER: dict[tuple[str, str | None], tuple[str, ...]] = {
-    # triton 0.932x mean (worst 0.67x), torch 0.925x (0.50x), fbgemm 0.741x; torchao at 2 of 53 points
+    # triton 0.916x mean (worst 0.67x), torch 0.910x (0.50x), fbgemm 0.728x; torchao measured at 21 of
+    # 53 points (M 16-512): 0.872x there, the fastest at 7
     ("matmul", "block"): ("triton", "torch", "fbgemm", "torchao"),
     # fbgemm 0.940x (worst 0.66x), torch 0.838x (0.49x), triton 0.835x (0.53x)
     ("matmul", "row"): ("fbgemm", "torch", "triton"),
