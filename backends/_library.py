@@ -11,6 +11,7 @@ import logging
 import warnings
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 log = logging.getLogger("fp8dispatch")
 
@@ -93,15 +94,37 @@ def distribution_version(name: str) -> str | None:
         return None
 
 
+# cuBLASLt reads per-row and per-block scale vectors only from 16-byte aligned pointers: on the H200,
+# torch._scaled_mm raised CUBLAS_STATUS_NOT_SUPPORTED for the row scales of rows a..b of a quantized
+# activation whenever a % 4 != 0 (an fp32 scale pointer 4, 8 or 12 bytes past a 16-byte boundary).
+# FBGEMM's CUTLASS GEMMs load their scales with vector loads too. Every scale we hand a library GEMM
+# passes through `aligned`; Triton kernels (ours, TorchAO's) specialize on alignment and need none.
+SCALE_ALIGNMENT = 16
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t` when its data pointer is 16-byte aligned, else a fresh copy in the same layout (torch's
+    allocators align every new tensor). A slice of a bigger scale tensor is the usual culprit."""
+    return t if _is_aligned(t) else t.clone()
+
+
+def _is_aligned(t: torch.Tensor) -> bool:
+    if is_fake(t):  # tracing: no real pointer; storages come aligned, so the offset decides
+        from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+        return statically_known_true(t.storage_offset() * t.element_size() % SCALE_ALIGNMENT == 0)
+    return t.data_ptr() % SCALE_ALIGNMENT == 0
+
+
 def per_row(scale: torch.Tensor, block_rows: int, rows: int) -> torch.Tensor:
-    """A [ceil(rows/block_rows), 1] scale as one value per row, [rows, 1] contiguous fp32.
+    """A [ceil(rows/block_rows), 1] scale as one value per row, [rows, 1] contiguous fp32, aligned.
 
     Row-recipe operands may be tensorwise or blocked over several rows; the kernels want one
     scale per row (of a) or per column (of b, through its transpose).
     """
     if scale.shape[0] != rows:
         scale = scale.expand(rows, 1) if scale.shape[0] == 1 else scale.repeat_interleave(block_rows, 0)[:rows]
-    return scale.contiguous()
+    return aligned(scale.contiguous())
 
 
 def pad_rows(data: torch.Tensor, scale: torch.Tensor, multiple: int):

@@ -170,14 +170,15 @@ def dequantize(data, scale, block, out_dtype):
 
 
 def matmul(a, b, out_dtype, bias=None):
-    ops = torch.ops.fbgemm
+    ops = _ops()
     xq, wq = a.data, b.data.t()  # wq is the contiguous [N, K] weight
     m, n = xq.shape[0], wq.shape[0]
     if a.block[1] < xq.shape[1]:
         if a.block[0] == 1:  # groupwise wants both scales MN-major: [K/128, M] and [K/128, N/128]
             xq, xs = lib.pad_rows(xq, a.scale, GROUPWISE_M_MULTIPLE)
-            return ops.f8f8bf16_groupwise(xq, wq, xs.t().contiguous(), b.scale.contiguous())[:m]
-        return ops.f8f8bf16_blockwise(xq, wq, a.scale.contiguous(), b.scale.t().contiguous(), 128, 128, 128)
+            return ops.f8f8bf16_groupwise(xq, wq, xs.t().contiguous(), lib.aligned(b.scale.contiguous()))[:m]
+        return ops.f8f8bf16_blockwise(xq, wq, lib.aligned(a.scale.contiguous()), lib.aligned(b.scale.t().contiguous()),
+                                      128, 128, 128)
     if a.scale.numel() == 1 and b.scale.numel() == 1:
         # f8f8bf16 reads x_scale·w_scale from device memory: no host sync, unlike _tensorwise.
         return ops.f8f8bf16(xq, wq, (a.scale * b.scale).reshape(1), True)
@@ -206,10 +207,11 @@ def grouped_linear(xq, x, w, offsets):
     sizes = (offsets[1:] - offsets[:-1]).to(torch.int64)
     if x.block[1] < k:
         xs = lib.per_expert_mn_major(x.scale, offsets)
-        ws = w.scale.transpose(1, 2).contiguous()  # [G, K/128, N/128]
+        ws = lib.aligned(w.scale.transpose(1, 2).contiguous())  # [G, K/128, N/128]
         return ops.f8f8bf16_groupwise_grouped(xq, w.data, xs, ws, sizes)
     xs = lib.per_row(x.scale, x.block[0], xq.shape[0]).view(-1)
-    return ops.f8f8bf16_rowwise_grouped_stacked(xq, w.data, xs, w.scale.reshape(groups, n).contiguous(), sizes)
+    ws = lib.aligned(w.scale.reshape(groups, n).contiguous())
+    return ops.f8f8bf16_rowwise_grouped_stacked(xq, w.data, xs, ws, sizes)
 
 
 BACKEND = Backend(

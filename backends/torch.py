@@ -148,9 +148,11 @@ def matmul(a, b, out_dtype, bias=None):
     if a.block[1] < a.data.shape[1]:
         return lib.add_bias(_block_matmul(a, b, out_dtype), bias)
     sa, sb = a.scale, b.scale
-    if sa.numel() != 1 or sb.numel() != 1:  # rowwise: scale_a (M, 1), scale_b (1, N)
+    if sa.numel() != 1 or sb.numel() != 1:  # rowwise: scale_a (M, 1), scale_b (1, N), aligned by per_row
         sa = lib.per_row(sa, a.block[0], m)
         sb = lib.per_row(sb.t(), b.block[1], n).t()
+    else:
+        sa, sb = lib.aligned(sa), lib.aligned(sb)
     # bias rides in the epilogue only when it has the output's dtype, and never with fp32 output.
     fused = bias is not None and bias.dtype == out_dtype and out_dtype != torch.float32
     # Fast accumulation (no periodic fp32 promotion) for tensor and row, as FBGEMM and vLLM use;
@@ -164,11 +166,11 @@ def _block_matmul(a, b, out_dtype):
     """1×128 · 128×128 through cuBLASLt: scale_a column-major (M, K/128), scale_b (K/128, N/128)."""
     m = a.data.shape[0]
     data, scale = lib.pad_rows(a.data, a.scale, BLOCK_M_MULTIPLE)
-    sa = scale.t().contiguous().t()
+    sa = scale.t().contiguous().t()  # a fresh copy (K/128 > 1 here), so aligned
     w_scale = b.scale.t()  # [N/128, K/128], the weight's own layout
     kb = w_scale.shape[1]
     if kb % 4 == 0:
-        out = torch._scaled_mm(data, b.data, sa, w_scale.contiguous().t(), out_dtype=out_dtype)
+        out = torch._scaled_mm(data, b.data, sa, lib.aligned(w_scale.contiguous()).t(), out_dtype=out_dtype)
     else:  # v1 silently misreads these scales; v2 takes them zero-padded to a multiple of 4 K blocks
         padded = w_scale.new_zeros(w_scale.shape[0], -(-kb // 4) * 4)
         padded[:, :kb] = w_scale
@@ -205,7 +207,7 @@ def grouped_probe(device: torch.device) -> str | None:
 def grouped_linear(xq, x, w, offsets):
     groups, n, _ = w.data.shape
     sa = lib.per_row(x.scale, x.block[0], xq.shape[0]).view(-1)
-    sb = w.scale.reshape(groups, n)
+    sb = lib.aligned(w.scale.reshape(groups, n))
     return torch._scaled_grouped_mm(xq, w.data.transpose(-2, -1), sa, sb, offs=offsets[1:].to(torch.int32),
                                     out_dtype=torch.bfloat16, use_fast_accum=True)
 

@@ -57,7 +57,9 @@ class Case:
     values: str = "randn"
     scale_mode: str = "auto"
     block_size: int | tuple[int, int] = 128
-    layout: str = "contiguous"  # "transposed": x (quantize), t (dequantize) or b (matmul) is a transposed view
+    # "transposed": x (quantize), t (dequantize) or b (matmul) is a transposed view; "sliced" (matmul):
+    # a and the weight under b are row slices of bigger quantized tensors, their scale pointers misaligned
+    layout: str = "contiguous"
     n: int = 0
     b_fp8: torch.dtype | None = None
     bias: torch.dtype | None = None
@@ -247,6 +249,14 @@ def _matmul_cases(quick: bool) -> list[Case]:
     # fp32 accumulation across K blocks, which the block recipe requires (no fast accumulation).
     out.append(Case("matmul", (16, 384), "block", n=72, values="cancel", out_dtype=torch.float32))
     out.append(Case("matmul", (3, 5, 384), "block", n=136, values="cancel", out_dtype=torch.bfloat16))
+    # Operands sliced out of bigger quantized tensors (one expert's rows of a batch, one part of a
+    # fused weight): data pointers stay 16-byte aligned, scale pointers are 4 to 12 bytes past it.
+    # K = 128 is a single K block (libraries run the block recipe as rowwise there), K = 384 three.
+    for recipe in MATMUL_RECIPES + ("mixed",):
+        out.append(Case("matmul", (64, 128), recipe, n=136, layout="sliced"))
+        out.append(Case("matmul", (33, 384), recipe, n=144, layout="sliced", out_dtype=torch.float32))
+        if not quick:  # the shape that found it: 1031 rows of a 7168-wide activation, N = 4096
+            out.append(Case("matmul", (1031, 7168), recipe, n=4096, layout="sliced"))
     if not quick:
         # Tails of DeepSeek-like sizes: N = 576 (4.5 blocks), K = 3884 (30 blocks and 44).
         out.append(Case("matmul", (4, 3884), "block", n=576, out_dtype=torch.float32))
@@ -464,12 +474,30 @@ def _matmul_inputs(case, gen, device) -> dict:
         b = wq
     else:
         b = fp8dispatch.quantize(w, b_gran, dtype=b_fp8, pow2_scale=pow2, backend="reference").t()
+    if case.layout == "sliced":
+        # a: rows 3.. of a bigger tensor; the weight: rows 5.. (row or tensor scales) or one
+        # 128-row block on (block scales), the slice starting at a block as a fused weight's parts do.
+        wq = b.t()
+        aq, b = _sliced(aq, 3), _sliced(wq, 5 if wq.block[0] == 1 or wq.scale.shape[0] == 1 else wq.block[0]).t()
     bias = None
     if case.bias is not None:
         bias = torch.randint(-8, 9, (n,), generator=gen).to(case.bias) if pow2 else \
             torch.randn(n, generator=gen).to(case.bias)
         bias = bias.to(device)
     return {"a": aq, "b": b, "bias": bias}
+
+
+def _sliced(t: fp8dispatch.Fp8Tensor, before: int) -> fp8dispatch.Fp8Tensor:
+    """`t` as rows [before, before + rows) of a bigger 2-D FP8 tensor (zero codes, unit scales
+    around it), so its data and scale pointers are offset. A single scale row (tensorwise) becomes
+    the second element of a bigger scale tensor; block rows must start at a block."""
+    rows, cols = t.shape2d
+    whole = t.scale.shape[0] == 1
+    assert whole or before % t.block[0] == 0, "a block-scaled slice must start at a block"
+    scale_before, (scale_rows, scale_cols) = (1 if whole else before // t.block[0]), t.scale.shape
+    data = torch.cat([t.data.new_zeros(before, cols), t.data, t.data.new_zeros(2, cols)])
+    scale = torch.cat([t.scale.new_ones(scale_before, scale_cols), t.scale, t.scale.new_ones(1, scale_cols)])
+    return fp8dispatch.Fp8Tensor(data[before:before + rows], scale[scale_before:scale_before + scale_rows], t.block)
 
 
 def _cancelling(m, k, n, gen) -> tuple[torch.Tensor, torch.Tensor]:

@@ -238,7 +238,8 @@ def _tensors(obj):
 
 
 def fresh(inputs: dict) -> dict:
-    """A copy of a case's inputs with the same dtypes, shapes and strides (a transposed view stays one)."""
+    """A copy of a case's inputs with the same dtypes, shapes, strides and storage offsets (a
+    transposed view stays one, and a slice of a bigger tensor keeps its pointer's alignment)."""
     return {name: _copy(value) for name, value in inputs.items()}
 
 
@@ -246,8 +247,10 @@ def _copy(value):
     if isinstance(value, Fp8Tensor):
         return Fp8Tensor(_copy(value.data), _copy(value.scale), value.block)
     if isinstance(value, torch.Tensor):
-        out = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=value.device)
-        return out.copy_(value)
+        offset = value.storage_offset()
+        extent = 1 + sum((size - 1) * stride for size, stride in zip(value.shape, value.stride()))
+        storage = torch.empty(offset + extent * (value.numel() > 0), dtype=value.dtype, device=value.device)
+        return storage.as_strided(value.shape, value.stride(), offset).copy_(value)
     return value
 
 
