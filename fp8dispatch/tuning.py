@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from fp8dispatch.blocks import granularity_of
+from fp8dispatch.blocks import cdiv, granularity_of
 from fp8dispatch.devices import gpu_slug
 from fp8dispatch.user_table import ENV_VAR, user_path
 
@@ -45,7 +45,7 @@ DISTRIBUTIONS = ("torch", "triton", "fbgemm-gpu-genai", "torchao", "fp8dispatch"
 # Two backends whose medians are within 2% are a tie (about the spread of one L2-flushed median
 # on the H100); a tie goes to the smaller error, so `auto` stays within 0.98x of the fastest.
 TIE = 0.02
-OPS = ("quantize", "dequantize", "matmul")
+OPS = ("quantize", "dequantize", "matmul", "grouped_linear")
 
 
 class TuningWarning(UserWarning):
@@ -80,8 +80,7 @@ def key_of(problem) -> tuple[str, str, int, int, int] | None:
         if not (p.a_row_major and p.b_col_major):
             return None
         variant = (f"{p.recipe}:a{_dims(p.a_block, p.m, p.k)}:b{_dims(p.b_block, p.k, p.n)}:"
-                   f"{_dtype(p.a_dtype)}x{_dtype(p.b_dtype)}->{_dtype(p.out_dtype)}"
-                   + (f"+bias{_dtype(p.bias_dtype)}" if p.bias_dtype is not None else ""))
+                   + _gemm_types(p.a_dtype, p.b_dtype, p.out_dtype, p.bias_dtype))
         return op, variant, p.n, p.k, p.m
     if op in ("quantize", "dequantize") and problem.contiguous:
         rows, cols = problem.shape
@@ -94,7 +93,28 @@ def key_of(problem) -> tuple[str, str, int, int, int] | None:
         else:
             types = f"{_dtype(problem.fp8_dtype)}->{_dtype(problem.out_dtype)}"
         return op, f"{gran}:{_dims(problem.block, rows, cols)}:{types}", 0, cols, rows
+    if op == "grouped_linear":
+        return _grouped_key(problem)
     return None
+
+
+def _grouped_key(p) -> tuple[str, str, int, int, int] | None:
+    """A grouped problem's key: M is the rows per expert, G is not in it (docs/decisions.md).
+
+    Masked, max_m; contiguous, the mean ceil(M / G), since the per-expert counts live on the device
+    and routing never reads them. x's blocks are one row by contract (no block straddles two
+    experts), so they are named against K alone: an expert of one row shares its longer peers' entries.
+    """
+    if not (p.x_row_major and p.w_contiguous):
+        return None
+    rows = p.m if p.layout == "masked" else cdiv(p.m, max(p.groups, 1))
+    variant = (f"{p.recipe}:{p.layout}:x{_dims(p.x_block, math.inf, p.k)}:w{_dims(p.w_block, p.n, p.k)}:"
+               + _gemm_types(p.x_dtype, p.w_dtype, p.out_dtype, p.bias_dtype))
+    return p.op, variant, p.n, p.k, rows
+
+
+def _gemm_types(a, b, out, bias) -> str:
+    return f"{_dtype(a)}x{_dtype(b)}->{_dtype(out)}" + (f"+bias{_dtype(bias)}" if bias is not None else "")
 
 
 # --- the environment --------------------------------------------------------------------------
