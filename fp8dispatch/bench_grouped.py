@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 import fp8dispatch
-from fp8dispatch import registry
+from fp8dispatch import registry, tuning
 from fp8dispatch.errors import Fp8DispatchError, Fp8ValueError
 from fp8dispatch.grouped import GROUPED_RECIPES, quantize_grouped, skewed_counts
 from fp8dispatch.grouped_api import plan_problem
@@ -103,6 +103,7 @@ def measure(point, backends: list[str], settings, timed_row, unsupported_row) ->
     passes its row makers, so rows have one format."""
     ops = GroupedOperands(point, settings.device)
     problem = plan_problem(ops.xq, ops.wq, ops.offsets, ops.masked_m, None, None, BF16, "auto")
+    key = tuning.key_of(problem)  # what `fp8dispatch tune` ranks the backend rows by
     check = lambda out: relative_error(out, ops.product)  # noqa: E731
     rows, base, loop_s = [], None, None
     if settings.baselines:
@@ -123,14 +124,14 @@ def measure(point, backends: list[str], settings, timed_row, unsupported_row) ->
             continue
         run = backend.grouped_linear
         fn = lambda run=run: run(ops.xq, ops.wq, ops.offsets, ops.masked_m, BF16, None)  # noqa: E731
-        rows.append(_with_loop(timed_row(point, name, fn, check, ops.work, settings, base), settings, loop_s))
+        rows.append(_with_loop(timed_row(point, name, fn, check, ops.work, settings, base, key), settings, loop_s))
     if settings.auto:
         try:
             chosen = registry.choose(problem).name
         except Fp8DispatchError as e:
             chosen = f"none ({type(e).__name__})"
         fn = lambda: fp8dispatch.grouped_linear(ops.xq, ops.wq, ops.offsets, masked_m=ops.masked_m)  # noqa: E731
-        rows.append(_with_loop(timed_row(point, "auto", fn, check, ops.work, settings, base, None, chosen),
+        rows.append(_with_loop(timed_row(point, "auto", fn, check, ops.work, settings, base, key, chosen),
                                settings, loop_s))
     return rows
 

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 import torch
 
-from fp8dispatch import checks, registry
+from fp8dispatch import checks, registry, tuning
 from fp8dispatch.errors import Fp8TypeError, Fp8ValueError
 from fp8dispatch.formats import HIGH_PRECISION, is_fp8
 from fp8dispatch.grouped import (
@@ -266,10 +266,11 @@ def _bias_only(out_shape, out_dtype, device, offsets, masked_m, bias) -> torch.T
 
 def explain_grouped(x, w, offsets=None, *, masked_m=None, bias=None, recipe=None, out_dtype=None,
                     backend="auto") -> str:
-    """The routing table of a grouped_linear call (each backend and its reasons); never raises."""
+    """The routing table of a grouped_linear call (each backend and its reasons) and where the
+    routing came from (a measured table or the static order), as `explain` says it; never raises."""
     try:
         problem = plan_problem(x, w, offsets, masked_m, bias, recipe, out_dtype, backend)
-        return registry.explain_problem(problem, backend)
+        return f"{registry.explain_problem(problem, backend)}\n\n{tuning.routing_source(problem.device)}"
     except (Fp8TypeError, Fp8ValueError, TypeError, ValueError) as e:
         return f"{type(e).__name__}: {e}"
 

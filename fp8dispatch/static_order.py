@@ -28,7 +28,8 @@ ORDER: dict[tuple[str, str | None], tuple[str, ...]] = {
     # The only quantizer that follows the contract bit for bit on a GPU (docs/backends.md).
     ("quantize", None): ("triton",),
     # Not measured yet: triton is the only grouped kernel checked on the CPU (the interpreter); the
-    # library ones follow until the grouped grid of `fp8dispatch bench` ranks them.
+    # library ones follow until the grouped grid of `fp8dispatch bench` ranks them, per recipe if
+    # they differ (a ("grouped_linear", "block") key replaces this one for that recipe).
     ("grouped_linear", None): ("triton", "fbgemm", "torch"),
     # Not in the grid; on the H100 fbgemm and torchao were bit-identical, fbgemm 3x faster on blocks.
     ("dequantize", None): ("fbgemm", "torchao", "triton"),

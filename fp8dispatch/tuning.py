@@ -2,7 +2,7 @@
 
 `fp8dispatch tune` measures the backends and writes a JSON document of tables, one table per
 environment (device name, capability, library versions). Each entry maps (op, variant, N, K,
-M bucket) to the backends ranked fastest first. The registry consults `lookup` after the
+M bucket) (fp8dispatch/routing_keys.py) to the backends ranked fastest first. The registry consults `lookup` after the
 environment variables and before the static priority order; decisions are cached per problem,
 so this runs once per new problem, never on the hot path.
 
@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from fp8dispatch.blocks import granularity_of
 from fp8dispatch.devices import gpu_slug
+from fp8dispatch.routing_keys import key_of, m_bucket
 from fp8dispatch.user_table import ENV_VAR, user_path
 
 log = logging.getLogger("fp8dispatch")
@@ -45,56 +45,11 @@ DISTRIBUTIONS = ("torch", "triton", "fbgemm-gpu-genai", "torchao", "fp8dispatch"
 # Two backends whose medians are within 2% are a tie (about the spread of one L2-flushed median
 # on the H100); a tie goes to the smaller error, so `auto` stays within 0.98x of the fastest.
 TIE = 0.02
-OPS = ("quantize", "dequantize", "matmul")
+OPS = ("quantize", "dequantize", "matmul", "grouped_linear")
 
 
 class TuningWarning(UserWarning):
     """A routing table was found but not used: corrupt, stale or measured on another GPU."""
-
-
-# --- keys -------------------------------------------------------------------------------------
-
-
-def m_bucket(m: int) -> int:
-    """M rounded up to a power of two: the shape bucket a routing decision covers."""
-    return 1 << max(m - 1, 0).bit_length()
-
-
-def _dtype(d) -> str:
-    return "none" if d is None else str(d).removeprefix("torch.")
-
-
-def _dims(block, rows: int, cols: int) -> str:
-    """A block relative to its tensor: '*' where it spans the whole dimension (row, tensor)."""
-    return "x".join("*" if b >= size else str(b) for b, size in zip(block, (rows, cols)))
-
-
-def key_of(problem) -> tuple[str, str, int, int, int] | None:
-    """(op, variant, N, K, M) of a problem; variant holds every field but the device and sizes.
-
-    None for problems no table can describe (non-contiguous inputs, layouts bench never times).
-    """
-    op = problem.op
-    if op == "matmul":
-        p = problem
-        if not (p.a_row_major and p.b_col_major):
-            return None
-        variant = (f"{p.recipe}:a{_dims(p.a_block, p.m, p.k)}:b{_dims(p.b_block, p.k, p.n)}:"
-                   f"{_dtype(p.a_dtype)}x{_dtype(p.b_dtype)}->{_dtype(p.out_dtype)}"
-                   + (f"+bias{_dtype(p.bias_dtype)}" if p.bias_dtype is not None else ""))
-        return op, variant, p.n, p.k, p.m
-    if op in ("quantize", "dequantize") and problem.contiguous:
-        rows, cols = problem.shape
-        gran = granularity_of(problem.block, problem.shape)
-        if op == "quantize":
-            flags = "".join(f"+{n}" for n, on in (("user_scale", problem.user_scale),
-                                                  ("scale_ub", problem.scale_ub),
-                                                  ("pow2", problem.pow2_scale)) if on)
-            types = f"{_dtype(problem.in_dtype)}->{_dtype(problem.fp8_dtype)}{flags}"
-        else:
-            types = f"{_dtype(problem.fp8_dtype)}->{_dtype(problem.out_dtype)}"
-        return op, f"{gran}:{_dims(problem.block, rows, cols)}:{types}", 0, cols, rows
-    return None
 
 
 # --- the environment --------------------------------------------------------------------------

@@ -346,3 +346,4 @@ def test_every_builtin_why_not_answers_grouped_problems_of_any_gpu(capability):
                 if backend.grouped_linear is not None:
                     reasons = backend.why_not("grouped_linear", problem)
                     assert all(isinstance(r, str) and r for r in reasons), (backend.name, reasons)
+

@@ -423,3 +423,18 @@ def test_blocks_of_denormals(granularity):
         want = reference.quantize(x, block, E4M3, **options)
         assert_same_bits(got[1], want[1])
         assert_same_bits(got[0], want[0])
+
+
+def test_the_grouped_kernel_clamps_offsets_into_the_rows():
+    """Offsets are checked on the host except while a CUDA graph is captured; there the kernel must
+    stay in bounds whatever they hold: each is clamped into [0, M] and never below the one before."""
+    from fp8dispatch.backends.triton import grouped
+
+    w = torch.randn(3, 200, 256, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    wq = fp8dispatch.quantize_grouped(w, "block", backend="reference")
+    x = fp8dispatch.quantize(torch.randn(6, 256, generator=torch.Generator().manual_seed(1)).to(DEVICE), "group",
+                             backend="reference")
+    got = grouped.grouped_linear(x, wq, torch.tensor([-4, 3, 50, 2], device=DEVICE), None, torch.float32)
+    want = grouped.grouped_linear(x, wq, torch.tensor([0, 3, 6, 6], device=DEVICE), None, torch.float32)
+    assert torch.equal(got, want)
+    assert (got[:3] != 0).any() and (got[3:] != 0).any()  # both experts computed

@@ -28,17 +28,22 @@ CUDA graph can capture it.
 
 Rows of a tile past the expert's end are read as the expert's first row (in bounds, finite) and
 zeroed before the store; columns past N wrap (`% N`) on load and are masked on store; a K tail is
-masked. This is the portable kernel (sm89+, the interpreter); a Hopper warp-specialized variant,
-like `hopper.py` for the plain matmul, is a follow-up.
+masked. This is the portable kernel (sm89+, the interpreter). On Hopper the block recipe with
+enough rows per expert goes to `hopper_grouped.py`, the same schedule in `hopper.py`'s
+warp-specialized form.
 """
 
 from __future__ import annotations
+
+import logging
+from functools import cache
 
 import torch
 import triton
 import triton.language as tl
 
 from fp8dispatch.blocks import cdiv
+from fp8dispatch.problem import device_capability
 
 from .interpreter import active as interpreting
 from .tiles import next_pow2, sm_count
@@ -47,7 +52,7 @@ from .tiles import next_pow2, sm_count
 @triton.jit
 def _grouped_kernel(
     x_ptr, w_ptr, out_ptr, sx_ptr, sw_ptr, bias_ptr, bounds_ptr,
-    G, ROWS,  # ROWS: masked, the rows per expert slot (max_m); contiguous, unused
+    G, ROWS,  # ROWS: masked, the rows per expert slot (max_m); contiguous, all rows (M)
     N, K,
     stride_xm, stride_xk, stride_wg, stride_wn, stride_wk, stride_om, stride_on,
     stride_sxm, stride_sxk, stride_swg, stride_swn, stride_swk, stride_bg,
@@ -61,6 +66,7 @@ def _grouped_kernel(
     tiles_n = tl.cdiv(N, BLOCK_N)
     tile = tl.program_id(0)
     first = tile * 0  # the index of expert g's first work item (an int32 tensor, as the loop carries it)
+    end = tile * 0  # contiguous: where the last expert's rows ended
     # Expert g's weight, scales and bias, advanced once per expert: pointer arithmetic is 64-bit,
     # where g * stride_wg in 32 bits would overflow past 2**31 bytes of weights (256 experts do).
     w_g, sw_g, bias_g = w_ptr, sw_ptr, bias_ptr
@@ -69,10 +75,12 @@ def _grouped_kernel(
             start = g * ROWS
             valid = tl.minimum(tl.maximum(tl.load(bounds_ptr + g).to(tl.int32), 0), ROWS)
             rows_g = ROWS
-        else:
-            start = tl.load(bounds_ptr + g).to(tl.int32)
-            valid = tl.load(bounds_ptr + g + 1).to(tl.int32) - start
+        else:  # clamped into [the last expert's end, ROWS]: in bounds and no row written twice,
+            # whatever offsets hold (a CUDA-graph capture skips their check on the host)
+            start = tl.minimum(tl.maximum(tl.load(bounds_ptr + g).to(tl.int32), end), ROWS)
+            valid = tl.minimum(tl.maximum(tl.load(bounds_ptr + g + 1).to(tl.int32), start), ROWS) - start
             rows_g = valid
+            end = start + valid
         items = tl.cdiv(rows_g, BLOCK_M) * tiles_n
         while tile < first + items:
             local = tile - first
@@ -136,15 +144,28 @@ INTERPRETER_PROGRAMS = 4
 
 def _tiles(problem_rows: int, groups: int, masked: bool, k_group: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K): BLOCK_M from the rows an expert typically has."""
-    per_expert = problem_rows if masked else problem_rows // max(groups, 1)
+    per_expert = rows_per_expert(problem_rows, groups, masked)
     block_k = min(128, k_group) if k_group else 128
     if interpreting():
         return max(16, min(64, next_pow2(per_expert))), 64, block_k
     return (128 if per_expert >= 256 else max(16, min(64, next_pow2(per_expert)))), 128, block_k
 
 
-def grouped_linear(x, w, offsets, masked_m, out_dtype, bias=None):
-    """x: Fp8Tensor `[M, K]` or `[G, max_m, K]` (scale over the 2-D view); w: GroupedFp8Tensor."""
+def grouped_linear(x, w, offsets, masked_m, out_dtype, bias=None, kernel: str | None = None):
+    """x: Fp8Tensor `[M, K]` or `[G, max_m, K]` (scale over the 2-D view); w: GroupedFp8Tensor.
+    `kernel` "hopper" or "portable" forces one (benchmarks compare them); None chooses."""
+    if kernel != "portable" and (kernel == "hopper" or _hopper_takes(x, w, offsets, out_dtype, bias)):
+        try:
+            return _hopper_module().grouped_linear(x, w, offsets, masked_m, out_dtype, bias)
+        except Exception as e:  # noqa: BLE001 - re-raised unless this Triton cannot build the kernel
+            from .matmul import _compile_error
+
+            if kernel == "hopper" or not _compile_error(e):
+                raise
+            _hopper_unavailable.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            logging.getLogger("fp8dispatch").warning(
+                "triton: the Hopper grouped kernel failed to compile on this Triton (%s); the portable kernel "
+                "serves instead", _hopper_unavailable[0])
     groups, n, k = w.data.shape
     masked = offsets is None
     xd = x.data.reshape(-1, k)
@@ -161,7 +182,7 @@ def grouped_linear(x, w, offsets, masked_m, out_dtype, bias=None):
     bias_arg = bias.contiguous() if bias is not None else out2d
     _grouped_kernel[(programs,)](
         xd, w.data, out2d, x.scale, sw, bias_arg, bounds,
-        groups, rows if masked else 0, n, k,
+        groups, rows, n, k,
         xd.stride(0), xd.stride(1), w.data.stride(0), w.data.stride(1), w.data.stride(2),
         out2d.stride(0), out2d.stride(1),
         x.scale.stride(0), x.scale.stride(1), sw.stride(0), sw.stride(1), sw.stride(2),
@@ -172,3 +193,37 @@ def grouped_linear(x, w, offsets, masked_m, out_dtype, bias=None):
         **({} if interpreting() else dict(num_warps=8 if block_m == 128 else 4, num_stages=GPU_STAGES)),
     )
     return out
+
+
+# Rows per expert from which the Hopper kernel serves. Measured on the H200 (docs/triton.md), it is
+# the faster of the two at every point of the grouped grid, down to 32 rows per expert (256
+# experts, skewed) and masked decode with max_m = 64; fewer rows were not measured.
+HOPPER_MIN_ROWS = 32
+# Why the Hopper grouped kernel cannot be built here, once a compile has failed (never tried again).
+_hopper_unavailable: list[str] = []
+
+
+def rows_per_expert(rows: int, groups: int, masked: bool) -> int:
+    """The rows an expert holds (masked: max_m) or has on average (contiguous: M / G)."""
+    return rows if masked else rows // max(groups, 1)
+
+
+def _hopper_takes(x, w, offsets, out_dtype, bias) -> bool:
+    groups, _, k = w.data.shape
+    masked = offsets is None
+    rows = x.data.shape[1] if masked else x.data.reshape(-1, k).shape[0]
+    if (interpreting() or rows_per_expert(rows, groups, masked) < HOPPER_MIN_ROWS or _hopper_unavailable
+            or device_capability(x.data.device) != (9, 0)):
+        return False
+    hopper = _hopper_module()
+    return hopper is not None and hopper.why_not(x, w, out_dtype, bias) is None
+
+
+@cache
+def _hopper_module():
+    """`hopper_grouped.py`, or None where this Triton has no Gluon warp specialization for Hopper."""
+    try:
+        from . import hopper_grouped
+    except (ImportError, AttributeError):
+        return None
+    return hopper_grouped

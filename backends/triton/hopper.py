@@ -52,6 +52,9 @@ CONSUMER_WARPS = gl.constexpr(4)
 CONSUMER_REGS = 232
 PRODUCER_REGS = 24  # the fewest setmaxnreg allows: the producer holds a few scalars
 
+# Triton 3.9 renamed the TMA copies (its old names only raise); the arguments are the same.
+tma_load = getattr(tma, "async_load", tma.async_copy_global_to_shared)
+tma_store = getattr(tma, "async_store", tma.async_copy_shared_to_global)
 _OCP_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 _GL_DTYPES = {torch.float8_e4m3fn: gl.float8e4nv, torch.float8_e5m2: gl.float8e5, torch.bfloat16: gl.bfloat16,
               torch.float16: gl.float16, torch.float32: gl.float32}
@@ -85,10 +88,10 @@ def _producer(a_desc, b_desc, a_top, a_bottom, b_smem, ready, empty, M, N, K, GR
             # mbarriers start with phase 1 complete: the first pass over the ring finds every stage empty.
             mbarrier.wait(empty.index(stage), ((i // STAGES) & 1) ^ 1)
             mbarrier.expect(ready.index(stage), STEP_BYTES)
-            tma.async_copy_global_to_shared(a_desc, [off_m, k * BK], ready.index(stage), a_top.index(stage))
-            tma.async_copy_global_to_shared(a_desc, [off_m + HALF, k * BK], ready.index(stage),
+            tma_load(a_desc, [off_m, k * BK], ready.index(stage), a_top.index(stage))
+            tma_load(a_desc, [off_m + HALF, k * BK], ready.index(stage),
                                             a_bottom.index(stage))
-            tma.async_copy_global_to_shared(b_desc, [pid_n * BN, k * BK], ready.index(stage), b_smem.index(stage))
+            tma_load(b_desc, [pid_n * BN, k * BK], ready.index(stage), b_smem.index(stage))
             i += 1
 
 
@@ -129,7 +132,7 @@ def _consumer(a_half, b_smem, ready, empty, c_desc, c_smem, sa_ptr, sb_ptr, bias
         tma.store_wait(pendings=0)  # the previous tile's store has left c_smem
         c_smem.store(acc.to(c_desc.dtype))
         fence_async_shared()
-        tma.async_copy_shared_to_global(c_desc, [pid_m * 2 * BM + half * BM, pid_n * BN], c_smem)
+        tma_store(c_desc, [pid_m * 2 * BM + half * BM, pid_n * BN], c_smem)
     tma.store_wait(pendings=0)
 
 

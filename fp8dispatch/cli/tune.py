@@ -57,7 +57,7 @@ def run(args) -> int:
     for e in table["entries"]:
         ranking = ", ".join(f"{r['backend']} {r['median_s'] * 1e6:.1f}µs" for r in e["ranking"])
         shape = f"N={e['n']} K={e['k']}" if e["n"] else f"K={e['k']}"
-        print(f"  {e['op']:<8} {e['variant'].split(':')[0]:<6} M≤{e['m_bucket']:<5} {shape:<16} {ranking}")
+        print(f"  {e['op']:<14} {_kind(e):<17} M≤{e['m_bucket']:<5} {shape:<16} {ranking}")
     if not table["entries"]:
         print("nothing measured successfully: no table written", file=sys.stderr)
         return 1
@@ -67,6 +67,12 @@ def run(args) -> int:
     registry.refresh()
     print(f"wrote {path}")
     return 0
+
+
+def _kind(entry: dict) -> str:
+    """The variant's recipe or granularity; a grouped entry's layout too (its M is rows per expert)."""
+    words = entry["variant"].split(":")
+    return ":".join(words[:2] if entry["op"] == "grouped_linear" else words[:1])
 
 
 def _select_model(args) -> None:
