@@ -13,6 +13,8 @@ import warnings
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
+from fp8dispatch import grouped
+
 log = logging.getLogger("fp8dispatch")
 
 
@@ -164,13 +166,16 @@ def masked_as_contiguous(run):
     """A grouped_linear runner for a kernel without a masked mode, from `run(xq, x, w, offsets)`
     that multiplies xq [M, K] (x's data, flattened) in the contiguous layout. A masked-layout x
     [G, max_m, K] runs as contiguous, every expert given all max_m slots; the padding rows this
-    computes are then zeroed (`zero_past_masked`)."""
+    computes are then zeroed (`zero_past_masked`). Contiguous offsets on a GPU, which the host does
+    not read, reach `run` made valid (`safe_offsets`)."""
 
     @functools.wraps(run)
     def grouped_linear(x, w, offsets, masked_m, out_dtype, bias=None):
         groups, n, k = w.data.shape
         if offsets is None:
             offsets = torch.arange(groups + 1, device=x.data.device, dtype=torch.int64) * x.data.shape[1]
+        elif offsets.is_cuda:
+            offsets = grouped.safe_offsets(offsets, x.data.shape[0])
         out = run(x.data.reshape(-1, k), x, w, offsets)
         return out if masked_m is None else zero_past_masked(out.view(groups, -1, n), masked_m)
 
@@ -197,3 +202,4 @@ def per_expert_mn_major(scale: torch.Tensor, offsets: torch.Tensor) -> torch.Ten
     out = torch.empty(m * kb, dtype=scale.dtype, device=scale.device)
     out[target.reshape(-1)] = scale.reshape(-1)
     return out
+

@@ -6,6 +6,7 @@ import torch
 
 from fp8dispatch.blocks import blockwise_amax, expand_scale
 from fp8dispatch.formats import fp8_format
+from fp8dispatch.grouped import safe_offsets
 from fp8dispatch.registry import Backend
 from fp8dispatch.scaling import saturating_cast, scale_from_amax
 from fp8dispatch.tensor import Fp8Tensor
@@ -36,7 +37,7 @@ def grouped_linear(x, w, offsets, masked_m, out_dtype, bias=None):
     """Expert by expert, each the reference matmul of its rows; rows past masked_m stay zero."""
     groups, n, _ = w.data.shape
     if offsets is not None:
-        bounds = offsets.tolist()
+        bounds = safe_offsets(offsets, x.data.shape[0]).tolist()
         out = torch.empty((x.data.shape[0], n), dtype=out_dtype, device=x.data.device)
         spans = [(out, bounds[g], bounds[g + 1]) for g in range(groups)]
         rows_of = [(x.data, x.scale)] * groups

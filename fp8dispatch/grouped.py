@@ -137,6 +137,17 @@ def skewed_counts(groups: int, total: int, seed: int = 0) -> tuple[int, ...]:
     return tuple(int(c) for c in counts)
 
 
+def safe_offsets(offsets: torch.Tensor, rows: int) -> torch.Tensor:
+    """Contiguous-layout offsets made valid on their device, never read on the host: clamped into
+    [0, rows], never decreasing, first 0 and last `rows`. Valid offsets keep their values; invalid
+    ones (not checked on a GPU, docs/decisions.md) give every backend the same in-bounds experts
+    (the Triton kernels clamp the same way inside)."""
+    safe = offsets.clamp(0, rows).cummax(0).values
+    safe[0] = 0
+    safe[-1] = rows
+    return safe
+
+
 @dataclass(frozen=True)
 class GroupedLinearProblem:
     """`out[rows of g] = x[rows of g] @ w[g].T` for G experts; per-expert row counts are values, not part of it."""

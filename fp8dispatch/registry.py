@@ -105,6 +105,7 @@ class Settings:
     per_op: Mapping[str, tuple[str, ...]]
     preference: tuple[str, ...]
     disabled: frozenset[str]
+    check_offsets: bool = False  # FP8DISPATCH_CHECK_OFFSETS=1: read grouped offsets on the host on a GPU too
 
     @classmethod
     def from_environ(cls) -> Settings:
@@ -115,6 +116,7 @@ class Settings:
             per_op={op: _names(os.environ.get(f"FP8DISPATCH_{op.upper()}_BACKEND", "")) for op in OPS},
             preference=_names(os.environ.get("FP8DISPATCH_BACKEND", "")),
             disabled=frozenset(disabled),
+            check_offsets=os.environ.get("FP8DISPATCH_CHECK_OFFSETS", "").strip() == "1",
         )
 
 

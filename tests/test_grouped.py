@@ -347,3 +347,46 @@ def test_every_builtin_why_not_answers_grouped_problems_of_any_gpu(capability):
                     reasons = backend.why_not("grouped_linear", problem)
                     assert all(isinstance(r, str) and r for r in reasons), (backend.name, reasons)
 
+
+
+# --- offsets on a GPU: never read on the host, made safe on the device ---------------------
+
+
+def test_safe_offsets_keep_valid_values_and_make_invalid_ones_valid():
+    from fp8dispatch.grouped import safe_offsets
+
+    assert safe_offsets(torch.tensor([0, 3, 3, 10]), 10).tolist() == [0, 3, 3, 10]
+    assert safe_offsets(torch.tensor([-4, 7, 2, 50, 9]), 10).tolist() == [0, 7, 7, 10, 10]
+    assert safe_offsets(torch.tensor([5, 6, 8]), 10).tolist() == [0, 6, 10]
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="offsets on a GPU: needs a CUDA device")
+
+
+def _bad_offsets_call(backend):
+    wq = fd.quantize_grouped(_weights().cuda(), "block" if backend != "torch" else "row", backend="reference")
+    x = fd.quantize(_x(11).float().cuda(), "group" if backend != "torch" else "row", backend="reference")
+    return lambda offsets: fd.grouped_linear(x, wq, offsets.cuda(), backend=backend)
+
+
+@cuda
+@pytest.mark.parametrize("backend", [b.name for b in registry.all_backends() if b.grouped_linear is not None])
+def test_bad_offsets_on_a_gpu_stay_in_bounds_on_every_backend(backend, monkeypatch):
+    """Not read on the host (no synchronization): a bad `offsets` computes what its valid version
+    does, bit for bit, on every backend; FP8DISPATCH_CHECK_OFFSETS=1 reads them and raises."""
+    call = _bad_offsets_call(backend)
+    try:
+        want = call(torch.tensor([0, 4, 11, 11]))
+    except Unsupported as e:
+        pytest.skip(f"{backend} cannot run this problem: {e}")
+    got = call(torch.tensor([-3, 4, 99, 5]))
+    torch.cuda.synchronize()
+    assert torch.equal(got, want)
+    monkeypatch.setenv("FP8DISPATCH_CHECK_OFFSETS", "1")
+    registry.refresh()
+    try:
+        with pytest.raises(Fp8ValueError, match=r"offsets\[0\] == 0"):
+            call(torch.tensor([-3, 4, 99, 5]))
+    finally:
+        monkeypatch.delenv("FP8DISPATCH_CHECK_OFFSETS")
+        registry.refresh()

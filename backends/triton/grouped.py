@@ -76,11 +76,14 @@ def _grouped_kernel(
             valid = tl.minimum(tl.maximum(tl.load(bounds_ptr + g).to(tl.int32), 0), ROWS)
             rows_g = ROWS
         else:  # clamped into [the last expert's end, ROWS]: in bounds and no row written twice,
-            # whatever offsets hold (a CUDA-graph capture skips their check on the host)
-            start = tl.minimum(tl.maximum(tl.load(bounds_ptr + g).to(tl.int32), end), ROWS)
-            valid = tl.minimum(tl.maximum(tl.load(bounds_ptr + g + 1).to(tl.int32), start), ROWS) - start
+            # whatever offsets hold (on a GPU the host never reads them)
+            # (grouped.safe_offsets's rule: the first expert starts at 0 and the last ends at ROWS)
+            start = tl.minimum(tl.maximum(tl.load(bounds_ptr + g).to(tl.int32), end), ROWS) * (g > 0)
+            stop = tl.minimum(tl.maximum(tl.load(bounds_ptr + g + 1).to(tl.int32), start), ROWS)
+            stop = tl.where(g == G - 1, ROWS, stop)
+            valid = stop - start
             rows_g = valid
-            end = start + valid
+            end = stop
         items = tl.cdiv(rows_g, BLOCK_M) * tiles_n
         while tile < first + items:
             local = tile - first

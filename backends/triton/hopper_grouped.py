@@ -49,18 +49,21 @@ PRODUCER_REGS = 40
 
 
 @gluon.jit
-def _expert(bounds_ptr, g, ROWS, end, MASKED: gl.constexpr):
+def _expert(bounds_ptr, g, G, ROWS, end, MASKED: gl.constexpr):
     """(first row, valid rows, rows held) of expert g. Masked: slot g of ROWS rows, of which
     masked_m[g] (clamped to 0..ROWS) are valid. Contiguous: rows offsets[g] .. offsets[g+1], clamped
-    into [end, ROWS] (end: where expert g - 1 ended), so whatever offsets hold (a CUDA-graph capture
-    skips their check on the host) every row stays in bounds and none is written twice."""
+    into [end, ROWS] (end: where expert g - 1 ended), the first starting at 0 and the last ending at
+    ROWS (grouped.safe_offsets's rule), so whatever offsets hold (on a GPU the host never reads
+    them) every row stays in bounds and none is written twice."""
     if MASKED:
         start = g * ROWS
         valid = gl.minimum(gl.maximum(gl.load(bounds_ptr + g).to(gl.int32), 0), ROWS)
         held = valid * 0 + ROWS
     else:
-        start = gl.minimum(gl.maximum(gl.load(bounds_ptr + g).to(gl.int32), end), ROWS)
-        valid = gl.minimum(gl.maximum(gl.load(bounds_ptr + g + 1).to(gl.int32), start), ROWS) - start
+        start = gl.minimum(gl.maximum(gl.load(bounds_ptr + g).to(gl.int32), end), ROWS) * (g > 0).to(gl.int32)
+        stop = gl.minimum(gl.maximum(gl.load(bounds_ptr + g + 1).to(gl.int32), start), ROWS)
+        stop = stop + (ROWS - stop) * (g == G - 1).to(gl.int32)
+        valid = stop - start
         held = valid
     return start, valid, held
 
@@ -80,7 +83,7 @@ def _producer(x_desc, w_desc, x_top, x_bottom, w_smem, ready, empty, bounds_ptr,
     end = tile * 0  # where the last expert's rows ended
     i = tile * 0  # steps issued so far: the position in the ring
     for g in range(G):
-        start, valid, held = _expert(bounds_ptr, g, ROWS, end, MASKED)
+        start, valid, held = _expert(bounds_ptr, g, G, ROWS, end, MASKED)
         end = start + valid
         tiles_m = gl.cdiv(held, 2 * HALF)
         items = tiles_m * tiles_n
@@ -125,7 +128,7 @@ def _consumer(x_half, w_smem, ready, empty, c_desc, c_smem, out_ptr, sx_ptr, sw_
     # Expert g's weight scales and bias, advanced once per expert (64-bit pointer arithmetic).
     sw_g, bias_g = sw_ptr, bias_ptr
     for g in range(G):
-        start, valid, held = _expert(bounds_ptr, g, ROWS, end, MASKED)
+        start, valid, held = _expert(bounds_ptr, g, G, ROWS, end, MASKED)
         end = start + valid
         tiles_m = gl.cdiv(held, 2 * BM)
         items = tiles_m * tiles_n
