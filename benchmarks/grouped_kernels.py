@@ -7,7 +7,7 @@ issue-style targets need that the grid does not give: the copy bandwidth measure
 (the masked decode bar), and eager wall time at 32 experts × 128 rows of `grouped_linear` against
 the per-expert `fp8dispatch.linear` loop and bf16 grouped (what a user calling from Python pays).
 
-    python benchmarks/grouped_kernels.py [--out grouped-kernels.json] [--runs 30] [--quick]
+    python benchmarks/grouped_kernels.py [--out grouped-kernels.json] [--runs 30] [--quick] [--only eager|grid]
 """
 
 from __future__ import annotations
@@ -102,14 +102,19 @@ def main() -> int:
     parser.add_argument("--out", default=None)
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--quick", action="store_true", help="the first three points only")
+    parser.add_argument("--only", choices=("eager", "grid"), default=None, help="one part only")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
-    copy = copy_bandwidth(args.runs)
-    print(f"copy bandwidth: {copy:.0f} GB/s", flush=True)
-    result = dict(device=torch.cuda.get_device_name(), copy_gbps=copy, eager_us=eager(args.runs),
-                  grid=grid(args.runs, args.quick), command="python " + " ".join(sys.argv))
+    result = dict(device=torch.cuda.get_device_name(), command="python " + " ".join(sys.argv))
+    if args.only != "eager":
+        result["copy_gbps"] = copy_bandwidth(args.runs)
+        print(f"copy bandwidth: {result['copy_gbps']:.0f} GB/s", flush=True)
+    if args.only != "grid":
+        result["eager_us"] = eager(args.runs)
+    if args.only != "eager":
+        result["grid"] = grid(args.runs, args.quick)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
