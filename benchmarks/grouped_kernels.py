@@ -108,9 +108,8 @@ def main() -> int:
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
     result = dict(device=torch.cuda.get_device_name(), command="python " + " ".join(sys.argv))
-    if args.only != "eager":
-        result["copy_gbps"] = copy_bandwidth(args.runs)
-        print(f"copy bandwidth: {result['copy_gbps']:.0f} GB/s", flush=True)
+    result["copy_gbps"] = copy_bandwidth(args.runs)
+    print(f"copy bandwidth: {result['copy_gbps']:.0f} GB/s", flush=True)
     if args.only != "grid":
         result["eager_us"] = eager(args.runs)
     if args.only != "eager":
