@@ -15,7 +15,7 @@ import statistics
 import sys
 from collections import Counter, defaultdict
 
-BASELINES = ("bf16 matmul", "bf16 copy")
+BASELINES = ("bf16 matmul", "bf16 copy", "bf16 grouped", "fd.linear loop")
 
 
 def points(rows: list[dict]) -> dict[tuple, dict[str, dict]]:

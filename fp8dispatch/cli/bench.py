@@ -311,9 +311,44 @@ def plots(directory: Path, env: dict, rows: list[dict]) -> list[Path]:
             fig.savefig(path, dpi=110)
             plt.close(fig)
             written.append(path)
-    if valid:
+    grouped = [r for r in valid if r["op"] == "grouped" and r["backend"] != "reference"]
+    if grouped:
+        written.append(_grouped_figure(plt, directory, env, grouped))
+    if any(r["op"] == "matmul" for r in valid):
         written.append(_roofline(plt, directory, env, rows))
     return written
+
+
+def _grouped_figure(plt, directory: Path, env: dict, rows: list[dict]) -> Path:
+    """TFLOPS of each backend and baseline at every grouped point, one panel per recipe × (N, K)."""
+    panels = sorted({(r["variant"].split(":")[0], r["n"], r["k"]) for r in rows})
+    names = sorted({r["backend"] for r in rows}, key=lambda b: (b.startswith("bf16") or " " in b, b))
+    cols = min(2, len(panels))
+    fig, axes = plt.subplots(-(-len(panels) // cols), cols, figsize=(6.5 * cols, 4.6 * -(-len(panels) // cols)),
+                             squeeze=False)
+    for ax, (recipe, n, k) in zip(axes.flat, panels):
+        sel = [r for r in rows if r["variant"].startswith(recipe + ":") and (r["n"], r["k"]) == (n, k)]
+        labels = sorted({(r["variant"], r["m"]) for r in sel}, key=lambda p: (p[0].split(":")[1], p[0], p[1]))
+        width = 0.8 / len(names)
+        for j, backend in enumerate(names):
+            tflops = {(r["variant"], r["m"]): r["tflops"] for r in sel if r["backend"] == backend}
+            ax.barh([i + j * width for i in range(len(labels))], [tflops.get(p, 0) for p in labels], width,
+                    label=backend, hatch="//" if backend.startswith("bf16") or " " in backend else None)
+        ax.set_yticks([i + 0.4 - width / 2 for i in range(len(labels))])
+        ax.set_yticklabels([f"{v.split(':', 1)[1]} {m}" for v, m in labels], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("TFLOPS")
+        ax.set_title(f"{recipe} recipe, N={n} K={k}", fontsize=9)
+        ax.grid(alpha=0.3, axis="x")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"grouped_linear on {env['device']} (rows: layout:experts:counts, then M or max_m)", fontsize=11)
+    fig.tight_layout()
+    path = directory / "grouped.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _roofline(plt, directory: Path, env: dict, rows: list[dict]) -> Path:
