@@ -143,8 +143,10 @@ def safe_offsets(offsets: torch.Tensor, rows: int) -> torch.Tensor:
     ones (not checked on a GPU, docs/decisions.md) give every backend the same in-bounds experts
     (the Triton kernels clamp the same way inside)."""
     safe = offsets.clamp(0, rows).cummax(0).values
-    safe[0] = 0
-    safe[-1] = rows
+    # fill_ on views, not `safe[0] = 0`: item assignment copies a CPU scalar in, which a CUDA-graph
+    # capture refuses (measured: the fbgemm backend's contiguous capture failed that way).
+    safe[0].fill_(0)
+    safe[-1].fill_(rows)
     return safe
 
 

@@ -27,10 +27,12 @@ ORDER: dict[tuple[str, str | None], tuple[str, ...]] = {
     ("matmul", "mixed"): ("fbgemm",),  # 128x128 activations: the only library kernel for it
     # The only quantizer that follows the contract bit for bit on a GPU (docs/backends.md).
     ("quantize", None): ("triton",),
-    # Not measured yet: triton is the only grouped kernel checked on the CPU (the interpreter); the
-    # library ones follow until the grouped grid of `fp8dispatch bench` ranks them, per recipe if
-    # they differ (a ("grouped_linear", "block") key replaces this one for that recipe).
-    ("grouped_linear", None): ("triton", "fbgemm", "torch"),
+    # The grouped grid (12 points per recipe). Block: triton (its Hopper kernel) the fastest at all
+    # 12; fbgemm 0.39-0.87x under graph replay (docs/results/h200/grouped-kernels.json); torch takes
+    # no 1x128 blocks.
+    ("grouped_linear", "block"): ("triton", "fbgemm"),
+    # fbgemm 0.921x mean (worst 0.78x), torch 0.901x (0.75x), triton 0.704x (0.50x)
+    ("grouped_linear", "row"): ("fbgemm", "torch", "triton"),
     # Not in the grid; on the H100 fbgemm and torchao were bit-identical, fbgemm 3x faster on blocks.
     ("dequantize", None): ("fbgemm", "torchao", "triton"),
 }
