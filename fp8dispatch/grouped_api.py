@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import torch
 
 from fp8dispatch import checks, registry, tuning
-from fp8dispatch.errors import Fp8TypeError, Fp8ValueError
+from fp8dispatch.errors import Fp8TypeError, Fp8ValueError, NoBackend
 from fp8dispatch.formats import HIGH_PRECISION, is_fp8
 from fp8dispatch.grouped import (
     GROUPED_RECIPES,
@@ -272,7 +272,13 @@ def explain_grouped(x, w, offsets=None, *, masked_m=None, bias=None, recipe=None
     routing came from (a measured table or the static order), as `explain` says it; never raises."""
     try:
         problem = plan_problem(x, w, offsets, masked_m, bias, recipe, out_dtype, backend)
-        return f"{registry.explain_problem(problem, backend)}\n\n{tuning.routing_source(problem.device)}"
+        table = registry.explain_problem(problem, backend)
+        try:
+            chosen = registry.choose(problem, backend)
+        except NoBackend:
+            return f"{table}\n\n{tuning.routing_source(problem.device)}"
+        kernel = getattr(chosen.runner(problem), "kernel", f"{chosen.name}.grouped_linear")
+        return f"{table}\n  runs: {chosen.name} · {kernel}\n\n{tuning.routing_source(problem.device)}"
     except (Fp8TypeError, Fp8ValueError, TypeError, ValueError) as e:
         return f"{type(e).__name__}: {e}"
 

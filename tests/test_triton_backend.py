@@ -438,3 +438,24 @@ def test_the_grouped_kernel_clamps_offsets_into_the_rows():
     want = grouped.grouped_linear(x, wq, torch.tensor([0, 3, 6, 6], device=DEVICE), None, torch.float32)
     assert torch.equal(got, want)
     assert (got[:3] != 0).any() and (got[3:] != 0).any()  # both experts computed
+
+
+def test_explain_grouped_names_the_kernel_the_triton_backend_runs(monkeypatch):
+    """The portable kernel here; on sm90 from HOPPER_MIN_ROWS rows per expert, the Hopper one."""
+    import dataclasses
+
+    from fp8dispatch.backends.triton import grouped
+    from fp8dispatch.grouped_api import plan_problem
+
+    w = fp8dispatch.quantize_grouped(torch.randn(3, 256, 256).to(DEVICE), "block", backend="reference")
+    x = torch.randn(6 * grouped.HOPPER_MIN_ROWS, 256, dtype=torch.bfloat16, device=DEVICE)
+    offsets = torch.tensor([0, 2, 4, 6], device=DEVICE) * grouped.HOPPER_MIN_ROWS
+    text = fp8dispatch.explain_grouped(x, w, offsets, backend="triton")
+    assert "runs: triton · " in text and ("grouped.py: portable" in text or "hopper_grouped.py" in text)
+    problem = dataclasses.replace(plan_problem(x, w, offsets, None, None, None, None, "triton"), capability=(9, 0))
+    monkeypatch.setattr(grouped, "interpreting", lambda: False)
+    if grouped._hopper_module() is None:
+        pytest.skip("this Triton has no Gluon Hopper API")
+    assert grouped.kernel_for(problem).startswith("hopper_grouped.py")
+    fewer = dataclasses.replace(problem, m=3 * grouped.HOPPER_MIN_ROWS - 1)
+    assert grouped.kernel_for(fewer).startswith("grouped.py")

@@ -199,12 +199,12 @@ def kernels():
     interpreter.install()  # before any kernel runs on CPU tensors, even without the registry
     return SimpleNamespace(quantize=quantize.quantize, dequantize=dequantize.dequantize, matmul=matmul.matmul,
                            grouped_linear=grouped.grouped_linear,
-                           plans={"quantize": quantize.plan, "matmul": matmul.plan})
+                           plans={"quantize": quantize.plan, "matmul": matmul.plan, "grouped_linear": grouped.plan})
 
 
 def _plan(op, problem):
-    """A bound runner per problem for quantize and matmul (launching the compiled kernel directly);
-    any other op runs its function."""
+    """A bound runner per problem for quantize and matmul (launching the compiled kernel directly),
+    grouped_linear's function naming its kernel; any other op runs its function."""
     make = kernels().plans.get(op)
     return BACKEND.function(op) if make is None else make(problem)
 

@@ -211,6 +211,27 @@ def rows_per_expert(rows: int, groups: int, masked: bool) -> int:
     return rows if masked else rows // max(groups, 1)
 
 
+def kernel_for(problem) -> str:
+    """Which of the two kernels `grouped_linear` runs for a problem, for `explain` (pointer
+    alignment aside: an unaligned call takes the portable kernel)."""
+    fp8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+    if (not interpreting() and problem.capability == (9, 0) and not _hopper_unavailable
+            and _hopper_module() is not None and problem.x_block == (1, 128) and problem.w_block == (128, 128)
+            and problem.x_dtype in fp8 and problem.w_dtype in fp8 and problem.k % 16 == 0
+            and (problem.n * problem.out_dtype.itemsize) % 16 == 0
+            and rows_per_expert(problem.m, problem.groups, problem.layout == "masked") >= HOPPER_MIN_ROWS):
+        return f"hopper_grouped.py: warp-specialized Gluon grouped kernel (sm90, ≥ {HOPPER_MIN_ROWS} rows per expert)"
+    return "grouped.py: portable persistent grouped kernel"
+
+
+def plan(problem):
+    """The backend's grouped_linear, carrying `kernel_for(problem)` for `explain`."""
+    def run(x, w, offsets, masked_m, out_dtype, bias=None):
+        return grouped_linear(x, w, offsets, masked_m, out_dtype, bias)
+    run.kernel = kernel_for(problem)
+    return run
+
+
 def _hopper_takes(x, w, offsets, out_dtype, bias) -> bool:
     groups, _, k = w.data.shape
     masked = offsets is None
