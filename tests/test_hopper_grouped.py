@@ -28,7 +28,8 @@ def descriptor(name, rows, cols):
 def build(fn, constexprs, types):
     names = fn.arg_names
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
-    source = GluonASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()},
+    source = GluonASTSource(fn=fn, signature=signature,
+                            constexprs={(names.index(k),): v for k, v in constexprs.items()},
                             attrs={(names.index(n),): [["tt.divisibility", 16]] for n in names if n.endswith("_ptr")})
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=168))
     assert "wgmma" in kernel.asm["ptx"] and kernel.metadata.shared <= 232448, kernel.metadata.shared

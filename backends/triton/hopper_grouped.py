@@ -174,7 +174,7 @@ def _consumer(x_half, w_smem, ready, empty, c_desc, c_smem, out_ptr, sx_ptr, sw_
 
 @gluon.jit
 def _grouped_block_kernel(
-    x_desc, w_desc, c_desc,  # TMA descriptors: x [rows, K] in 64×128 boxes, w [G * N, K] in 128×128, out [rows, N] in 64×128
+    x_desc, w_desc, c_desc,  # TMA: x [rows, K] in 64×128 boxes, w [G * N, K] in 128×128, out [rows, N] in 64×128
     out_ptr, sx_ptr, sw_ptr, bias_ptr,
     bounds_ptr,  # masked: masked_m [G]; contiguous: offsets [G + 1]
     G, ROWS,  # ROWS: masked, the rows of each expert's slot (max_m); contiguous, all rows (M)
@@ -198,11 +198,12 @@ def _grouped_block_kernel(
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)
         mbarrier.init(empty.index(s), count=2)  # both consumers release a stage
-    top = (x_top, w_smem, ready, empty, c_desc, c_top, out_ptr, sx_ptr, sw_ptr, bias_ptr, bounds_ptr, G, ROWS, N, K, 0, stride_om,
-           stride_sxm, stride_sxk, stride_swg, stride_swn, stride_swk, stride_bg, has_bias, MASKED, GROUP_M)
-    bottom = (x_bottom, w_smem, ready, empty, c_desc, c_bottom, out_ptr, sx_ptr, sw_ptr, bias_ptr, bounds_ptr, G, ROWS, N, K, 1,
-              stride_om, stride_sxm, stride_sxk, stride_swg, stride_swn, stride_swk, stride_bg, has_bias, MASKED,
-              GROUP_M)
+    top = (x_top, w_smem, ready, empty, c_desc, c_top, out_ptr, sx_ptr, sw_ptr, bias_ptr, bounds_ptr, G, ROWS, N,
+           K, 0, stride_om, stride_sxm, stride_sxk, stride_swg, stride_swn, stride_swk, stride_bg, has_bias, MASKED,
+           GROUP_M)
+    bottom = (x_bottom, w_smem, ready, empty, c_desc, c_bottom, out_ptr, sx_ptr, sw_ptr, bias_ptr, bounds_ptr, G, ROWS,
+              N, K, 1, stride_om, stride_sxm, stride_sxk, stride_swg, stride_swn, stride_swk, stride_bg, has_bias,
+              MASKED, GROUP_M)
     producer = (x_desc, w_desc, x_top, x_bottom, w_smem, ready, empty, bounds_ptr, G, ROWS, N, K, MASKED, GROUP_M)
     if LIST_API:
         gl.warp_specialize([(_consumer, top), (_consumer, bottom), (_producer, producer)], [4, 1],
@@ -255,7 +256,7 @@ def grouped_linear(x, w, offsets, masked_m, out_dtype, bias=None, stages: int | 
         groups, rows, n, k,
         out2d.stride(0), sx.stride(0), sx.stride(1), sw.stride(0), sw.stride(1), sw.stride(2),
         n if bias is not None else 0, int(bias is not None),
-        MASKED=masked, GROUP_M=GROUP_M, STAGES=stages or STAGES[out_dtype.itemsize], LIST_API=_list_api(), CONSUMER_REGS=CONSUMER_REGS,
-        PRODUCER_REGS=PRODUCER_REGS, num_warps=4, maxnreg=168,
+        MASKED=masked, GROUP_M=GROUP_M, STAGES=stages or STAGES[out_dtype.itemsize], LIST_API=_list_api(),
+        CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, num_warps=4, maxnreg=168,
     )
     return out
