@@ -137,16 +137,10 @@ def _consumer(a_half, b_smem, ready, empty, c_desc, c_smem, sa_ptr, sb_ptr, bias
 
 
 @gluon.jit
-def _block_scaled_mm_kernel(
-    a_desc, b_desc, c_desc,  # TMA descriptors: a [M, K] in 64×128 boxes, the weight [N, K] and c [M, N]
-    sa_ptr, sb_ptr, bias_ptr,
-    M, N, K,
-    stride_sam, stride_sak, stride_sbk, stride_sbn,
-    has_bias,  # a runtime flag: Triton 3.6 failed to lower this kernel with a constexpr False here
-    GROUP_M: gl.constexpr, STAGES: gl.constexpr,
-    LIST_API: gl.constexpr,  # gl.warp_specialize takes a list of (function, args) (newer Triton)
-    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-):
+def shared_memory(a_desc, b_desc, c_desc, STAGES: gl.constexpr):
+    """The warp-specialized kernels' shared memory: a ring of STAGES K steps (a's top and bottom
+    64-row halves, b's tile), one output tile per consumer, and each stage's `ready` mbarrier
+    (the producer's TMA bytes) and `empty` one (released by both consumers)."""
     HALF: gl.constexpr = a_desc.block_type.shape[0]
     BK: gl.constexpr = a_desc.block_type.shape[1]
     BN: gl.constexpr = b_desc.block_type.shape[0]
@@ -160,6 +154,21 @@ def _block_scaled_mm_kernel(
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)
         mbarrier.init(empty.index(s), count=2)  # both consumers release a stage
+    return a_top, a_bottom, b_smem, c_top, c_bottom, ready, empty
+
+
+@gluon.jit
+def _block_scaled_mm_kernel(
+    a_desc, b_desc, c_desc,  # TMA descriptors: a [M, K] in 64×128 boxes, the weight [N, K] and c [M, N]
+    sa_ptr, sb_ptr, bias_ptr,
+    M, N, K,
+    stride_sam, stride_sak, stride_sbk, stride_sbn,
+    has_bias,  # a runtime flag: Triton 3.6 failed to lower this kernel with a constexpr False here
+    GROUP_M: gl.constexpr, STAGES: gl.constexpr,
+    LIST_API: gl.constexpr,  # gl.warp_specialize takes a list of (function, args) (newer Triton)
+    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+):
+    a_top, a_bottom, b_smem, c_top, c_bottom, ready, empty = shared_memory(a_desc, b_desc, c_desc, STAGES)
     top = (a_top, b_smem, ready, empty, c_desc, c_top, sa_ptr, sb_ptr, bias_ptr, M, N, K, 0,
            stride_sam, stride_sak, stride_sbk, stride_sbn, has_bias, GROUP_M)
     bottom = (a_bottom, b_smem, ready, empty, c_desc, c_bottom, sa_ptr, sb_ptr, bias_ptr, M, N, K, 1,

@@ -37,7 +37,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from fp8dispatch.blocks import cdiv
 
 from .hopper import (_OCP_FP8, BLOCK_K, BLOCK_M, BLOCK_N, CONSUMER_REGS, CONSUMER_WARPS, GROUP_M, HALF, _layout,
-                     _list_api, _no_bias, grouped_tile, tma_load, tma_store)
+                     _list_api, _no_bias, grouped_tile, shared_memory, tma_load, tma_store)
 from .tiles import sm_count
 
 # Per output element size: stages of 32 KB of operands beside two 64×128 output tiles (32 KB in
@@ -185,19 +185,7 @@ def _grouped_block_kernel(
     LIST_API: gl.constexpr,  # gl.warp_specialize takes a list of (function, args) (newer Triton)
     CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
 ):
-    HALF: gl.constexpr = x_desc.block_type.shape[0]
-    BK: gl.constexpr = x_desc.block_type.shape[1]
-    BN: gl.constexpr = w_desc.block_type.shape[0]
-    x_top = gl.allocate_shared_memory(x_desc.dtype, [STAGES, HALF, BK], x_desc.layout)
-    x_bottom = gl.allocate_shared_memory(x_desc.dtype, [STAGES, HALF, BK], x_desc.layout)
-    w_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BN, BK], w_desc.layout)
-    c_top = gl.allocate_shared_memory(c_desc.dtype, c_desc.block_type.shape, c_desc.layout)
-    c_bottom = gl.allocate_shared_memory(c_desc.dtype, c_desc.block_type.shape, c_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(STAGES):
-        mbarrier.init(ready.index(s), count=1)
-        mbarrier.init(empty.index(s), count=2)  # both consumers release a stage
+    x_top, x_bottom, w_smem, c_top, c_bottom, ready, empty = shared_memory(x_desc, w_desc, c_desc, STAGES)
     top = (x_top, w_smem, ready, empty, c_desc, c_top, out_ptr, sx_ptr, sw_ptr, bias_ptr, bounds_ptr, G, ROWS, N,
            K, 0, stride_om, stride_sxm, stride_sxk, stride_swg, stride_swn, stride_swk, stride_bg, has_bias, MASKED,
            GROUP_M)
