@@ -70,28 +70,64 @@ def grouped_tile(tile, tiles_m, tiles_n, GROUP_M: gl.constexpr):
 
 
 @gluon.jit
-def _producer(a_desc, b_desc, a_top, a_bottom, b_smem, ready, empty, M, N, K, GROUP_M: gl.constexpr):
+def load_step(a_desc, b_desc, a_top, a_bottom, b_smem, ready, empty, i, off_m, off_n, off_k):
+    """Ring position i: wait for its stage to be empty, then TMA a's two 64-row halves at (off_m,
+    off_k) and b's tile at (off_n, off_k) into it, its `ready` barrier counting the bytes."""
     STAGES: gl.constexpr = b_smem.type.shape[0]
+    HALF: gl.constexpr = a_desc.block_type.shape[0]
+    STEP_BYTES: gl.constexpr = (2 * HALF + b_desc.block_type.shape[0]) * a_desc.block_type.shape[1]
+    stage = i % STAGES
+    # mbarriers start with phase 1 complete: the first pass over the ring finds every stage empty.
+    mbarrier.wait(empty.index(stage), ((i // STAGES) & 1) ^ 1)
+    mbarrier.expect(ready.index(stage), STEP_BYTES)
+    tma_load(a_desc, [off_m, off_k], ready.index(stage), a_top.index(stage))
+    tma_load(a_desc, [off_m + HALF, off_k], ready.index(stage), a_bottom.index(stage))
+    tma_load(b_desc, [off_n, off_k], ready.index(stage), b_smem.index(stage))
+
+
+@gluon.jit
+def scaled_tile(zero, a_half, b_smem, ready, empty, i, steps, sa_ptrs, stride_sak, sb_ptrs, stride_sbk):
+    """One consumer's 64×128 fp32 tile over `steps` ring positions from i: per step one wgmma,
+    waited for, its stage released, its partial promoted by sa[row, k] · sb[k]. `zero`: a zero
+    tile in the wgmma's layout. Returns (tile, i)."""
+    STAGES: gl.constexpr = b_smem.type.shape[0]
+    acc = zero
+    for k in range(steps):
+        stage = i % STAGES
+        scale = gl.load(sa_ptrs + k * stride_sak) * gl.load(sb_ptrs + k * stride_sbk)
+        mbarrier.wait(ready.index(stage), (i // STAGES) & 1)
+        partial = warpgroup_mma(a_half.index(stage), b_smem.index(stage).permute((1, 0)), zero, use_acc=False,
+                                is_async=True)
+        partial = warpgroup_mma_wait(num_outstanding=0, deps=(partial, ))
+        mbarrier.arrive(empty.index(stage), count=1)
+        acc += partial * gl.expand_dims(scale, 1)
+        i += 1
+    return acc, i
+
+
+@gluon.jit
+def store_tile(c_desc, c_smem, acc, off_m, off_n):
+    """A finished tile out through shared memory and a TMA store (clipped at c's edges), left in
+    flight while the warpgroup goes on."""
+    tma.store_wait(pendings=0)  # the previous tile's store has left c_smem
+    c_smem.store(acc.to(c_desc.dtype))
+    fence_async_shared()
+    tma_store(c_desc, [off_m, off_n], c_smem)
+
+
+@gluon.jit
+def _producer(a_desc, b_desc, a_top, a_bottom, b_smem, ready, empty, M, N, K, GROUP_M: gl.constexpr):
     HALF: gl.constexpr = a_desc.block_type.shape[0]
     BK: gl.constexpr = a_desc.block_type.shape[1]
     BN: gl.constexpr = b_desc.block_type.shape[0]
-    STEP_BYTES: gl.constexpr = (2 * HALF + BN) * BK
     tiles_m = gl.cdiv(M, 2 * HALF)
     tiles_n = gl.cdiv(N, BN)
     steps = gl.cdiv(K, BK)
     i = 0  # steps issued over every tile so far: the position in the ring
     for tile in range(gl.program_id(0), tiles_m * tiles_n, gl.num_programs(0)):
         pid_m, pid_n = grouped_tile(tile, tiles_m, tiles_n, GROUP_M)
-        off_m = pid_m * 2 * HALF
         for k in range(steps):
-            stage = i % STAGES
-            # mbarriers start with phase 1 complete: the first pass over the ring finds every stage empty.
-            mbarrier.wait(empty.index(stage), ((i // STAGES) & 1) ^ 1)
-            mbarrier.expect(ready.index(stage), STEP_BYTES)
-            tma_load(a_desc, [off_m, k * BK], ready.index(stage), a_top.index(stage))
-            tma_load(a_desc, [off_m + HALF, k * BK], ready.index(stage),
-                                            a_bottom.index(stage))
-            tma_load(b_desc, [pid_n * BN, k * BK], ready.index(stage), b_smem.index(stage))
+            load_step(a_desc, b_desc, a_top, a_bottom, b_smem, ready, empty, i, pid_m * 2 * HALF, pid_n * BN, k * BK)
             i += 1
 
 
@@ -99,7 +135,6 @@ def _producer(a_desc, b_desc, a_top, a_bottom, b_smem, ready, empty, M, N, K, GR
 def _consumer(a_half, b_smem, ready, empty, c_desc, c_smem, sa_ptr, sb_ptr, bias_ptr, M, N, K,
               half,  # 0: the tile's top 64 rows, 1: the bottom ones
               stride_sam, stride_sak, stride_sbk, stride_sbn, has_bias, GROUP_M: gl.constexpr):
-    STAGES: gl.constexpr = b_smem.type.shape[0]
     BM: gl.constexpr = a_half.type.shape[1]
     BN: gl.constexpr = b_smem.type.shape[1]
     BK: gl.constexpr = b_smem.type.shape[2]
@@ -115,24 +150,11 @@ def _consumer(a_half, b_smem, ready, empty, c_desc, c_smem, sa_ptr, sb_ptr, bias
         rows = pid_m * 2 * BM + half * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, mma))
         cols = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, mma))
         sa_ptrs = sa_ptr + gl.minimum(rows, M - 1) * stride_sam  # rows past M are never stored
-        sb_ptrs = sb_ptr + pid_n * stride_sbn
-        acc = gl.zeros((BM, BN), gl.float32, layout=mma)
-        for k in range(steps):
-            stage = i % STAGES
-            scale = gl.load(sa_ptrs + k * stride_sak) * gl.load(sb_ptrs + k * stride_sbk)
-            mbarrier.wait(ready.index(stage), (i // STAGES) & 1)
-            partial = warpgroup_mma(a_half.index(stage), b_smem.index(stage).permute((1, 0)), zero, use_acc=False,
-                                    is_async=True)
-            partial = warpgroup_mma_wait(num_outstanding=0, deps=(partial, ))
-            mbarrier.arrive(empty.index(stage), count=1)
-            acc += partial * gl.expand_dims(scale, 1)
-            i += 1
+        acc, i = scaled_tile(zero, a_half, b_smem, ready, empty, i, steps, sa_ptrs, stride_sak,
+                             sb_ptr + pid_n * stride_sbn, stride_sbk)
         if has_bias != 0:
             acc += gl.expand_dims(gl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(gl.float32), 0)
-        tma.store_wait(pendings=0)  # the previous tile's store has left c_smem
-        c_smem.store(acc.to(c_desc.dtype))
-        fence_async_shared()
-        tma_store(c_desc, [pid_m * 2 * BM + half * BM, pid_n * BN], c_smem)
+        store_tile(c_desc, c_smem, acc, pid_m * 2 * BM + half * BM, pid_n * BN)
     tma.store_wait(pendings=0)
 
 

@@ -30,14 +30,13 @@ from __future__ import annotations
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
-                                                              warpgroup_mma_wait)
+from triton.experimental.gluon.language.nvidia.hopper import tma
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from fp8dispatch.blocks import cdiv
 
 from .hopper import (_OCP_FP8, BLOCK_K, BLOCK_M, BLOCK_N, CONSUMER_REGS, CONSUMER_WARPS, GROUP_M, HALF, _layout,
-                     _list_api, _no_bias, grouped_tile, shared_memory, tma_load, tma_store)
+                     _list_api, _no_bias, grouped_tile, load_step, scaled_tile, shared_memory, store_tile)
 from .tiles import sm_count
 
 # Per output element size: stages of 32 KB of operands beside two 64×128 output tiles (32 KB in
@@ -71,11 +70,9 @@ def _expert(bounds_ptr, g, G, ROWS, end, MASKED: gl.constexpr):
 @gluon.jit
 def _producer(x_desc, w_desc, x_top, x_bottom, w_smem, ready, empty, bounds_ptr, G, ROWS, N, K,
               MASKED: gl.constexpr, GROUP_M: gl.constexpr):
-    STAGES: gl.constexpr = w_smem.type.shape[0]
     HALF: gl.constexpr = x_desc.block_type.shape[0]
     BK: gl.constexpr = x_desc.block_type.shape[1]
     BN: gl.constexpr = w_desc.block_type.shape[0]
-    STEP_BYTES: gl.constexpr = (2 * HALF + BN) * BK
     tiles_n = gl.cdiv(N, BN)
     steps = gl.cdiv(K, BK)
     tile = gl.program_id(0)
@@ -89,18 +86,10 @@ def _producer(x_desc, w_desc, x_top, x_bottom, w_smem, ready, empty, bounds_ptr,
         items = tiles_m * tiles_n
         while tile < first + items:
             pid_m, pid_n = grouped_tile(tile - first, tiles_m, tiles_n, GROUP_M)
-            off_m = start + pid_m * 2 * HALF
-            off_w = g * N + pid_n * BN
             k_steps = steps * (pid_m * 2 * HALF < valid).to(gl.int32)  # as the consumers count them
             for k in range(k_steps):
-                stage = i % STAGES
-                # mbarriers start with phase 1 complete: the first pass over the ring finds every stage empty.
-                mbarrier.wait(empty.index(stage), ((i // STAGES) & 1) ^ 1)
-                mbarrier.expect(ready.index(stage), STEP_BYTES)
-                tma_load(x_desc, [off_m, k * BK], ready.index(stage), x_top.index(stage))
-                tma_load(x_desc, [off_m + HALF, k * BK], ready.index(stage),
-                                                x_bottom.index(stage))
-                tma_load(w_desc, [off_w, k * BK], ready.index(stage), w_smem.index(stage))
+                load_step(x_desc, w_desc, x_top, x_bottom, w_smem, ready, empty, i, start + pid_m * 2 * HALF,
+                          g * N + pid_n * BN, k * BK)
                 i += 1
             tile += gl.num_programs(0)
         first += items
@@ -112,7 +101,6 @@ def _consumer(x_half, w_smem, ready, empty, c_desc, c_smem, out_ptr, sx_ptr, sw_
               half,  # 0: the tile's top 64 rows, 1: the bottom ones
               stride_om, stride_sxm, stride_sxk, stride_swg, stride_swn, stride_swk, stride_bg, has_bias,
               MASKED: gl.constexpr, GROUP_M: gl.constexpr):
-    STAGES: gl.constexpr = w_smem.type.shape[0]
     BM: gl.constexpr = x_half.type.shape[1]
     BN: gl.constexpr = w_smem.type.shape[1]
     BK: gl.constexpr = w_smem.type.shape[2]
@@ -138,28 +126,14 @@ def _consumer(x_half, w_smem, ready, empty, c_desc, c_smem, out_ptr, sx_ptr, sw_
             cols = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, mma))
             # Rows past the expert's valid ones read its last valid row's scale (never stored).
             sx_ptrs = sx_ptr + (start + gl.minimum(local, gl.maximum(valid - 1, 0))) * stride_sxm
-            sw_ptrs = sw_g + pid_n * stride_swn
             k_steps = steps * (pid_m * 2 * BM < valid).to(gl.int32)
-            acc = gl.zeros((BM, BN), gl.float32, layout=mma)
-            for k in range(k_steps):
-                stage = i % STAGES
-                scale = gl.load(sx_ptrs + k * stride_sxk) * gl.load(sw_ptrs + k * stride_swk)
-                mbarrier.wait(ready.index(stage), (i // STAGES) & 1)
-                partial = warpgroup_mma(x_half.index(stage), w_smem.index(stage).permute((1, 0)), zero,
-                                        use_acc=False, is_async=True)
-                partial = warpgroup_mma_wait(num_outstanding=0, deps=(partial, ))
-                mbarrier.arrive(empty.index(stage), count=1)
-                acc += partial * gl.expand_dims(scale, 1)
-                i += 1
+            acc, i = scaled_tile(zero, x_half, w_smem, ready, empty, i, k_steps, sx_ptrs, stride_sxk,
+                                 sw_g + pid_n * stride_swn, stride_swk)
             if has_bias != 0:
                 acc += gl.expand_dims(gl.load(bias_g + cols, mask=cols < N, other=0.0).to(gl.float32), 0)
             first_row = pid_m * 2 * BM + half * BM
             if first_row + BM <= valid:
-                # Every row valid: TMA takes the tile out (clipped at N) while this warpgroup goes on.
-                tma.store_wait(pendings=0)  # the previous tile's store has left c_smem
-                c_smem.store(acc.to(c_desc.dtype))
-                fence_async_shared()
-                tma_store(c_desc, [start + first_row, pid_n * BN], c_smem)
+                store_tile(c_desc, c_smem, acc, start + first_row, pid_n * BN)  # every row the expert's
             else:  # the expert ends in this tile: rows past it belong to the next expert, or are padding
                 acc = gl.where(gl.expand_dims(local < valid, 1), acc, 0.0)  # masked: rows past masked_m[g] are 0
                 out_ptrs = out_ptr + gl.expand_dims(start + local, 1) * stride_om + gl.expand_dims(cols, 0)
