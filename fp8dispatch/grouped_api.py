@@ -275,10 +275,11 @@ def explain_grouped(x, w, offsets=None, *, masked_m=None, bias=None, recipe=None
         table = registry.explain_problem(problem, backend)
         try:
             chosen = registry.choose(problem, backend)
+            kernel = getattr(chosen.runner(problem), "kernel", f"{chosen.name}.{problem.op}")  # as `explain`
+            table += f"\n  runs: {chosen.name} · {kernel}"
         except NoBackend:
-            return f"{table}\n\n{tuning.routing_source(problem.device)}"
-        kernel = getattr(chosen.runner(problem), "kernel", f"{chosen.name}.grouped_linear")
-        return f"{table}\n  runs: {chosen.name} · {kernel}\n\n{tuning.routing_source(problem.device)}"
+            pass  # the table says why
+        return f"{table}\n\n{tuning.routing_source(problem.device)}"
     except (Fp8TypeError, Fp8ValueError, TypeError, ValueError) as e:
         return f"{type(e).__name__}: {e}"
 

@@ -75,9 +75,8 @@ def _grouped_kernel(
             start = g * ROWS
             valid = tl.minimum(tl.maximum(tl.load(bounds_ptr + g).to(tl.int32), 0), ROWS)
             rows_g = ROWS
-        else:  # clamped into [the last expert's end, ROWS]: in bounds and no row written twice,
-            # whatever offsets hold (on a GPU the host never reads them)
-            # (grouped.safe_offsets's rule: the first expert starts at 0 and the last ends at ROWS)
+        else:  # grouped.safe_offsets's rule, as the host never checks offsets on a GPU: each expert
+            # within [the last one's end, ROWS], the first from 0, the last to ROWS
             start = tl.minimum(tl.maximum(tl.load(bounds_ptr + g).to(tl.int32), end), ROWS) * (g > 0)
             stop = tl.minimum(tl.maximum(tl.load(bounds_ptr + g + 1).to(tl.int32), start), ROWS)
             stop = tl.where(g == G - 1, ROWS, stop)
@@ -233,10 +232,9 @@ def plan(problem):
 
 
 def _hopper_takes(x, w, offsets, out_dtype, bias) -> bool:
-    groups, _, k = w.data.shape
     masked = offsets is None
-    rows = x.data.shape[1] if masked else x.data.reshape(-1, k).shape[0]
-    if (interpreting() or rows_per_expert(rows, groups, masked) < HOPPER_MIN_ROWS or _hopper_unavailable
+    rows = x.data.shape[1 if masked else 0]  # masked x [G, max_m, K], contiguous [M, K]
+    if (interpreting() or rows_per_expert(rows, w.data.shape[0], masked) < HOPPER_MIN_ROWS or _hopper_unavailable
             or device_capability(x.data.device) != (9, 0)):
         return False
     hopper = _hopper_module()
