@@ -52,8 +52,13 @@ def call(case: Case, inputs: dict, backend: str):
                                     pow2_scale=inputs["pow2_scale"], backend=backend)
     if case.op == "dequantize":
         return fp8dispatch.dequantize(inputs["t"], case.out_dtype, backend=backend)
-    return fp8dispatch.matmul(inputs["a"], inputs["b"], out_dtype=case.out_dtype, bias=inputs["bias"],
+    return fp8dispatch.matmul(_a(case, inputs), inputs["b"], out_dtype=case.out_dtype, bias=inputs["bias"],
                               backend=backend)
+
+
+def _a(case: Case, inputs: dict):
+    """The a the call gets: the FP8 operand, or the high-precision tensor it was quantized from."""
+    return inputs["a_high"] if case.layout == "high_precision_a" else inputs["a"]
 
 
 def problem_of(case: Case, inputs: dict):
@@ -69,7 +74,7 @@ def problem_of(case: Case, inputs: dict):
         t = inputs["t"]
         return dequantize_problem(t.device, t.shape2d, t.block, fp8_dtype=t.dtype, out_dtype=case.out_dtype,
                                   contiguous=t.data.is_contiguous())
-    return planning.plan_matmul(inputs["a"], inputs["b"], out_dtype=case.out_dtype, bias=inputs["bias"],
+    return planning.plan_matmul(_a(case, inputs), inputs["b"], out_dtype=case.out_dtype, bias=inputs["bias"],
                                 backend="reference").problem
 
 

@@ -46,6 +46,7 @@ from fp8dispatch.blocks import cdiv
 from fp8dispatch.problem import device_capability
 
 from .interpreter import active as interpreting
+from .launch import build_failed
 from .tiles import next_pow2, sm_count
 
 
@@ -160,9 +161,7 @@ def grouped_linear(x, w, offsets, masked_m, out_dtype, bias=None, kernel: str | 
         try:
             return _hopper_module().grouped_linear(x, w, offsets, masked_m, out_dtype, bias)
         except Exception as e:  # noqa: BLE001 - re-raised unless this Triton cannot build the kernel
-            from .matmul import _compile_error
-
-            if kernel == "hopper" or not _compile_error(e):
+            if kernel == "hopper" or not build_failed(e):
                 raise
             _hopper_unavailable.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             logging.getLogger("fp8dispatch").warning(

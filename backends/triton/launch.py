@@ -97,6 +97,12 @@ class Launcher:
         return None if handles is None else (grid, *handles, (None,) * self.tensors + scalars, constexprs)
 
 
+def build_failed(e: Exception) -> bool:
+    """A failure to build a kernel (not to run it): Triton's compile errors and MLIR pass failures."""
+    return (isinstance(e, (triton.compiler.errors.CompilationError, triton.runtime.errors.OutOfResources))
+            or (isinstance(e, RuntimeError) and "PassManager" in str(e)))
+
+
 def tracing(t: torch.Tensor) -> bool:
     """Whether a torch.compile trace is running this code on `t` (then kernels become graph nodes).
     A plain eager tensor answers from its type: `is_fake` alone costs 3 µs a call on a CPU."""

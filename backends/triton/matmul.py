@@ -34,7 +34,7 @@ from fp8dispatch.blocks import cdiv
 from fp8dispatch.problem import device_capability
 
 from .interpreter import active as interpreting
-from .launch import Launcher, listening, raw_stream, static_key, tracing
+from .launch import Launcher, build_failed, listening, raw_stream, static_key, tracing
 from .tiles import grouped_tile, hint, next_pow2
 
 # Up to this M the swapped kernel runs (its narrow side is 16 to 64 wide).
@@ -220,7 +220,7 @@ def matmul(a, b, out_dtype, bias=None, config: dict | None = None):
         try:
             c = _hopper_module().matmul(a, b, out_dtype, bias)  # compiles on a key's first call
         except Exception as e:  # noqa: BLE001 - re-raised unless this Triton cannot build the kernel
-            if not _compile_error(e):
+            if not build_failed(e):
                 raise
             _hopper_unavailable.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             _log.warning("triton: the Hopper block-scaled kernel failed to compile on this Triton (%s); "
@@ -255,12 +255,6 @@ def _hopper_kernel(a, b, out_dtype, bias) -> bool:
 # Why the Hopper kernel cannot be built here, once a compile has failed (then never tried again).
 _hopper_unavailable: list[str] = []
 _log = logging.getLogger("fp8dispatch")
-
-
-def _compile_error(e: Exception) -> bool:
-    """A failure to build the kernel (not to run it): Triton's compile errors and MLIR pass failures."""
-    return (isinstance(e, (triton.compiler.errors.CompilationError, triton.runtime.errors.OutOfResources))
-            or (isinstance(e, RuntimeError) and "PassManager" in str(e)))
 
 
 @cache
@@ -401,14 +395,19 @@ def plan(problem):
     """A runner for every call of `problem` whose shapes, strides, dtypes and bias the caller's key
     fixes: the first call chooses, tunes and compiles as `matmul` does; later calls allocate the
     output and launch the same compiled kernel directly."""
+    from . import decode  # imports this module
+
     kernel = kernel_for(problem)
     # Under torch.compile the portable kernel is a graph node (Inductor launches it); the Gluon
     # kernel and the interpreter are not traceable, so their calls stay opaque (fp8dispatch/ops.py).
     traced = None if interpreting() or _hopper_serves(problem) else matmul
+    # For a high-precision a the planner may run `quantizing(x, b, out_dtype, bias)` instead: the
+    # activation quantize inside the GEMM, one launch (decode sizes).
+    quantizing = decode.plan(problem) if decode.serves(problem) else None
     if problem.device.type != "cuda":
         def run(a, b, out_dtype, bias=None):
             return matmul(a, b, out_dtype, bias)
-        run.kernel, run.traced = kernel, traced
+        run.kernel, run.traced, run.quantizing = kernel, traced, quantizing
         return run
     bound = None
 
@@ -427,7 +426,7 @@ def plan(problem):
             bound = _bind(a, b, out, bias)
         return out
 
-    run.kernel, run.traced = kernel, traced
+    run.kernel, run.traced, run.quantizing = kernel, traced, quantizing
     return run
 
 
