@@ -237,13 +237,13 @@ def _matmul_cases(quick: bool) -> list[Case]:
         out.append(Case("matmul", (64, 256), recipe, n=128, fp8=E4M3FNUZ, b_fp8=E4M3FNUZ))
         # b quantized as a [K, N] row-major matrix rather than the transpose of a [N, K] weight.
         out.append(Case("matmul", (64, 256), recipe, n=128, layout="row_major_b"))
-    # A high-precision a, quantized inside the call (the triton backend's decode GEMM does it inside
-    # its kernel): a single token, a few with tails and a bias, and batch dims.
+    # A high-precision a, quantized inside the call by the planner's quantize step: a single token,
+    # a few with tails and a bias, and batch dims.
     for j, recipe in enumerate(MATMUL_RECIPES):
         out.append(Case("matmul", (1, 384), recipe, n=136, layout="high_precision_a"))
         out.append(Case("matmul", (13, 300), recipe, n=200, layout="high_precision_a", in_dtype=torch.float16,
                         out_dtype=_rotate(HIGH, j), bias=torch.bfloat16))
-        out.append(Case("matmul", (2, 8, 640), recipe, n=256, layout="high_precision_a", in_dtype=torch.float32))
+        out.append(Case("matmul", (2, 8, 384), recipe, n=256, layout="high_precision_a", in_dtype=torch.float32))
     # Blocks that name no recipe: 1×128 groups against per-column b.
     out.append(Case("matmul", (64, 256), "mixed", n=128))
     # Per-block extremes: zero blocks beside ±max ones, amax 1e-28, a 4× block at the tail corner

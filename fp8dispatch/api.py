@@ -157,7 +157,6 @@ def explain(op: str, *args, **kwargs) -> str:
 
 def _explain(op: str, given: dict) -> str:
     backend = given.pop("backend")
-    fused = None
     if op == "quantize":
         steps = [(planning.plan_quantize(**given, backend=backend).problem, backend)]
     elif op == "dequantize":
@@ -175,7 +174,6 @@ def _explain(op: str, given: dict) -> str:
         else:
             plan = planning.plan_matmul(given.pop("a"), given.pop("b"), **given, backend=backend)
         steps = [(p, backend if role == "matmul" else "auto") for role, p in plan.problems]
-        fused = plan.fused
     steps = [(p, requested) for p, requested in steps if p is not None]
     if not steps:
         return "nothing to route: the tensors are empty"
@@ -183,7 +181,5 @@ def _explain(op: str, given: dict) -> str:
     for problem, requested in steps:
         chosen = registry.choose(problem, requested)
         kernel = getattr(chosen.runner(problem), "kernel", f"{chosen.name}.{problem.op}")
-        if fused is not None:  # one kernel runs both steps
-            kernel = fused.kernel if problem.op == "matmul" else "inside the matmul's kernel (below)"
         tables.append(f"{registry.explain_problem(problem, requested)}\n  runs: {chosen.name} · {kernel}")
     return "\n\n".join([*tables, tuning.routing_source(steps[-1][0].device)])

@@ -322,14 +322,6 @@ def matmul(
         return plan.run(a, b, bias)
     k, n = b.shape
     lead = a.shape[:-1]
-    if plan.fused is not None:  # the GEMM's kernel quantizes a itself
-        step = plan.fused.traced
-        if step is None:
-            out = torch.ops.fp8dispatch.run_matmul(a, None, None, None, *_parts("b", b), recipe, out_dtype, bias,
-                                                   plan.routed.backend)
-        else:
-            out = step(a.reshape(-1, k), b, out_dtype, bias)
-        return out if len(lead) == 1 else out.view(*lead, n)
     if plan.quantize_a is not None:
         a = _quantize_step(plan.quantize_a, a.reshape(-1, k))
     elif len(a.shape) != 2:

@@ -229,19 +229,12 @@ class MatmulPlan:
     routed: _Routed
     quantize_a: QuantizePlan | None
     quantize_b: QuantizePlan | None
-    # The GEMM backend's kernel that quantizes a high-precision a itself, when it runs instead of
-    # quantize_a's step and the GEMM: `fused(a2d, b, out_dtype, bias)`, with `.kernel` and `.traced`.
-    fused: Callable | None = None
 
     @property
     def problem(self) -> Problem | None:
         return self.routed.problem
 
     def describe(self) -> str:
-        if self.fused is not None:
-            return "\n".join([f"quantize a: {self.quantize_a.problem.describe()}\n  runs: inside the matmul's kernel",
-                              f"matmul: {self.routed.problem.describe()}\n  runs: {self.routed.backend} · "
-                              f"{self.fused.kernel}"])
         parts = [f"quantize {name}: {q.describe()}" for name, q in (("a", self.quantize_a), ("b", self.quantize_b))
                  if q is not None]
         return "\n".join([*parts, f"matmul: {self.routed.describe()}"])
@@ -314,30 +307,8 @@ def plan_matmul(a, b, *, recipe: str | None = None, out_dtype: torch.dtype = tor
         b_col_major=not isinstance(b, Fp8Tensor) or b.data.t().is_contiguous(),
         out_dtype=out_dtype, bias_dtype=None if bias is None else bias.dtype)
     mm, routed = _route(problem, backend)
-    fused = _fused(mm, routed, quantize_a, quantize_b)
-    if fused is not None:
-        return MatmulPlan(_fused_runner(fused, len(a.shape) != 2, m, k, out_shape, out_dtype), routed, quantize_a,
-                          None, fused)
     run = _matmul_runner(mm, quantize_a, quantize_b, len(a.shape) != 2, m, out_shape, out_dtype)
     return MatmulPlan(run, routed, quantize_a, quantize_b)
-
-
-def _fused(mm, routed: _Routed, qa: QuantizePlan | None, qb: QuantizePlan | None) -> Callable | None:
-    """The GEMM runner's own quantizing kernel for a high-precision a, where one serves the problem
-    and the quantize was routed to the same backend: the contract makes every backend's quantize
-    the same bits, and keeping to the routed backend keeps a user's choice of it."""
-    fused = getattr(mm, "quantizing", None)
-    if fused is None or qa is None or qb is not None or qa.routed.backend != routed.backend:
-        return None
-    return fused
-
-
-def _fused_runner(fused, flatten: bool, m: int, k: int, out_shape, out_dtype) -> Callable:
-    if flatten:
-        def linear_flat(a, b, bias):
-            return fused(a.reshape(m, k), b, out_dtype, bias).view(out_shape)
-        return linear_flat
-    return lambda a, b, bias: fused(a, b, out_dtype, bias)
 
 
 def _matmul_runner(mm, qa: QuantizePlan | None, qb: QuantizePlan | None, flatten: bool, m: int, out_shape,

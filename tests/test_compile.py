@@ -194,9 +194,9 @@ def test_compiled_graph_holds_the_backends_ops_not_the_public_api():
     assert "fp8dispatch.run_quantize" not in code and "fp8dispatch.matmul.default" not in code
 
 
-def _compiled_linear_code(device: str = "cpu", m: int = 4) -> str:
+def _compiled_linear_code(device: str = "cpu") -> str:
     """Inductor's code for `linear(x, w)` compiled fullgraph, after checking it gives eager's bits."""
-    x, w = _randn(m, 256, dtype=torch.bfloat16).to(device), _q(_randn(64, 256).to(device), "block")
+    x, w = _randn(4, 256, dtype=torch.bfloat16).to(device), _q(_randn(64, 256).to(device), "block")
 
     def fn(x):
         return fp8dispatch.linear(x, w)
@@ -219,18 +219,9 @@ def test_triton_steps_in_a_compiled_graph(sandbox):
     fp8dispatch.register_backend(triton.BACKEND, replace=True)
     sandbox.env(FP8DISPATCH_BACKEND="triton")
     interpreted = not torch.cuda.is_available()
-    device = "cpu" if interpreted else "cuda"
-    code = _compiled_linear_code(device, m=32)  # above decode sizes: a quantize, then the GEMM
+    code = _compiled_linear_code("cpu" if interpreted else "cuda")
     if interpreted:
         assert "fp8dispatch.run_quantize" in code and "fp8dispatch.run_matmul" in code
-    else:
-        assert "_groups_kernel" in code and "_scaled_mm_kernel" in code
-    assert "fp8dispatch.matmul.default" not in code
-    code = _compiled_linear_code(device, m=4)  # decode: one kernel quantizes x inside the GEMM
-    if interpreted:
-        assert "fp8dispatch.run_matmul" in code and "fp8dispatch.run_quantize" not in code
-    else:
-        assert "_quantizing_mm_kernel" in code and "_scaled_mm_kernel" not in code
     assert "fp8dispatch.matmul.default" not in code
 
 

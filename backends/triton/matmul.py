@@ -395,19 +395,14 @@ def plan(problem):
     """A runner for every call of `problem` whose shapes, strides, dtypes and bias the caller's key
     fixes: the first call chooses, tunes and compiles as `matmul` does; later calls allocate the
     output and launch the same compiled kernel directly."""
-    from . import decode  # imports this module
-
     kernel = kernel_for(problem)
     # Under torch.compile the portable kernel is a graph node (Inductor launches it); the Gluon
     # kernel and the interpreter are not traceable, so their calls stay opaque (fp8dispatch/ops.py).
     traced = None if interpreting() or _hopper_serves(problem) else matmul
-    # For a high-precision a the planner may run `quantizing(x, b, out_dtype, bias)` instead: the
-    # activation quantize inside the GEMM, one launch (decode sizes).
-    quantizing = decode.plan(problem) if decode.serves(problem) else None
     if problem.device.type != "cuda":
         def run(a, b, out_dtype, bias=None):
             return matmul(a, b, out_dtype, bias)
-        run.kernel, run.traced, run.quantizing = kernel, traced, quantizing
+        run.kernel, run.traced = kernel, traced
         return run
     bound = None
 
@@ -426,7 +421,7 @@ def plan(problem):
             bound = _bind(a, b, out, bias)
         return out
 
-    run.kernel, run.traced, run.quantizing = kernel, traced, quantizing
+    run.kernel, run.traced = kernel, traced
     return run
 
 
