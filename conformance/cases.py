@@ -58,7 +58,8 @@ class Case:
     scale_mode: str = "auto"
     block_size: int | tuple[int, int] = 128
     # "transposed": x (quantize), t (dequantize) or b (matmul) is a transposed view; "sliced" (matmul):
-    # a and the weight under b are row slices of bigger quantized tensors, their scale pointers misaligned
+    # a and the weight under b are row slices of bigger quantized tensors, their scale pointers misaligned;
+    # "high_precision_a" (matmul): the call gets a unquantized and quantizes it itself
     layout: str = "contiguous"
     n: int = 0
     b_fp8: torch.dtype | None = None

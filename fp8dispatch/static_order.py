@@ -27,9 +27,9 @@ ORDER: dict[tuple[str, str | None], tuple[str, ...]] = {
     ("matmul", "mixed"): ("fbgemm",),  # 128x128 activations: the only library kernel for it
     # The only quantizer that follows the contract bit for bit on a GPU (docs/backends.md).
     ("quantize", None): ("triton",),
-    # The grouped grid (12 points per recipe). Block: triton (its Hopper kernel) the fastest at all
-    # 12; fbgemm 0.39-0.87x under graph replay (docs/results/h200/grouped-kernels.json); torch takes
-    # no 1x128 blocks.
+    # The grouped grid (16 points per recipe, docs/results/h200/grouped.md). Block: triton (its
+    # Hopper kernel) the fastest at all 16; fbgemm 0.41-0.89x under graph replay; torch takes no
+    # 1x128 blocks.
     ("grouped_linear", "block"): ("triton", "fbgemm"),
     # fbgemm 0.921x mean (worst 0.78x), torch 0.901x (0.75x), triton 0.704x (0.50x)
     ("grouped_linear", "row"): ("fbgemm", "torch", "triton"),
