@@ -157,6 +157,7 @@ def explain(op: str, *args, **kwargs) -> str:
 
 def _explain(op: str, given: dict) -> str:
     backend = given.pop("backend")
+    shared = None
     if op == "quantize":
         steps = [(planning.plan_quantize(**given, backend=backend).problem, backend)]
     elif op == "dequantize":
@@ -174,6 +175,8 @@ def _explain(op: str, given: dict) -> str:
         else:
             plan = planning.plan_matmul(given.pop("a"), given.pop("b"), **given, backend=backend)
         steps = [(p, backend if role == "matmul" else "auto") for role, p in plan.problems]
+        if plan.one_allocation:
+            shared = planning.ONE_ALLOCATION
     steps = [(p, requested) for p, requested in steps if p is not None]
     if not steps:
         return "nothing to route: the tensors are empty"
@@ -182,4 +185,4 @@ def _explain(op: str, given: dict) -> str:
         chosen = registry.choose(problem, requested)
         kernel = getattr(chosen.runner(problem), "kernel", f"{chosen.name}.{problem.op}")
         tables.append(f"{registry.explain_problem(problem, requested)}\n  runs: {chosen.name} · {kernel}")
-    return "\n\n".join([*tables, tuning.routing_source(steps[-1][0].device)])
+    return "\n\n".join([*tables, *([shared] if shared else []), tuning.routing_source(steps[-1][0].device)])

@@ -305,6 +305,8 @@ def traced_dequantize(t, dtype, backend) -> torch.Tensor:
 
 # --- matmul ---------------------------------------------------------------------------------
 
+opaque_when_direct = True  # False puts a one-allocation linear's two kernels in the graph instead
+
 
 @triton_op("fp8dispatch::matmul", mutates_args=())
 def matmul(
@@ -320,6 +322,13 @@ def matmul(
                     _spec(a, True), _spec(b, False), _spec(bias, False))
     if plan.problem is None:  # an empty product: zeros (plus bias)
         return plan.run(a, b, bias)
+    if plan.one_allocation and opaque_when_direct:
+        # A decode-sized linear whose quantize and GEMM launch directly into one allocation: one
+        # opaque op running that plan costs less host time than the two kernels as graph nodes
+        # (Inductor's launch of a Triton kernel: 15-25 µs on an H200's host, the direct one 7-8 µs,
+        # plus one allocation instead of three; docs/results/h200/model.md).
+        return torch.ops.fp8dispatch.run_matmul(a, None, None, None, *_parts("b", b), None, out_dtype, bias,
+                                                plan.routed.backend)
     k, n = b.shape
     lead = a.shape[:-1]
     if plan.quantize_a is not None:

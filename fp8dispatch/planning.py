@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from fp8dispatch import checks, registry
+from fp8dispatch import checks, direct, registry
 from fp8dispatch.blocks import RECIPES, Block, block_for, scale_shape
 from fp8dispatch.errors import Fp8DispatchError, Fp8TypeError, Fp8ValueError
 from fp8dispatch.formats import fp8_format
@@ -220,6 +220,9 @@ def plan_dequantize(t, dtype: torch.dtype = torch.bfloat16, *, backend: str = "a
 # --- matmul and linear ----------------------------------------------------------------------
 
 
+ONE_ALLOCATION = "quantize a and matmul: one allocation (the output, x's FP8 data and scales), two direct launches"
+
+
 @dataclass(frozen=True)
 class MatmulPlan:
     """`run(a, b, bias) -> a @ b (+ bias)` for operands with the planned keys: the quantizes it
@@ -229,6 +232,8 @@ class MatmulPlan:
     routed: _Routed
     quantize_a: QuantizePlan | None
     quantize_b: QuantizePlan | None
+    # Both steps launch on raw pointers into one allocation (fp8dispatch/direct.py) once bound.
+    one_allocation: bool = False
 
     @property
     def problem(self) -> Problem | None:
@@ -237,7 +242,8 @@ class MatmulPlan:
     def describe(self) -> str:
         parts = [f"quantize {name}: {q.describe()}" for name, q in (("a", self.quantize_a), ("b", self.quantize_b))
                  if q is not None]
-        return "\n".join([*parts, f"matmul: {self.routed.describe()}"])
+        shared = [ONE_ALLOCATION] if self.one_allocation else []
+        return "\n".join([*parts, f"matmul: {self.routed.describe()}", *shared])
 
     @property
     def problems(self) -> list[tuple[str, Problem]]:
@@ -308,7 +314,12 @@ def plan_matmul(a, b, *, recipe: str | None = None, out_dtype: torch.dtype = tor
         out_dtype=out_dtype, bias_dtype=None if bias is None else bias.dtype)
     mm, routed = _route(problem, backend)
     run = _matmul_runner(mm, quantize_a, quantize_b, len(a.shape) != 2, m, out_shape, out_dtype)
-    return MatmulPlan(run, routed, quantize_a, quantize_b)
+    one_allocation = (quantize_a is not None and quantize_b is None
+                      and (len(a.shape) == 2 or a.is_contiguous())  # x's pointer is that of the 2-D rows quantized
+                      and hasattr(quantize_a.step, "direct") and hasattr(mm, "direct"))
+    if one_allocation:
+        run = direct.linear_runner(quantize_a.step, mm, out_shape, out_dtype, run)
+    return MatmulPlan(run, routed, quantize_a, quantize_b, one_allocation)
 
 
 def _matmul_runner(mm, qa: QuantizePlan | None, qb: QuantizePlan | None, flatten: bool, m: int, out_shape,

@@ -222,7 +222,32 @@ def test_triton_steps_in_a_compiled_graph(sandbox):
     code = _compiled_linear_code("cpu" if interpreted else "cuda")
     if interpreted:
         assert "fp8dispatch.run_quantize" in code and "fp8dispatch.run_matmul" in code
+    else:  # M = 4: the one-allocation plan, one opaque op (test below)
+        assert "fp8dispatch.run_matmul" in code and "fp8dispatch.run_quantize" not in code
     assert "fp8dispatch.matmul.default" not in code
+
+
+def test_a_one_allocation_linear_compiles_to_one_op_running_its_plan(sandbox):
+    """Where a linear's quantize and GEMM launch directly into one allocation (their runners offer
+    `direct`, as the triton backend's do on a GPU at decode sizes), the graph holds one `run_matmul`
+    op on the high-precision x that runs that plan: no quantize in the graph, eager's bits."""
+    from fp8dispatch.backends import reference
+
+    def plan(op, problem):
+        def run(*args):
+            return getattr(reference, op)(*args)
+        run.direct = lambda: None  # never bound: the plan keeps its two steps, as off the GPU
+        return run
+
+    fp8dispatch.register_backend(fp8dispatch.Backend(
+        name="direct", probe=lambda: None, why_not=lambda op, problem, found: [], quantize=reference.quantize,
+        matmul=reference.matmul, plan=plan, traceable=frozenset({"quantize", "matmul"})))
+    sandbox.env(FP8DISPATCH_BACKEND="direct")
+    x, w = _randn(4, 256, dtype=torch.bfloat16), _q(_randn(64, 256), "block")
+    assert fp8dispatch.planning.plan_linear(x, w).one_allocation
+    assert fp8dispatch.planning.ONE_ALLOCATION in fp8dispatch.explain("linear", x, w)
+    code = _compiled_linear_code()
+    assert "fp8dispatch.run_matmul" in code and "amax" not in code and "fp8dispatch.run_quantize" not in code
 
 
 @torch.library.custom_op("fp8dispatch_tests::no_fake_copy", mutates_args=())

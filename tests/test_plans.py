@@ -179,3 +179,88 @@ def test_a_hook_set_as_a_plain_value_listens_and_none_does_not():
 
     assert not launch._listens(None) and launch._listens(print)
     assert not launch._listens(SimpleNamespace(calls=[])) and launch._listens(SimpleNamespace(calls=[print]))
+
+
+# --- one allocation for a linear's two launches (fp8dispatch/direct.py) ---------------------------
+
+
+class _Step:
+    """A runner whose kernel, once it has run, launches on raw pointers: what the triton backend's
+    bound runners offer. `launches` records each direct launch's pointers."""
+
+    def __init__(self, sizes, launches, listening=lambda: False):
+        self.sizes, self.launches, self.ran = sizes, launches, False
+        self.listening = listening
+
+    def __call__(self, *args):
+        self.ran = True
+
+    def direct(self):
+        if not self.ran:
+            return None
+        return SimpleNamespace(launch=lambda *p: self.launches.append(p), sizes=self.sizes, listening=self.listening)
+
+
+@pytest.mark.parametrize("scratch", [(), (4 * 3 * 8 * 40,)])
+def test_a_linears_two_launches_share_one_allocation_laid_out_aligned(scratch):
+    from fp8dispatch import direct
+
+    m, k, n, g = 3, 256, 40, 128
+    launches, fallbacks = [], []
+    quantize = _Step((m * k, m * (k // g) * 4), launches)
+    gemm = _Step((m * n * 2, *scratch), launches)
+
+    def two_steps(x, w, bias):
+        quantize(), gemm()
+        fallbacks.append(1)
+        return torch.zeros(m, n, dtype=torch.bfloat16)
+
+    run = direct.linear_runner(quantize, gemm, (m, n), torch.bfloat16, two_steps)
+    x, w = _x(m, k), fp8dispatch.quantize(_x(n, k, seed=1), "block", backend="reference")
+    run(x, w, None)
+    assert fallbacks == [1] and launches == []  # the first call binds both steps
+    out = run(x, w, None)
+    assert fallbacks == [1] and len(launches) == 2
+    (px, p_data, p_scale), (p_a, p_w, p_sa, p_sw, p_bias, p_out, *p_scratch) = launches
+    base = out.data_ptr()
+    assert (px, p_w, p_sw, p_bias) == (x.data_ptr(), w.data.data_ptr(), w.scale.data_ptr(), 0)
+    assert (p_a, p_sa, p_out) == (p_data, p_scale, base)
+    # The output first, then x's data, its scales and the GEMM's scratch, 16-byte aligned, disjoint.
+    spans = [(base, m * n * 2), (p_data, m * k), (p_scale, m * (k // g) * 4)] + list(zip(p_scratch, scratch))
+    assert all(start % 16 == 0 for start, _ in spans)
+    assert all(a + size <= b for (a, size), (b, _) in zip(spans, spans[1:]))
+    assert spans[-1][0] + spans[-1][1] <= base + out.untyped_storage().nbytes()
+    # An ordinary tensor of the output's shape, not a view: autograd and in-place ops treat it as any other.
+    assert out.shape == (m, n) and out.is_contiguous() and out._base is None and out.dtype == torch.bfloat16
+
+
+def test_a_linear_takes_its_two_steps_while_a_hook_listens_or_a_pointer_is_unaligned():
+    from fp8dispatch import direct
+
+    launches, hooked = [], [False]
+    quantize = _Step((3 * 256, 3 * 2 * 4), launches, listening=lambda: hooked[0])
+    gemm = _Step((3 * 40 * 2,), launches)
+    calls = []
+    run = direct.linear_runner(quantize, gemm, (3, 40), torch.bfloat16,
+                               lambda x, w, b: (quantize(), gemm(), calls.append(1), torch.zeros(3, 40))[-1])
+    w = fp8dispatch.quantize(_x(40, 256, seed=1), "block", backend="reference")
+    run(_x(3, 256), w, None)
+    hooked[0] = True
+    run(_x(3, 256), w, None)
+    hooked[0] = False
+    unaligned = torch.empty(3 * 256 + 1, dtype=torch.bfloat16)[1:].view(3, 256)
+    run(unaligned, w, None)
+    assert len(calls) == 3 and launches == []
+    run(_x(3, 256), w, None)
+    assert len(calls) == 3 and len(launches) == 2
+
+
+def test_a_linear_whose_steps_cannot_launch_directly_keeps_its_two_steps():
+    from fp8dispatch import direct
+
+    calls = []
+    run = direct.linear_runner(lambda *a: None, lambda *a: None, (2, 8), torch.bfloat16,
+                               lambda x, w, b: calls.append(1) or torch.zeros(2, 8))
+    for _ in range(3):
+        run(None, None, None)
+    assert len(calls) == 3

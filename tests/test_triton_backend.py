@@ -297,6 +297,41 @@ def test_matmul_matches_reference(recipe, m, n, k):
         assert relative_error(got.float(), want.float()) < ERROR_BOUND
 
 
+@pytest.mark.parametrize("recipe", ["block", "row", "tensor"])
+@pytest.mark.parametrize("split", [2, 3, 4])
+def test_split_k_sums_the_same_product(recipe, split):
+    """SPLIT_K programs per tile write fp32 partial sums that a second kernel adds in a fixed order,
+    with the bias: the reference's product and the same bits on every run. In the block recipe each
+    K step's product is scaled in fp32 on its own, so a split only regroups fp32 additions and stays
+    within rounding of one program per tile; rowwise and tensorwise accumulate inside the tensor
+    cores, whose FP8 accumulation on Hopper is narrower than fp32, so there only the reference
+    bounds them. K = 640 is five 128-wide steps: a split of 4 leaves one program without work."""
+    m, n, k = 5, 96, 640
+    qa, qw = _operands(m, n, k, recipe, seed=4)
+    bias = torch.randn(n).to(torch.bfloat16).to(DEVICE)
+    config = dict(BLOCK_M=16, BLOCK_N=64)
+    for out_dtype, b in ((torch.float32, bias), (torch.bfloat16, None)):
+        whole = kernels.matmul(qa, qw.t(), out_dtype, b, config=config)
+        got = kernels.matmul(qa, qw.t(), out_dtype, b, config=dict(config, SPLIT_K=split))
+        again = kernels.matmul(qa, qw.t(), out_dtype, b, config=dict(config, SPLIT_K=split))
+        want = reference.matmul(qa, qw.t(), out_dtype, b)
+        assert got.dtype == out_dtype and got.shape == (m, n) and torch.equal(got, again)
+        assert relative_error(got.float(), want.float()) < ERROR_BOUND
+        if recipe == "block":
+            assert torch.allclose(got.float(), whole.float(), rtol=2**-7 if out_dtype == torch.bfloat16 else 1e-5,
+                                  atol=1e-3)
+
+
+def test_which_splits_are_timed():
+    """1, then powers of two up to two programs per SM, each split keeping four K steps or more."""
+    from fp8dispatch.backends.triton.matmul import _splits
+
+    assert _splits(tiles=9, steps=56, sms=132) == [1, 2, 4, 8]  # 576×7168 at BLOCK_N = 64
+    assert _splits(tiles=112, steps=144, sms=132) == [1, 2]  # 7168×18432
+    assert _splits(tiles=288, steps=56, sms=132) == [1]  # 18432×7168: the tiles alone fill the GPU
+    assert _splits(tiles=4, steps=7, sms=132) == [1]  # K too short to split
+
+
 def test_matmul_group_of_64():
     """A K group other than 128 (a 1×64, b 64×64): K steps of 64."""
     qa, qw = _operands(40, 128, 256, "block", group=64, seed=3)
@@ -360,6 +395,35 @@ def test_a_hopper_kernel_that_cannot_compile_leaves_the_portable_one(monkeypatch
     monkeypatch.setattr(portable, "_hopper_module", lambda: SimpleNamespace(matmul=broken))
     with pytest.raises(ValueError, match="a bug"):
         portable.matmul(qa, qw.t(), torch.float32)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="direct launches run on a GPU only (the interpreter launches "
+                    "through Triton)")
+@pytest.mark.parametrize("m, n, k, lead", [(1, 576, 7168, ()), (13, 256, 1536, ()), (16, 192, 512, (4,)),
+                                           (1, 7168, 2048, (1,))])
+def test_a_decode_linear_takes_one_allocation_and_gives_the_two_steps_bits(m, n, k, lead):
+    """From its second call a decode-sized linear on the triton backend makes one allocation (the
+    output, with x's FP8 data and scales behind it in the same storage) and launches both kernels
+    into it: the same bits as quantize then matmul, an ordinary tensor autograd can modify in place."""
+    from fp8dispatch.nn import Fp8Linear
+
+    w = fp8dispatch.quantize(torch.randn(n, k, device=DEVICE).bfloat16(), "block", backend="triton")
+    bias = torch.randn(n, device=DEVICE).bfloat16()
+    x = torch.randn(*lead, m, k + 64, device=DEVICE).bfloat16()[..., :k]  # rows k + 64 apart: a strided 2-D x
+    x = x if not lead else x.contiguous()  # more than two dimensions: contiguous, so rows fold in place
+    xq = fp8dispatch.quantize(x, "group", backend="triton")
+    want = fp8dispatch.matmul(xq, w.t(), bias=bias, backend="triton")
+    outs = [fp8dispatch.linear(x, w, bias, backend="triton") for _ in range(3)]
+    for out in outs:
+        assert_same_bits(out, want)
+    assert outs[-1]._base is None and outs[-1].untyped_storage().nbytes() > out.nbytes + x.numel()  # one allocation
+    layer = Fp8Linear.from_linear(torch.nn.Linear(k, n, device=DEVICE, dtype=torch.bfloat16), backend="triton")
+    xg = x.detach().requires_grad_()
+    for _ in range(2):
+        y = layer(xg)
+        y += 1  # in place on the layer's output, under autograd
+        y.sum().backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()
 
 
 def test_public_linear_routes_to_triton():

@@ -194,12 +194,12 @@ def _matmul_reasons(p, found: Found) -> list[str]:
 @cache
 def kernels():
     """The kernel modules, imported on first use (importing triton costs ~0.15 s; probe first)."""
-    from . import dequantize, grouped, interpreter, matmul, quantize  # the submodules replace no names here
+    from . import dequantize, grouped, interpreter, matmul, matmul_plan, quantize  # they replace no names here
 
     interpreter.install()  # before any kernel runs on CPU tensors, even without the registry
     return SimpleNamespace(quantize=quantize.quantize, dequantize=dequantize.dequantize, matmul=matmul.matmul,
                            grouped_linear=grouped.grouped_linear,
-                           plans={"quantize": quantize.plan, "matmul": matmul.plan, "grouped_linear": grouped.plan})
+                           plans={"quantize": quantize.plan, "matmul": matmul_plan.plan, "grouped_linear": grouped.plan})
 
 
 def _plan(op, problem):

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 import threading
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import triton
@@ -135,3 +137,15 @@ def listening() -> bool:
 
 def _listens(hook) -> bool:
     return hook is not None and bool(getattr(hook, "calls", True))
+
+
+@dataclass(frozen=True)
+class Direct:
+    """A bound kernel launched on raw pointers into memory its caller owns: `launch(*inputs,
+    *outputs)` (16-byte aligned, as the kernel was compiled for) and each output's bytes. Plans
+    that chain two kernels give both steps' outputs one allocation this way (fp8dispatch/direct.py)."""
+
+    launch: Callable
+    sizes: tuple[int, ...]
+    # Whether a launch hook listens now (a profiler): then the caller takes the full path instead.
+    listening: Callable[[], bool] = listening

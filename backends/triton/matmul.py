@@ -18,6 +18,13 @@ instead, which overlaps the promotion with the tensor cores; this kernel serves 
 Small M (decode, M ≤ SMALL_M) swaps the operands: the tensor cores' wgmma needs 64 rows on the
 M side but takes 8 to 256 on the N side, so computing c.T = b.T @ a.T puts the weight's N on the
 64-row side and the few tokens on the narrow one instead of padding 1 token to 64 rows.
+
+A decode GEMM with few output tiles (N = 576 at BLOCK_N = 64 is 9 programs on 132 SMs) leaves most
+of the GPU idle while each program streams its slice of the weight alone. SPLIT_K programs then
+share each tile's K loop: program s walks its own contiguous run of K steps and writes its fp32
+sum to a scratch [SPLIT_K, M, N]; `_sum_splits_kernel` adds the SPLIT_K partial sums in a fixed
+order (deterministic, unlike atomics), adds the bias and casts. The block recipe's scales apply per
+K step, so each partial sum is already scaled; rowwise and tensorwise scale each partial sum.
 """
 
 from __future__ import annotations
@@ -34,8 +41,8 @@ from fp8dispatch.blocks import cdiv
 from fp8dispatch.problem import device_capability
 
 from .interpreter import active as interpreting
-from .launch import Launcher, build_failed, listening, raw_stream, static_key, tracing
-from .tiles import grouped_tile, hint, next_pow2
+from .launch import Launcher, build_failed, static_key, tracing
+from .tiles import grouped_tile, hint, next_pow2, sm_count
 
 # Up to this M the swapped kernel runs (its narrow side is 16 to 64 wide).
 SMALL_M = 64
@@ -87,6 +94,7 @@ def _scaled_mm_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,  # programs walk GROUP_M row tiles per column tile, so b tiles stay in L2
     SWAP: tl.constexpr,  # compute c.T = b.T @ a.T tile by tile (small M); a 2-D grid (N tiles, M tiles)
+    SPLIT_K: tl.constexpr,  # programs per tile along K (grid axis 2); above 1, c is the fp32 scratch
 ):
     if SWAP:
         pid_n, pid_m = tl.program_id(0), tl.program_id(1)
@@ -112,7 +120,17 @@ def _scaled_mm_kernel(
 
     sb_tile_ptr = sb_ptr + (pid_n * BLOCK_N // b_cols_per_scale) * stride_sbn
 
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+    steps = tl.cdiv(K, BLOCK_K)
+    first = 0
+    if SPLIT_K > 1:  # this program's run of K steps (maybe none); its sum goes to slice pid_k of the scratch
+        per_split = tl.cdiv(steps, SPLIT_K)
+        first = tl.program_id(2) * per_split
+        steps = tl.minimum(per_split, steps - first)
+        x_ptrs += first * x_step
+        y_ptrs += first * y_step
+        c_ptr += tl.program_id(2) * M * N
+    for step in range(0, steps):  # from 0: the software pipeliner's canonical loop
+        k = first + step
         k_left = K - k * BLOCK_K
         x = _load_k_step(x_ptrs, offs_k[None, :] < k_left, EVEN_K)
         y = _load_k_step(y_ptrs, offs_k[:, None] < k_left, EVEN_K)
@@ -134,6 +152,27 @@ def _scaled_mm_kernel(
     mask = _on_m(offs_m < M, SWAP) & _on_n(offs_n < N, SWAP)
     c_ptrs = c_ptr + _on_m(offs_m, SWAP) * stride_cm + _on_n(offs_n, SWAP) * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _sum_splits_kernel(
+    c_ptr,  # contiguous [M, N]
+    parts_ptr,  # fp32 [SPLIT_K, M, N], contiguous: the split programs' partial sums
+    bias_ptr,
+    MN, N,
+    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.load(parts_ptr + offs, mask=mask)
+    for s in tl.static_range(1, SPLIT_K):  # always this order: the same bits on every run
+        acc += tl.load(parts_ptr + s * MN + offs, mask=mask)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs % N, mask=mask).to(tl.float32)
+    tl.store(c_ptr + offs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+SUM_BLOCK = 1024  # outputs per program of `_sum_splits_kernel`; M·N ≤ 64 × 32768 at decode
 
 
 # --- configurations -------------------------------------------------------------------------
@@ -186,6 +225,7 @@ def block_k_for(scale_k: int) -> int:
 
 
 _launcher = Launcher(_scaled_mm_kernel, tensors=6)
+_sum_launcher = Launcher(_sum_splits_kernel, tensors=3)
 
 # Chosen configurations, per (device, shape bucket, dtypes, flags): filled by timing the
 # candidates on a problem's first call (about a second), then one dict lookup per call. Triton's
@@ -203,6 +243,18 @@ class _Plan:
     constexprs: dict
     options: dict
     static: tuple  # the launcher's key for all of the above
+    split: int = 1  # SPLIT_K; above 1 a second launch sums the partial sums (and adds the bias)
+
+    def launch(self, da, db, c, sa, sb, bias) -> None:
+        if self.split == 1:
+            self.launcher(self.grid, (da, db, c, sa, sb, sa if bias is None else bias, *self.ints), self.constexprs,
+                          self.options, self.static)
+            return
+        m, n = c.shape
+        parts = torch.empty((self.split, m, n), dtype=torch.float32, device=c.device)
+        self.launcher(self.grid, (da, db, parts, sa, sb, sa, *self.ints), self.constexprs, self.options, self.static)
+        _sum_launcher((cdiv(m * n, SUM_BLOCK),), (c, parts, parts if bias is None else bias, m * n, n),
+                      dict(SPLIT_K=self.split, HAS_BIAS=bias is not None, BLOCK=SUM_BLOCK), {})
 
 
 _plans: dict[tuple, _Plan] = {}
@@ -231,12 +283,12 @@ def matmul(a, b, out_dtype, bias=None, config: dict | None = None):
     if callable(plan):
         return plan(a, b, out_dtype, bias)
     c = torch.empty((da.shape[0], db.shape[1]), dtype=out_dtype, device=da.device)
-    tensors = (da, db, c, sa, sb, bias if bias is not None else sa)
+    tensors = (da, db, c, sa, sb, bias)
     if plan is None:
         plan = _plan(a, b, c, tensors, out_dtype, bias is not None, config)
         if config is None and not traced:
             _plans[key] = plan
-    plan.launcher(plan.grid, (*tensors, *plan.ints), plan.constexprs, plan.options, plan.static)
+    plan.launch(*tensors)
     return c
 
 
@@ -287,13 +339,15 @@ def _plan(a, b, c, tensors, out_dtype, has_bias: bool, config) -> _Plan:
             constexprs.setdefault("BLOCK_M", _narrow(m))
         constexprs["SWAP"] = swap
         constexprs["B_TILE_SCALE"] = b.block[1] % constexprs["BLOCK_N"] == 0
+        constexprs.setdefault("SPLIT_K", 1)
         constexprs = {**flags, **constexprs}
+        if constexprs["SPLIT_K"] > 1:
+            constexprs["HAS_BIAS"] = False  # the sum adds it, once
         return _Plan(_launcher, _grid(m, n, swap, constexprs), ints, constexprs, options,
-                     static_key(ints, constexprs, options))
+                     static_key(ints, constexprs, options), constexprs["SPLIT_K"])
 
     def launch(config):
-        plan = make(config)
-        plan.launcher(plan.grid, (*tensors, *plan.ints), plan.constexprs, plan.options, plan.static)
+        make(config).launch(*tensors)
 
     if config is None:
         config = _default_config(a.data.device, swap)
@@ -305,7 +359,7 @@ def _plan(a, b, c, tensors, out_dtype, has_bias: bool, config) -> _Plan:
             _tune_real(a, b, out_dtype, has_bias)
             config = _chosen[key]
         if config is None:
-            config = _chosen[key] = _tune(launch, _candidates(m, swap, scale_k))
+            config = _chosen[key] = _tune(launch, _candidates(m, n, k, swap, scale_k, a.data.device))
     return make(config)
 
 
@@ -334,10 +388,27 @@ def _kwargs(config: triton.Config) -> dict:
     return dict(config.kwargs, num_stages=config.num_stages, num_warps=config.num_warps)
 
 
-def _candidates(m: int, swap: bool, scale_k: int) -> list[dict]:
+def _candidates(m: int, n: int, k: int, swap: bool, scale_k: int, device) -> list[dict]:
     if swap:
-        return [_kwargs(c) for c in HOPPER_SWAP_CONFIGS if c.kwargs["BLOCK_M"] == _narrow(m)]
+        return [dict(_kwargs(c), SPLIT_K=split) for c in HOPPER_SWAP_CONFIGS if c.kwargs["BLOCK_M"] == _narrow(m)
+                for split in _splits(cdiv(n, c.kwargs["BLOCK_N"]), cdiv(k, 128), sm_count(device))]
     return [_kwargs(c) for c in HOPPER_CONFIGS if not (scale_k and _wide(c))]
+
+
+def _splits(tiles: int, steps: int, sms: int) -> list[int]:
+    """SPLIT_K values worth timing: 1, and the powers of two that bring `tiles` programs up to at
+    most two per SM while each split keeps at least MIN_SPLIT_STEPS K steps."""
+    splits, split = [1], 2
+    while tiles * split <= 2 * sms and steps // split >= MIN_SPLIT_STEPS:
+        splits.append(split)
+        split *= 2
+    return splits
+
+
+MIN_SPLIT_STEPS = 4  # K steps per split: at least the software pipeline's depth (4-6 stages)
+# A split adds a launch: 5-8 µs of host time on H200 hosts (docs/results/h200/host-layers.md),
+# which a host-bound eager decode step pays in full. A split is kept only if it saves more GPU time.
+SPLIT_COST_MS = 0.005
 
 
 def _tune(launch, candidates: list[dict]) -> dict:
@@ -348,6 +419,7 @@ def _tune(launch, candidates: list[dict]) -> dict:
             ms = triton.testing.do_bench(lambda: launch(config), warmup=5, rep=20)
         except triton.runtime.errors.OutOfResources:
             continue
+        ms += SPLIT_COST_MS if config.get("SPLIT_K", 1) > 1 else 0.0
         if ms < best_ms:
             best, best_ms = config, ms
     return best
@@ -355,7 +427,7 @@ def _tune(launch, candidates: list[dict]) -> dict:
 
 def _grid(m, n, swap, config):
     if swap:
-        return (cdiv(n, config["BLOCK_N"]), cdiv(m, config["BLOCK_M"]))
+        return (cdiv(n, config["BLOCK_N"]), cdiv(m, config["BLOCK_M"]), config["SPLIT_K"])
     return (cdiv(m, config["BLOCK_M"]) * cdiv(n, config["BLOCK_N"]),)
 
 
@@ -365,92 +437,3 @@ def _default_config(device: torch.device, swap: bool):
     if device_capability(device) == (9, 0):
         return "tuned"
     return DEFAULT_SWAP_CONFIG if swap else DEFAULT_CONFIG
-
-
-# --- plans ------------------------------------------------------------------------------------
-
-
-def kernel_for(problem) -> str:
-    """Which kernel `matmul` runs for a problem, for `explain` (an unaligned call may still take
-    the portable kernel instead of the Hopper one)."""
-    if _hopper_serves(problem):
-        return "hopper.py: warp-specialized Gluon block-scaled kernel (sm90, M > %d)" % SMALL_M
-    if problem.m <= SMALL_M:
-        return "matmul.py: portable scaled-mm kernel, operands swapped (M ≤ %d)" % SMALL_M
-    return "matmul.py: portable scaled-mm kernel"
-
-
-def _hopper_serves(p) -> bool:
-    """`_hopper_kernel` decided from the problem alone (pointer alignment aside)."""
-    if (interpreting() or p.m <= SMALL_M or _hopper_unavailable or p.capability != (9, 0)
-            or _hopper_module() is None):
-        return False
-    return (p.a_block == (1, 128) and p.b_block == (128, 128) and p.a_row_major and p.b_col_major
-            and p.a_dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and p.b_dtype in (torch.float8_e4m3fn,
-                                                                                      torch.float8_e5m2)
-            and p.k % 16 == 0 and (p.n * p.out_dtype.itemsize) % 16 == 0)
-
-
-def plan(problem):
-    """A runner for every call of `problem` whose shapes, strides, dtypes and bias the caller's key
-    fixes: the first call chooses, tunes and compiles as `matmul` does; later calls allocate the
-    output and launch the same compiled kernel directly."""
-    kernel = kernel_for(problem)
-    # Under torch.compile the portable kernel is a graph node (Inductor launches it); the Gluon
-    # kernel and the interpreter are not traceable, so their calls stay opaque (fp8dispatch/ops.py).
-    traced = None if interpreting() or _hopper_serves(problem) else matmul
-    if problem.device.type != "cuda":
-        def run(a, b, out_dtype, bias=None):
-            return matmul(a, b, out_dtype, bias)
-        run.kernel, run.traced = kernel, traced
-        return run
-    bound = None
-
-    def run(a, b, out_dtype, bias=None):
-        nonlocal bound
-        if bound:
-            try:
-                out = bound(a, b, bias)
-            except TypeError:  # this Triton's launcher takes its arguments otherwise: never again
-                bound = False
-            else:
-                if out is not None:
-                    return out
-        out = matmul(a, b, out_dtype, bias)
-        if bound is None:
-            bound = _bind(a, b, out, bias)
-        return out
-
-    run.kernel, run.traced = kernel, traced
-    return run
-
-
-def _bind(a, b, c, bias):
-    """`(a, b, bias) -> c` launching the kernel `matmul` just ran for these operands, or None."""
-    da, db, sa, sb = a.data, b.data, a.scale, b.scale
-    key = (da.shape, db.shape, da.stride(), db.stride(), sa.stride(), sb.stride(), a.block, b.block,
-           da.dtype, db.dtype, c.dtype, bias is None, da.device)
-    chosen = _plans.get(key)
-    if chosen is None:
-        return None
-    if not isinstance(chosen, _Plan):
-        return _hopper_module().bind(a, b, c, bias)
-    found = chosen.launcher.bound(da)
-    if found is None:
-        return None
-    (g0, g1, g2), launch, function, packed, args, tail = found
-    ints, has_bias = args[6:], bias is not None
-    shape, out_dtype, device, index = tuple(c.shape), c.dtype, da.device, da.device.index
-    stream = raw_stream
-
-    def run(a, b, bias):
-        pa, pb, psa, psb = a.data.data_ptr(), b.data.data_ptr(), a.scale.data_ptr(), b.scale.data_ptr()
-        pbias = bias.data_ptr() if has_bias else psa
-        if (pa | pb | psa | psb | pbias) & 15 or listening():
-            return None
-        out = torch.empty(shape, dtype=out_dtype, device=device)
-        launch(g0, g1, g2, stream(index), function, packed, None, None, None, pa, pb, out.data_ptr(), psa, psb,
-               pbias, *ints, *tail)
-        return out
-
-    return run

@@ -29,7 +29,7 @@ from fp8dispatch.blocks import cdiv, scale_shape
 from fp8dispatch.errors import Fp8ValueError
 from fp8dispatch.formats import fp8_format
 
-from .launch import Launcher, listening, raw_stream
+from .launch import Direct, Launcher, listening, raw_stream
 from .scaling import finite_abs, saturating_cast, scale_from_amax
 from .interpreter import active as interpreting
 from .tiles import TILE, next_pow2, num_warps_for, sm_count, wide_groups_plan
@@ -440,6 +440,7 @@ def plan(problem):
         return out
 
     run.kernel, run.traced = kernel, traced
+    run.direct = lambda: bound.direct if bound else None  # once bound: the kernel on raw pointers
     return run
 
 
@@ -466,4 +467,8 @@ def _bind(launcher: Launcher, x, out):
                *ints, scale_ub or 0.0, *tail)
         return data, s
 
+    def launch_into(px, pdata, pscale):  # x's groups into memory the caller owns (16-byte aligned)
+        launch(g0, g1, g2, stream(index), function, packed, None, None, None, px, pdata, pscale, *ints, 0.0, *tail)
+
+    run.direct = Direct(launch_into, (out[0].nbytes, out[1].nbytes))
     return run
