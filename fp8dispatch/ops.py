@@ -317,6 +317,8 @@ def matmul(
     """`fp8dispatch.matmul` as an op. An FP8 operand comes as (uint8 bits, its FP8 dtype, scale, block);
     a high-precision one as (tensor, None, None, None)."""
     a, b = _operand(a, a_fp8, a_scale, a_block), _operand(b, b_fp8, b_scale, b_block)
+    if bias is not None and not bias.is_contiguous():  # kernels read the bias as a contiguous vector
+        bias = bias.contiguous()
     plan = _planned(lambda a, b, bias: planning.plan_matmul(a, b, recipe=recipe, out_dtype=out_dtype, bias=bias,
                                                           backend=backend),
                     _spec(a, True), _spec(b, False), _spec(bias, False))

@@ -319,7 +319,13 @@ def plan_matmul(a, b, *, recipe: str | None = None, out_dtype: torch.dtype = tor
                       and hasattr(quantize_a.step, "direct") and hasattr(mm, "direct"))
     if one_allocation:
         run = direct.linear_runner(quantize_a.step, mm, out_shape, out_dtype, run)
+    if bias is not None and not bias.is_contiguous():  # kernels read the bias as a contiguous vector
+        run = _contiguous_bias(run)
     return MatmulPlan(run, routed, quantize_a, quantize_b, one_allocation)
+
+
+def _contiguous_bias(run: Callable) -> Callable:
+    return lambda a, b, bias: run(a, b, bias.contiguous())
 
 
 def _matmul_runner(mm, qa: QuantizePlan | None, qb: QuantizePlan | None, flatten: bool, m: int, out_shape,

@@ -355,3 +355,25 @@ def test_bad_log_level_is_a_typed_error(sandbox, level):
 def test_good_log_level_is_accepted(sandbox):
     sandbox.env(FP8DISPATCH_LOG="info")
     assert fd.quantize(randn(2, 256), "group").data.shape == (2, 256)
+
+
+@pytest.mark.parametrize("backend", [b.name for b in registry.all_backends() if b.matmul is not None])
+def test_a_strided_bias_adds_the_same_values_as_its_contiguous_copy(backend):
+    """Kernels read the bias as a contiguous vector: a strided one (every other element of a
+    longer vector) must still add its own values, eagerly and compiled."""
+    if registry.probe_result(backend) is not None:
+        pytest.skip(f"{backend} cannot run here: {registry.probe_result(backend)}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    w = fd.quantize(torch.randn(64, 256, device=device).bfloat16(), "block", backend="reference")
+    x = torch.randn(3, 256, device=device).bfloat16()
+    bias = torch.randn(128, device=device).bfloat16()[::2]
+    try:
+        want = fd.linear(x, w, bias.contiguous(), backend=backend)
+    except fd.Unsupported as e:
+        pytest.skip(f"{backend} cannot run this case: {str(e).splitlines()[-1]}")
+    for _ in range(2):  # the plan's first call, then its bound runner
+        assert torch.equal(fd.linear(x, w, bias, backend=backend), want)
+    compiled = torch.compile(lambda x, bias: fd.linear(x, w, bias, backend=backend), backend="aot_eager",
+                             fullgraph=True)
+    assert torch.equal(compiled(x, bias), want)
+
