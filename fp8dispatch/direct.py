@@ -26,7 +26,8 @@ import torch
 _ALIGN = 256  # the caching allocator's own granularity; more than the kernels' 16 bytes
 
 
-def _aligned(n: int) -> int:
+def aligned(n: int) -> int:
+    """`n` bytes rounded up to where the next part of a shared allocation starts."""
     return -(-n // _ALIGN) * _ALIGN
 
 
@@ -58,9 +59,9 @@ def _bind(quantize_step, mm, out_shape, out_dtype, device) -> Callable | None:
         return None
     data_bytes, scale_bytes = quantize.sizes
     out_bytes, *scratch = gemm.sizes
-    at_data = _aligned(out_bytes)
-    at_scale = at_data + _aligned(data_bytes)
-    at_scratch = at_scale + _aligned(scale_bytes)
+    at_data = aligned(out_bytes)
+    at_scale = at_data + aligned(data_bytes)
+    at_scratch = at_scale + aligned(scale_bytes)
     total = at_scratch + (scratch[0] if scratch else 0)
     elements = -(-total // out_dtype.itemsize)
     quantize_into, gemm_into, listening = quantize.launch, gemm.launch, quantize.listening

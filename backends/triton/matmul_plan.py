@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from fp8dispatch.direct import aligned
+
 from .interpreter import active as interpreting
 from .launch import Direct, listening, raw_stream
 from . import matmul as portable
@@ -110,29 +112,23 @@ def _bind(a, b, c, bias):
         sum_launch(s0, s1, s2, s, sum_function, sum_packed, None, None, None, pout, pparts,
                    pbias if has_bias else pparts, *sum_ints, *sum_tail)
 
-    if split == 1:
-        def run(a, b, bias):
-            pa, pb, psa, psb = a.data.data_ptr(), b.data.data_ptr(), a.scale.data_ptr(), b.scale.data_ptr()
-            pbias = bias.data_ptr() if has_bias else psa
-            if (pa | pb | psa | psb | pbias) & 15 or listening():
-                return None
+    at_parts = aligned(out_bytes)  # a split's partial sums, behind the output in the same allocation
+    elements = -(-(at_parts + sizes[-1]) // out_dtype.itemsize)
+
+    def run(a, b, bias):
+        pa, pb, psa, psb = a.data.data_ptr(), b.data.data_ptr(), a.scale.data_ptr(), b.scale.data_ptr()
+        pbias = bias.data_ptr() if has_bias else psa
+        if (pa | pb | psa | psb | pbias) & 15 or listening():
+            return None
+        if split == 1:
             out = torch.empty(shape, dtype=out_dtype, device=device)
             launch(g0, g1, g2, stream(index), function, packed, None, None, None, pa, pb, out.data_ptr(), psa, psb,
                    pbias, *ints, *tail)
             return out
-    else:
-        at_parts = -(-out_bytes // 256) * 256  # the partial sums behind the output, in one allocation
-        elements = -(-(at_parts + sizes[1]) // out_dtype.itemsize)
-
-        def run(a, b, bias):
-            pa, pb, psa, psb = a.data.data_ptr(), b.data.data_ptr(), a.scale.data_ptr(), b.scale.data_ptr()
-            pbias = bias.data_ptr() if has_bias else psa
-            if (pa | pb | psa | psb | pbias) & 15 or listening():
-                return None
-            out = torch.empty(elements, dtype=out_dtype, device=device)
-            base = out.data_ptr()
-            launch_into(pa, pb, psa, psb, pbias, base, base + at_parts)
-            return out.resize_(shape)
+        out = torch.empty(elements, dtype=out_dtype, device=device)
+        base = out.data_ptr()
+        launch_into(pa, pb, psa, psb, pbias, base, base + at_parts)
+        return out.resize_(shape)
 
     run.direct = Direct(launch_into, sizes)
     return run
