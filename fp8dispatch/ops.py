@@ -11,9 +11,10 @@ function, so the graph Inductor compiles holds the backend's own ops: `torch._sc
 itself, the reference's torch ops. No call re-enters the public API at run time.
 
 A step a trace cannot look into (the Gluon Hopper kernel, the Triton interpreter on CPU, a backend
-that declares no traceable op, a user scale whose values must be read) becomes one opaque op,
-`fp8dispatch::run_quantize / run_dequantize / run_matmul`, which runs the cached plan of the
-backend chosen while tracing. An `Fp8Tensor` crosses an op boundary as `(uint8 bits, FP8 dtype,
+that declares no traceable op, a user scale whose values must be read), and a decode linear whose
+plan launches both its kernels into one allocation (cheaper on the host than Inductor's launches),
+becomes one opaque op, `fp8dispatch::run_quantize / run_dequantize / run_matmul`, which runs the
+cached plan of the backend chosen while tracing. An `Fp8Tensor` crosses an op boundary as `(uint8 bits, FP8 dtype,
 scale, block)`; it is also a pytree node, so compiled functions may take and return it.
 """
 
@@ -327,7 +328,7 @@ def matmul(
     if plan.one_allocation and opaque_when_direct:
         # A decode-sized linear whose quantize and GEMM launch directly into one allocation: one
         # opaque op running that plan costs less host time than the two kernels as graph nodes
-        # (Inductor's launch of a Triton kernel: 15-25 µs on an H200's host, the direct one 7-8 µs,
+        # (Inductor's launch of a Triton kernel: 15-28 µs on an H200's host, the direct one 5-7 µs,
         # plus one allocation instead of three; docs/results/h200/model.md).
         return torch.ops.fp8dispatch.run_matmul(a, None, None, None, *_parts("b", b), None, out_dtype, bias,
                                                 plan.routed.backend)
