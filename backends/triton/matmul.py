@@ -391,7 +391,7 @@ def _kwargs(config: triton.Config) -> dict:
 def _candidates(m: int, n: int, k: int, swap: bool, scale_k: int, device) -> list[dict]:
     if swap:
         return [dict(_kwargs(c), SPLIT_K=split) for c in HOPPER_SWAP_CONFIGS if c.kwargs["BLOCK_M"] == _narrow(m)
-                for split in _splits(cdiv(n, c.kwargs["BLOCK_N"]), cdiv(k, 128), sm_count(device))]
+                for split in _splits(cdiv(n, c.kwargs["BLOCK_N"]), cdiv(k, block_k_for(scale_k)), sm_count(device))]
     return [_kwargs(c) for c in HOPPER_CONFIGS if not (scale_k and _wide(c))]
 
 

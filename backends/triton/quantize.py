@@ -440,7 +440,8 @@ def plan(problem):
         return out
 
     run.kernel, run.traced = kernel, traced
-    run.direct = lambda: bound.direct if bound else None  # once bound: the kernel on raw pointers
+    if not problem.scale_ub:  # once bound, the kernel on raw pointers (its direct launch passes no scale_ub)
+        run.direct = lambda: bound.direct if bound else None
     return run
 
 
