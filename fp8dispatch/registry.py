@@ -308,9 +308,14 @@ def probed(name: str) -> object:
         return _probes[name]
     except KeyError:
         pass
+    from torch.utils._python_dispatch import _disable_current_modes
+
     backend = get_backend(name)
     try:
-        result = backend.probe()
+        # Outside any trace's modes: a first call under torch.compile plans on fake tensors, and a
+        # probe's self-test run on fakes proves nothing (it could refuse a backend for the process).
+        with _disable_current_modes():
+            result = backend.probe()
     except Exception as e:  # a probe that raises is a backend that cannot serve
         result = f"probe raised {type(e).__name__}: {e}"
     _probes[name] = result

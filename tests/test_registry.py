@@ -89,6 +89,32 @@ def test_probe_runs_once_and_a_raising_probe_is_a_reason(sandbox):
     assert calls.count("probe") == 1
 
 
+def test_a_probe_first_reached_while_compiling_runs_on_real_tensors(sandbox):
+    """The first call may come under torch.compile, which plans on fake tensors; a probe's
+    self-test run on fakes would prove nothing (and the finding is kept for the process), so
+    probes run outside the trace's modes. Compiling first must route as eager does."""
+    from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
+
+    seen = []
+
+    def probe():
+        t = torch.ones(2)
+        seen.append(is_fake(t))
+        return "self-test ran on a fake tensor" if is_fake(t) else None
+
+    fp8dispatch.register_backend(Backend("selftest", probe, lambda op, p, found: [],
+                                         quantize=counting_backend("q", []).quantize, priority=500))
+    x = torch.randn(4, 64)
+    compiled = torch.compile(lambda x: fp8dispatch.quantize(x, "group"), fullgraph=True, backend="aot_eager")
+    compiled(x)  # no eager call before: the probe's first run happens while tracing
+    assert seen == [False]
+    assert "chosen: selftest" in fp8dispatch.explain("quantize", x, "group")
+    with FakeTensorMode():
+        fp8dispatch.register_backend(Backend("selftest2", probe, lambda op, p, found: []))
+        assert registry.probed("selftest2") is None
+    assert seen == [False, False]
+
+
 def test_decisions_are_cached_per_problem_until_refresh(sandbox):
     calls = []
     fp8dispatch.register_backend(counting_backend("counted", calls))
