@@ -11,11 +11,13 @@ function, so the graph Inductor compiles holds the backend's own ops: `torch._sc
 itself, the reference's torch ops. No call re-enters the public API at run time.
 
 A step a trace cannot look into (the Gluon Hopper kernel, the Triton interpreter on CPU, a backend
-that declares no traceable op, a user scale whose values must be read), and a decode linear whose
-plan launches both its kernels into one allocation (cheaper on the host than Inductor's launches),
-becomes one opaque op, `fp8dispatch::run_quantize / run_dequantize / run_matmul`, which runs the
-cached plan of the backend chosen while tracing. An `Fp8Tensor` crosses an op boundary as `(uint8 bits, FP8 dtype,
-scale, block)`; it is also a pytree node, so compiled functions may take and return it.
+that declares no traceable op, a user scale whose values must be read) becomes one opaque op,
+`fp8dispatch::run_quantize / run_dequantize / run_matmul`, which runs the cached plan of the backend
+chosen while tracing. A linear whose activation quantize is a bound kernel and whose GEMM is opaque
+anyway or shares its allocation runs whole as one `fp8dispatch::run_linear` (`_whole_linear`): its
+plan's own launches cost the host less than Inductor's. An `Fp8Tensor` crosses an op boundary as
+`(uint8 bits, FP8 dtype, scale, block)`; it is also a pytree node, so compiled functions may take and
+return it.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch.library import triton_op
 
-from fp8dispatch import planning, registry
+from fp8dispatch import planning, registry, tracing
 from fp8dispatch.blocks import block_for, scale_shape
 from fp8dispatch.errors import Fp8TypeError, Fp8ValueError
 from fp8dispatch.tensor import Fp8Tensor
@@ -86,121 +88,6 @@ def _opaque(fake: Callable):
     return define
 
 
-# --- planning while tracing -------------------------------------------------------------------
-
-
-def _size(n, exact: bool) -> int:
-    """A size as an int. A symbolic one gives its example value, after a guard that keeps the graph
-    to sizes the same plan serves: that value exactly, or (for M) its power-of-two bucket."""
-    if isinstance(n, int):
-        return n
-    h = n.node.hint
-    if exact:
-        ok = n == h
-    else:
-        hi = 1 << max(h - 1, 0).bit_length()
-        ok = (hi // 2 < n) & (n <= hi) if hi > 1 else n <= 1
-    if not ok:  # evaluating the condition is what installs the guard
-        raise AssertionError(f"size {n} left the range its example {h} set")
-    return h
-
-
-class _Spec:
-    """A tensor's planning stand-in, taken outside the trace: its example sizes (see `_size`)."""
-
-    def __init__(self, t: torch.Tensor, rows_bucketed: bool):
-        sizes = tuple(t.shape)
-        if rows_bucketed and len(sizes) >= 2:
-            rows = 1
-            for d in sizes[:-1]:
-                rows = rows * d
-            _size(rows, exact=False)
-            sizes = tuple(_hint(d) for d in sizes[:-1]) + (_size(sizes[-1], exact=True),)
-        else:
-            sizes = tuple(_size(d, exact=True) for d in sizes)
-        self.sizes, self.strides = sizes, tuple(_hint(s) for s in t.stride())
-        self.dtype, self.device = t.dtype, t.device
-
-    def tensor(self) -> torch.Tensor:
-        return torch.empty_strided(self.sizes, self.strides, dtype=self.dtype, device=self.device)
-
-
-def _hint(n) -> int:
-    return n if isinstance(n, int) else n.node.hint
-
-
-def _spec(t, rows_bucketed: bool):
-    if t is None:
-        return None
-    if isinstance(t, Fp8Tensor):
-        return (_Spec(t.data, rows_bucketed), _Spec(t.scale, rows_bucketed), t.block)
-    return _Spec(t, rows_bucketed)
-
-
-def _stand_in(spec):
-    if spec is None:
-        return None
-    if isinstance(spec, tuple):
-        return Fp8Tensor._trusted(spec[0].tensor(), spec[1].tensor(), spec[2])
-    return spec.tensor()
-
-
-def _planned(plan, *specs, **options):
-    """`plan(*stand-ins, **options)`, run on memory-less stand-ins of the traced tensors, outside the
-    trace's modes, so planning records nothing in the graph."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils._python_dispatch import _disable_current_modes
-
-    with _disable_current_modes(), FakeTensorMode():
-        return plan(*(_stand_in(s) for s in specs), **options)
-
-
-def _traced(routed, *args) -> Callable | None:
-    """The backend's function to trace for a routed step called on `args`, or None when the step
-    must stay opaque."""
-    run = routed.run
-    traced = getattr(run, "traced", run)
-    if traced is run:
-        if routed.problem.op not in registry.get_backend(routed.backend).traceable:
-            return None
-        if not _runs_on_fakes(routed, traced, args):
-            return None
-    return traced
-
-
-_RUNS_ON_FAKES: dict = {}  # (backend, problem) -> bool; a re-registered backend is tried afresh
-registry._refresh_hooks.append(_RUNS_ON_FAKES.clear)
-
-
-def _runs_on_fakes(routed, step, args) -> bool:
-    """Whether a library step runs on fake tensors, tried once per problem outside the trace. A
-    library op registered without a fake kernel cannot enter a graph (fbgemm-gpu-genai 1.6's
-    f8f8bf16_groupwise: "Operator does not support running with fake tensors"), so its step stays
-    one opaque op instead of failing the compile."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils._python_dispatch import _disable_current_modes
-
-    key = (routed.backend, routed.problem)
-    if key not in _RUNS_ON_FAKES:
-        try:
-            with _disable_current_modes(), FakeTensorMode():
-                step(*map(_example, args))
-            _RUNS_ON_FAKES[key] = True
-        except Exception:  # any failure on fakes: the opaque op runs the same step on real tensors
-            _RUNS_ON_FAKES[key] = False
-    return _RUNS_ON_FAKES[key]
-
-
-def _example(t):
-    """A traced tensor's memory-less copy at its example sizes, installing no guard (see `_size`)."""
-    if isinstance(t, Fp8Tensor):
-        return Fp8Tensor._trusted(_example(t.data), _example(t.scale), t.block)
-    if isinstance(t, torch.Tensor):
-        return torch.empty_strided(tuple(map(_hint, t.shape)), tuple(map(_hint, t.stride())), dtype=t.dtype,
-                                   device=t.device)
-    return t
-
-
 # --- quantize -------------------------------------------------------------------------------
 
 
@@ -213,12 +100,13 @@ def quantize(
     """`fp8dispatch.quantize` as an op: returns (data in x's shape, 2-D fp32 scale). `routing` is
     `registry.fingerprint()` while tracing: the graph, and the caches keyed by it, change with it."""
     block = _block_arg(block_size)
-    plan = _planned(planning.plan_quantize, _spec(x, True), granularity=granularity, dtype=dtype, block_size=block,
-                    scale=scale, scale_ub=scale_ub, pow2_scale=pow2_scale, overflow=overflow, backend=backend)
+    plan = tracing.planned(planning.plan_quantize, tracing.spec(x, True), granularity=granularity, dtype=dtype,
+                           block_size=block, scale=scale, scale_ub=scale_ub, pow2_scale=pow2_scale, overflow=overflow,
+                           backend=backend)
     routed = plan.routed
     x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     args = (x2d, plan.block, dtype, None, scale_ub, pow2_scale)
-    step = _traced(routed, *args) if routed.problem is not None and scale is None else None
+    step = tracing.traced(routed, *args) if routed.problem is not None and scale is None else None
     if step is None:
         return torch.ops.fp8dispatch.run_quantize(x, granularity, dtype, block_size, scale, scale_ub, pow2_scale,
                                                   overflow, routed.backend or backend)
@@ -272,10 +160,10 @@ def dequantize(bits: torch.Tensor, fp8_dtype: torch.dtype, scale: torch.Tensor, 
                dtype: torch.dtype, backend: str, routing: str = "") -> torch.Tensor:
     """`fp8dispatch.dequantize` as an op on an Fp8Tensor's parts (its data as uint8 bits)."""
     t = Fp8Tensor(bits.view(fp8_dtype), scale, (block[0], block[1]))
-    plan = _planned(planning.plan_dequantize, _spec(t, True), dtype=dtype, backend=backend)
+    plan = tracing.planned(planning.plan_dequantize, tracing.spec(t, True), dtype=dtype, backend=backend)
     data = t.data if t.data.dim() == 2 else t.data.reshape(-1, t.data.shape[-1])
     args = (data, scale, t.block, dtype)
-    step = _traced(plan.routed, *args) if plan.problem is not None else None
+    step = tracing.traced(plan.routed, *args) if plan.problem is not None else None
     if step is None:
         return torch.ops.fp8dispatch.run_dequantize(bits, fp8_dtype, scale, block, dtype,
                                                     plan.routed.backend or backend)
@@ -320,18 +208,14 @@ def matmul(
     a, b = _operand(a, a_fp8, a_scale, a_block), _operand(b, b_fp8, b_scale, b_block)
     if bias is not None and not bias.is_contiguous():  # kernels read the bias as a contiguous vector
         bias = bias.contiguous()
-    plan = _planned(lambda a, b, bias: planning.plan_matmul(a, b, recipe=recipe, out_dtype=out_dtype, bias=bias,
-                                                          backend=backend),
-                    _spec(a, True), _spec(b, False), _spec(bias, False))
+    plan = tracing.planned(lambda a, b, bias: planning.plan_matmul(a, b, recipe=recipe, out_dtype=out_dtype, bias=bias,
+                                                                   backend=backend),
+                           tracing.spec(a, True), tracing.spec(b, False), tracing.spec(bias, False))
     if plan.problem is None:  # an empty product: zeros (plus bias)
         return plan.run(a, b, bias)
-    if plan.one_allocation and opaque_when_direct:
-        # A decode-sized linear whose quantize and GEMM launch directly into one allocation: one
-        # opaque op running that plan costs less host time than the two kernels as graph nodes
-        # (Inductor's launch of a Triton kernel: 15-28 µs on an H200's host, the direct one 5-7 µs,
-        # plus one allocation instead of three; docs/results/h200/model.md).
-        return torch.ops.fp8dispatch.run_matmul(a, None, None, None, *_parts("b", b), None, out_dtype, bias,
-                                                plan.routed.backend)
+    if _whole_linear(plan, b):
+        return torch.ops.fp8dispatch.run_linear(a, _bits(b.data), b.scale, bias,
+                                                _linear_spec(b, recipe, out_dtype, plan.routed.backend))
     k, n = b.shape
     lead = a.shape[:-1]
     if plan.quantize_a is not None:
@@ -341,7 +225,7 @@ def matmul(
     if plan.quantize_b is not None:
         t = _quantize_step(plan.quantize_b, b.t())
         b = Fp8Tensor._trusted(t.data.t(), t.scale.t(), (t.block[1], t.block[0]))
-    step = _traced(plan.routed, a, b, out_dtype, bias)
+    step = tracing.traced(plan.routed, a, b, out_dtype, bias)
     if step is None:
         out = torch.ops.fp8dispatch.run_matmul(*_parts("a", a), *_parts("b", b), None, out_dtype, bias,
                                                plan.routed.backend)
@@ -352,7 +236,7 @@ def matmul(
 
 def _quantize_step(q, x2d) -> Fp8Tensor:
     args = (x2d, q.block, _E4M3, None, None, False)
-    step = _traced(q.routed, *args)
+    step = tracing.traced(q.routed, *args)
     if step is None:
         data, s = torch.ops.fp8dispatch.run_quantize(x2d, "block", _E4M3, list(q.block), None, None, False,
                                                      "saturate", q.routed.backend)
@@ -383,6 +267,70 @@ def run_matmul(
                            lambda: planning.plan_matmul(a_, b_, recipe=recipe, out_dtype=out_dtype, bias=bias,
                                                         backend=backend))
     return run(a_, b_, bias).contiguous()  # the fake's layout
+
+
+def _whole_linear(plan, b) -> bool:
+    """Whether `linear(x, w)` enters the graph as one opaque `run_linear` op running its eager plan
+    rather than as its two steps. Inductor's launch of a Triton kernel costs 15-28 µs of host time
+    on an H200's host where the plan's bound launch costs 5-7 (docs/results/h200/model.md), so a
+    linear whose activation quantize is a bound kernel (its step offers `direct`) runs whole when
+    its GEMM is one opaque op anyway (the Gluon kernel, a library op without a fake kernel) or when
+    both steps launch into one allocation. A quantize Inductor compiles itself (plain torch ops)
+    stays in the graph, where it can fuse with the ops before it."""
+    qa = plan.quantize_a
+    if qa is None or plan.quantize_b is not None or not isinstance(b, Fp8Tensor):
+        return False
+    if plan.one_allocation:
+        return opaque_when_direct
+    if not hasattr(qa.step, "direct"):
+        return False
+    p = plan.problem
+    with tracing.fakes():
+        a = Fp8Tensor._trusted(torch.empty(p.m, p.k, dtype=p.a_dtype, device=p.device),
+                               torch.empty(scale_shape((p.m, p.k), p.a_block), device=p.device), p.a_block)
+    return tracing.traced(plan.routed, a, b, p.out_dtype, None) is None
+
+
+def _linear_spec(w: Fp8Tensor, recipe: str | None, out_dtype: torch.dtype, backend: str) -> str:
+    """`run_linear`'s static arguments in one string (cheaper to pass and look up than five; a
+    graph reloaded from torch.compile's caches in a new process still carries all of it)."""
+    return f"{_name(w.data.dtype)}:{w.block[0]}x{w.block[1]}:{recipe or ''}:{_name(out_dtype)}:{backend}"
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+_LINEARS: dict[str, tuple] = {}  # spec -> (FP8 dtype, block, recipe, out dtype, backend, runs by operand key)
+registry._refresh_hooks.append(_LINEARS.clear)
+
+
+def _linear_fake(x, w, w_scale, bias, spec):
+    return x.new_empty((*x.shape[:-1], w.shape[1]), dtype=getattr(torch, spec.split(":")[3]))
+
+
+@_opaque(fake=_linear_fake)
+def run_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
+               spec: str) -> torch.Tensor:
+    """`x @ w` for a high-precision x [..., K] and an FP8 weight given as its uint8 bits [K, N] and
+    scales, run by the eager plan of the backend chosen while tracing (`spec`, `_linear_spec`), as
+    one opaque step. Its key holds everything the plan checked of the operands."""
+    held = _LINEARS.get(spec)
+    if held is None:
+        fp8, block, recipe, out_dtype, backend = spec.split(":")
+        rows, cols = block.split("x")
+        held = _LINEARS[spec] = (getattr(torch, fp8), (int(rows), int(cols)), recipe or None, getattr(torch, out_dtype),
+                                 backend, {})
+    fp8, block, recipe, out_dtype, backend, runs = held
+    key = (x.dtype, x.shape, x.device, x.stride(), w.dtype, w.shape, w.device, w.stride(), w_scale.dtype,
+           w_scale.shape, w_scale.device, w_scale.stride(),
+           None if bias is None else (bias.dtype, bias.shape, bias.device, bias.stride()))
+    run = runs.get(key)
+    if run is None:
+        wt = Fp8Tensor(w.view(fp8), w_scale, block)  # checked once, at the first call of this key
+        run = runs[key] = planning.plan_matmul(x, wt, recipe=recipe, out_dtype=out_dtype, bias=bias,
+                                               backend=backend).run
+    return run(x, Fp8Tensor._trusted(w.view(fp8), w_scale, block), bias).contiguous()  # the fake's layout
 
 
 def _operand(t, fp8_dtype, scale, block, trusted: bool = False):

@@ -223,13 +223,13 @@ def test_triton_steps_in_a_compiled_graph(sandbox):
     if interpreted:
         assert "fp8dispatch.run_quantize" in code and "fp8dispatch.run_matmul" in code
     else:  # M = 4: the one-allocation plan, one opaque op (test below)
-        assert "fp8dispatch.run_matmul" in code and "fp8dispatch.run_quantize" not in code
+        assert "fp8dispatch.run_linear" in code and "fp8dispatch.run_quantize" not in code
     assert "fp8dispatch.matmul.default" not in code
 
 
 def test_a_one_allocation_linear_compiles_to_one_op_running_its_plan(sandbox):
     """Where a linear's quantize and GEMM launch directly into one allocation (their runners offer
-    `direct`, as the triton backend's do on a GPU at decode sizes), the graph holds one `run_matmul`
+    `direct`, as the triton backend's do on a GPU at decode sizes), the graph holds one `run_linear`
     op on the high-precision x that runs that plan: no quantize in the graph, eager's bits."""
     from fp8dispatch.backends import reference
 
@@ -247,7 +247,52 @@ def test_a_one_allocation_linear_compiles_to_one_op_running_its_plan(sandbox):
     assert fp8dispatch.planning.plan_linear(x, w).one_allocation
     assert fp8dispatch.planning.ONE_ALLOCATION in fp8dispatch.explain("linear", x, w)
     code = _compiled_linear_code()
-    assert "fp8dispatch.run_matmul" in code and "amax" not in code and "fp8dispatch.run_quantize" not in code
+    assert "fp8dispatch.run_linear" in code and "amax" not in code
+    assert "fp8dispatch.run_quantize" not in code and "fp8dispatch.run_matmul" not in code
+
+
+def test_a_linear_whose_gemm_is_opaque_and_quantize_is_a_bound_kernel_runs_whole(sandbox):
+    """A GEMM no trace can look into is one opaque op anyway; when the activation quantize before it
+    is a bound kernel (its step offers `direct`, Inductor would launch it at a higher host cost than
+    the plan does), the whole linear is one `run_linear` op: eager's bits, no quantize node."""
+    from fp8dispatch.backends import reference
+
+    def plan(op, problem):
+        def run(*args):
+            return getattr(reference, op)(*args)
+        if op == "quantize":
+            run.direct = lambda: None
+        return run
+
+    fp8dispatch.register_backend(fp8dispatch.Backend(
+        name="boundq", probe=lambda: None, why_not=lambda op, problem, found: [], quantize=reference.quantize,
+        matmul=reference.matmul, plan=plan, traceable=frozenset({"quantize"})))
+    sandbox.env(FP8DISPATCH_BACKEND="boundq")
+    x, w = _randn(4, 256, dtype=torch.bfloat16), _q(_randn(64, 256), "block")
+    assert not fp8dispatch.planning.plan_linear(x, w).one_allocation
+    code = _compiled_linear_code()
+    assert "fp8dispatch.run_linear" in code and "amax" not in code
+    assert "fp8dispatch.run_quantize" not in code and "fp8dispatch.run_matmul" not in code
+
+
+def test_run_linear_replans_for_operands_its_plans_did_not_check():
+    """`run_linear` keys its plans by every operand's dtype, shape, strides and device, so a call on
+    other operands (here a strided x, then a 3-d one, then a bias) is planned afresh and gives the
+    eager bits; its static arguments travel as one string, read again after the cache is dropped."""
+    w = _q(_randn(64, 256), "block")
+    wt = w.t()
+    spec = ops._linear_spec(wt, None, torch.bfloat16, "reference")
+    bias = _randn(64, dtype=torch.bfloat16)
+    wide = _randn(4, 512, dtype=torch.bfloat16)
+    cases = [(_randn(4, 256, dtype=torch.bfloat16), None), (wide[:, ::2], None),
+             (_randn(2, 3, 256, dtype=torch.bfloat16), None), (_randn(4, 256, dtype=torch.bfloat16), bias)]
+    for clear in (False, True):
+        if clear:
+            ops._LINEARS.clear()
+        for x, b in cases:
+            got = ops.run_linear(x, wt.data.view(torch.uint8), wt.scale, b, spec)
+            assert torch.equal(got, fp8dispatch.linear(x, w, b, backend="reference"))
+    torch.library.opcheck(ops.run_linear, (cases[0][0], wt.data.view(torch.uint8), wt.scale, bias, spec))
 
 
 @torch.library.custom_op("fp8dispatch_tests::no_fake_copy", mutates_args=())

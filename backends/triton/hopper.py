@@ -279,7 +279,7 @@ last: list = []
 
 def bind(a, b, c, bias):
     """`(a, b, bias) -> c` for later calls of the shapes `matmul` just ran: the compiled kernel
-    launched directly, the weight's descriptor kept while the weight is the same tensor."""
+    launched directly, the weight's descriptor kept while the weight's address is the same."""
     if not last or last[0] != id(a.data):
         return None
     _, (g0, g1, g2), (kernel, tail), ints = last
@@ -293,18 +293,22 @@ def bind(a, b, c, bias):
     has_bias = bias is not None
     a_layout, b_layout, c_layout = (_layout(a.data.dtype, HALF, BLOCK_K), _layout(b.data.dtype, BLOCK_N, BLOCK_K),
                                     _layout(out_dtype, HALF, BLOCK_N))
-    weights = [None, None]  # the weight tensor [K, N] view last seen, and its descriptor
+    # The weight's address last seen, and its descriptor: a descriptor holds only the address, shape
+    # and strides, and the plan's key fixed the last two, so any view of the same memory reuses it
+    # (a compiled graph hands over a fresh view object on every call).
+    weights = [None, None]
     stream = raw_stream
 
     def run(a, b, bias):
         da, sa, sb = a.data, a.scale, b.scale
         bias = bias if has_bias else no_bias
-        pointers = da.data_ptr() | b.data.data_ptr() | sa.data_ptr() | sb.data_ptr() | bias.data_ptr()
+        at = b.data.data_ptr()
+        pointers = da.data_ptr() | at | sa.data_ptr() | sb.data_ptr() | bias.data_ptr()
         if pointers & 15 or listening():
             return None
-        if weights[0] is not b.data:
+        if weights[0] != at:
             weight = b.data.t()
-            weights[:] = [b.data, _descriptor(weight, [n, k], [weight.stride(0), 1], [BLOCK_N, BLOCK_K], b_layout)]
+            weights[:] = [at, _descriptor(weight, [n, k], [weight.stride(0), 1], [BLOCK_N, BLOCK_K], b_layout)]
         out = torch.empty((m, n), dtype=out_dtype, device=device)
         launch(g0, g1, g2, stream(index), function, packed, None, None, None,
                _descriptor(da, [m, k], [da.stride(0), 1], [HALF, BLOCK_K], a_layout), weights[1],
