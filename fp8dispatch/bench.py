@@ -21,14 +21,14 @@ from typing import Callable, Iterable
 import torch
 
 import fp8dispatch
-from fp8dispatch import bench_grouped, registry, tuning
+from fp8dispatch import bench_grouped, planning, registry, tuning
 from fp8dispatch.blocks import GRANULARITIES, RECIPES, block_for, recipe_blocks, scale_shape
 from fp8dispatch.errors import Fp8DispatchError, Fp8ValueError
 from fp8dispatch.grid import CPU_QUICK_NK, DEEPSEEK_M, DEEPSEEK_NK, OPS, QUICK_NK, SQUARES
 from fp8dispatch.numerics import ERROR_BOUND, relative_error
 from fp8dispatch.problem import matmul_problem_of, quantize_problem
 from fp8dispatch.tensor import Fp8Tensor
-from fp8dispatch.timing import Timing, capture, time_cuda
+from fp8dispatch.timing import Timing, capture, time_cuda, time_host_per_call
 
 E4M3 = torch.float8_e4m3fn
 BF16 = torch.bfloat16
@@ -269,6 +269,8 @@ def _timed_row(point, name, fn, check, work, settings, base_row, key=None, chose
                error=error,
                tflops=flops / timing.median_s / 1e12 if flops else None,
                gbps=nbytes / timing.median_s / 1e9 if nbytes else None)
+    if settings.device.type == "cuda":
+        row["host_s"] = time_host_per_call(fn)
     if key is not None:
         row["key"] = list(key)
     if chosen is not None:
@@ -300,8 +302,11 @@ def _matmul_cases(point, ops: Operands, device):
     work = (2 * s.m * s.n * s.k, None)
     cases: dict = {}
     for name, why in _reasons(problem).items():
-        fn = registry.get_backend(name).matmul
-        cases[name] = why if why else ((lambda fn=fn: fn(a, b, BF16, None)), check, work, key, None)
+        if why:
+            cases[name] = why
+            continue
+        run = planning.plan_matmul(a, b, backend=name).run  # what a call pays: the bound runner
+        cases[name] = ((lambda run=run: run(a, b, None)), check, work, key, None)
     chosen = _chosen(problem)
     cases["auto"] = ((lambda: fp8dispatch.matmul(a, b)), check, work, key, chosen)
     x, wt = ops.x, ops.w.t()

@@ -1,8 +1,10 @@
-"""GPU timing shared by `bench`, `tune` and the kernel benchmarks: medians over L2-flushed runs."""
+"""Timing shared by `bench`, `tune` and the kernel benchmarks: GPU medians over L2-flushed runs, and
+the host time a call costs its caller."""
 
 from __future__ import annotations
 
 import statistics
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -66,3 +68,18 @@ def capture(fn: Callable[[], object]) -> Callable[[], None]:
 def time_graph(fn: Callable[[], object], *, runs: int = 50) -> Timing:
     """`fn`'s GPU time alone: captured once, its replays timed by `time_cuda` (no launch cost)."""
     return time_cuda(capture(fn), warmup=2, runs=runs)
+
+
+def time_host_per_call(fn: Callable[[], object], *, calls: int = 20, rounds: int = 3) -> float:
+    """Seconds until `fn` returns, per call, with calls back to back: what an eager caller pays
+    before its next call can start, whatever the GPU does. The GPU catches up between rounds; the
+    best round counts, since a busy host only ever adds time."""
+    best = float("inf")
+    for _ in range(rounds):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - start) / calls)
+    torch.cuda.synchronize()
+    return best

@@ -45,6 +45,7 @@ DISTRIBUTIONS = ("torch", "triton", "fbgemm-gpu-genai", "torchao", "fp8dispatch"
 # Two backends whose medians are within 2% are a tie (about the spread of one L2-flushed median
 # on the H100); a tie goes to the smaller error, so `auto` stays within 0.98x of the fastest.
 TIE = 0.02
+HOST_WEIGHT = 2.0  # `cost`: a GEMM's host time, doubled for the work the host issues around it
 OPS = ("quantize", "dequantize", "matmul", "grouped_linear")
 
 
@@ -93,15 +94,26 @@ def environment(device: torch.device) -> dict:
 # --- building a table from measurements ---------------------------------------------------------
 
 
+def cost(t: dict) -> float:
+    """What a call costs a model run eagerly: its GPU time, or twice its host time where that is
+    longer. The host must keep ahead of the GPU for the GPU to set the pace, and around each GEMM
+    it also issues the activation quantize and the model's own ops, which cost it about as much
+    again (on the H200's host: `fd.quantize` 16-23 µs against a bound GEMM's 10-30 µs,
+    docs/results/h200/model.md, host-tune.json). At decode sizes the library backends' calls cost
+    the host 3-5x the triton backend's (docs/results/h200/host-per-backend.md), so a kernel a few
+    µs faster there loses the model more than it wins. One ranking serves every mode, so a
+    compiled graph routes as eager does and keeps its bits."""
+    return max(t["median_s"], HOST_WEIGHT * (t.get("host_s") or 0.0))
+
+
 def rank(timings: list[dict]) -> list[dict]:
-    """Backends fastest first; those within TIE of the fastest are ordered by error instead."""
-    ok = sorted((t for t in timings if _finite(t.get("median_s")) and _finite(t.get("error"))),
-                key=lambda t: t["median_s"])
+    """Backends cheapest first (`cost`); those within TIE of the cheapest are ordered by error."""
+    ok = sorted((t for t in timings if _finite(t.get("median_s")) and _finite(t.get("error"))), key=cost)
     if not ok:
         return []
-    limit = ok[0]["median_s"] * (1 + TIE)
-    tied = sorted((t for t in ok if t["median_s"] <= limit), key=lambda t: (t["error"], t["median_s"]))
-    return tied + [t for t in ok if t["median_s"] > limit]
+    limit = cost(ok[0]) * (1 + TIE)
+    tied = sorted((t for t in ok if cost(t) <= limit), key=lambda t: (t["error"], cost(t)))
+    return tied + [t for t in ok if cost(t) > limit]
 
 
 def build_table(rows: list[dict], env: dict, command: str = "") -> dict:
@@ -111,19 +123,20 @@ def build_table(rows: list[dict], env: dict, command: str = "") -> dict:
         if not row.get("ok") or row.get("backend") in (None, "auto") or not row.get("key"):
             continue
         op, variant, n, k, m = row["key"]
-        groups.setdefault((op, variant, n, k, m_bucket(m)), []).append(
-            {"backend": row["backend"], "median_s": row["median_s"], "error": row["error"]})
+        timing = {"backend": row["backend"], "median_s": row["median_s"], "error": row["error"]}
+        if _finite(row.get("host_s")):
+            timing["host_s"] = row["host_s"]
+        groups.setdefault((op, variant, n, k, m_bucket(m)), []).append(timing)
     entries = []
     for (op, variant, n, k, bucket), timings in sorted(groups.items()):
         best: dict[str, dict] = {}
-        for t in timings:  # several M in one bucket: keep each backend's slowest (the safe side)
-            if t["backend"] not in best or t["median_s"] > best[t["backend"]]["median_s"]:
+        for t in timings:  # several M in one bucket: keep each backend's costliest (the safe side)
+            if t["backend"] not in best or cost(t) > cost(best[t["backend"]]):
                 best[t["backend"]] = t
         ranking = rank(list(best.values()))
         if ranking:
             entries.append({"op": op, "variant": variant, "n": n, "k": k, "m_bucket": bucket,
-                            "ranking": [{"backend": t["backend"], "median_s": t["median_s"],
-                                         "error": t["error"]} for t in ranking]})
+                            "ranking": ranking})
     return {"environment": env, "command": command, "measured": date.today().isoformat(), "entries": entries}
 
 
@@ -214,6 +227,8 @@ def validate(document) -> None:
                       f"{where}.ranking: expected backend names")
                 _need(_finite(r.get("median_s")) and r["median_s"] > 0 and _finite(r.get("error")),
                       f"{where}.ranking[{r['backend']}]: expected finite median_s > 0 and error")
+                _need("host_s" not in r or (_finite(r["host_s"]) and r["host_s"] > 0),
+                      f"{where}.ranking[{r['backend']}].host_s: expected a finite number > 0 when given")
 
 
 def _need(condition: bool, message: str) -> None:

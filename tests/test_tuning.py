@@ -77,6 +77,27 @@ def test_ties_go_to_the_smaller_error_and_the_rest_stay_in_time_order():
     assert [r["backend"] for r in ranked] == ["b", "a", "c"]
 
 
+def test_a_backend_whose_host_time_is_near_its_kernel_time_ranks_by_its_host_time():
+    """An eager model pays the longer of a call's GPU time and its host time counted twice (the
+    host also issues the work around each GEMM): a library backend with a 20 µs kernel and 80 µs of
+    Python and launches ranks last; one with a 35 µs kernel and 40 µs of host time ranks behind a
+    45 µs kernel that costs the host 10; a row without a host time ranks by its GPU time, as tables
+    measured before host times were recorded did."""
+    assert tuning.HOST_WEIGHT == 2.0
+    ranked = tuning.rank([
+        {"backend": "library", "median_s": 20e-6, "host_s": 80e-6, "error": 0.0},
+        {"backend": "busy", "median_s": 35e-6, "host_s": 40e-6, "error": 0.0},
+        {"backend": "bound", "median_s": 45e-6, "host_s": 10e-6, "error": 0.0},
+        {"backend": "old", "median_s": 60e-6, "error": 0.0},
+    ])
+    assert [r["backend"] for r in ranked] == ["bound", "old", "busy", "library"]
+    p = quantize_problem()
+    rows = rows_for(p, {"library": (20e-6, 0.0), "bound": (45e-6, 0.0)})
+    rows[0]["host_s"], rows[1]["host_s"] = 80e-6, 10e-6
+    (entry,) = tuning.build_table(rows, tuning.environment(CPU))["entries"]
+    assert [(r["backend"], r["host_s"]) for r in entry["ranking"]] == [("bound", 10e-6), ("library", 80e-6)]
+
+
 def test_round_trip_and_merge_keep_one_table_per_environment(tables):
     p = quantize_problem()
     write_table(tables, rows_for(p, {"reference": (2e-5, 0.0)}))
@@ -167,6 +188,9 @@ def test_the_nearest_measured_m_bucket_serves_unmeasured_m(tables):
     (json.dumps({"format": tuning.FORMAT, "schema": 1, "tables": [{"environment": {"device": "cpu",
      "capability": None, "libraries": {}}, "entries": [{"op": "quantize", "variant": "v", "n": 0, "k": 8,
      "m_bucket": 4, "ranking": [{"backend": "__import__('os')", "median_s": 1.0, "error": 0.0}]}]}]}), "backend names"),
+    (json.dumps({"format": tuning.FORMAT, "schema": 1, "tables": [{"environment": {"device": "cpu",
+     "capability": None, "libraries": {}}, "entries": [{"op": "quantize", "variant": "v", "n": 0, "k": 8,
+     "m_bucket": 4, "ranking": [{"backend": "x", "median_s": 1.0, "host_s": -1.0, "error": 0.0}]}]}]}), "host_s"),
 ])
 def test_corrupt_files_are_ignored_with_a_warning(tables, content, why):
     fp8dispatch.register_backend(fake("quick", priority=-60))

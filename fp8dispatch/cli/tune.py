@@ -55,7 +55,7 @@ def run(args) -> int:
     table = tuning.build_table(rows, env, command)
     print(f"routing table for {env['device']} (capability {env['capability']}): {len(table['entries'])} entries")
     for e in table["entries"]:
-        ranking = ", ".join(f"{r['backend']} {r['median_s'] * 1e6:.1f}µs" for r in e["ranking"])
+        ranking = ", ".join(f"{r['backend']} {r['median_s'] * 1e6:.1f}µs" + _host(r) for r in e["ranking"])
         shape = f"N={e['n']} K={e['k']}" if e["n"] else f"K={e['k']}"
         print(f"  {e['op']:<14} {_kind(e):<17} M≤{e['m_bucket']:<5} {shape:<16} {ranking}")
     if not table["entries"]:
@@ -91,3 +91,9 @@ def _select_model(args) -> None:
         args.backends = ",".join(models.default_backends(device))
     print(f"{args.model}: {len(shapes)} linear shapes (N x K): {args.shapes.replace(',', ' ')}", file=sys.stderr)
 
+
+
+def _host(r: dict) -> str:
+    """The host time, shown where it is what ranks the backend (longer than its GPU time)."""
+    host = r.get("host_s")
+    return f" (host {host * 1e6:.1f}µs)" if host and host > r["median_s"] else ""
