@@ -301,6 +301,19 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _parse_spec(spec: str) -> tuple:
+    try:
+        fp8, block, recipe, out_dtype, backend = spec.split(":")
+        rows, cols = block.split("x")
+        fp8, out_dtype, block = getattr(torch, fp8), getattr(torch, out_dtype), (int(rows), int(cols))
+        if isinstance(fp8, torch.dtype) and isinstance(out_dtype, torch.dtype):
+            return fp8, block, recipe or None, out_dtype, backend
+    except (ValueError, AttributeError):
+        pass
+    raise Fp8ValueError(f"spec: expected 'fp8 dtype:RxC block:recipe:out dtype:backend' as `_linear_spec` writes it, "
+                        f"got {spec!r}")
+
+
 _LINEARS: dict[str, tuple] = {}  # spec -> (FP8 dtype, block, recipe, out dtype, backend, runs by operand key)
 registry._refresh_hooks.append(_LINEARS.clear)
 
@@ -317,10 +330,7 @@ def run_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: Op
     one opaque step. Its key holds everything the plan checked of the operands."""
     held = _LINEARS.get(spec)
     if held is None:
-        fp8, block, recipe, out_dtype, backend = spec.split(":")
-        rows, cols = block.split("x")
-        held = _LINEARS[spec] = (getattr(torch, fp8), (int(rows), int(cols)), recipe or None, getattr(torch, out_dtype),
-                                 backend, {})
+        held = _LINEARS[spec] = (*_parse_spec(spec), {})
     fp8, block, recipe, out_dtype, backend, runs = held
     key = (x.dtype, x.shape, x.device, x.stride(), w.dtype, w.shape, w.device, w.stride(), w_scale.dtype,
            w_scale.shape, w_scale.device, w_scale.stride(),

@@ -293,6 +293,9 @@ def test_run_linear_replans_for_operands_its_plans_did_not_check():
             got = ops.run_linear(x, wt.data.view(torch.uint8), wt.scale, b, spec)
             assert torch.equal(got, fp8dispatch.linear(x, w, b, backend="reference"))
     torch.library.opcheck(ops.run_linear, (cases[0][0], wt.data.view(torch.uint8), wt.scale, bias, spec))
+    for bad in ("float8_e4m3fn:128x128", "nn:128x128::bfloat16:reference", "float8_e4m3fn:128:x:bfloat16:reference"):
+        with pytest.raises(fp8dispatch.Fp8ValueError, match="spec: expected"):
+            ops.run_linear(cases[0][0], wt.data.view(torch.uint8), wt.scale, None, bad)
 
 
 @torch.library.custom_op("fp8dispatch_tests::no_fake_copy", mutates_args=())
