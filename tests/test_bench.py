@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fp8dispatch
-from fp8dispatch import Backend, bench, tuning
+from fp8dispatch import Backend, bench, timing, tuning
 from fp8dispatch.backends import reference
 from fp8dispatch.cli import main
 
@@ -76,6 +76,21 @@ def test_wrong_failing_and_unsupported_backends_are_rows_not_crashes(sandbox):
     assert by["picky"]["status"] == "unsupported" and "N % 256" in by["picky"]["note"]
     table = tuning.build_table(rows, tuning.environment(CPU))
     assert [r["backend"] for r in table["entries"][0]["ranking"]] == ["reference"]  # never the liar
+
+
+def test_host_time_per_call_is_the_best_rounds_time_per_call(monkeypatch):
+    """`host_s`: calls back to back, the time until each returns; of three rounds the fastest, since
+    a busy host only adds (a clock that advances by each call's cost, no GPU needed)."""
+    clock = [0.0]
+    costs = iter([5e-6] * 20 + [3e-6] * 20 + [4e-6] * 20)
+
+    def call():
+        clock[0] += next(costs)
+
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    assert timing.time_host_per_call(call) == pytest.approx(3e-6)
+    assert next(costs, None) is None  # every round ran its 20 calls
 
 
 def test_a_run_resumes_and_files_merge(tmp_path):
