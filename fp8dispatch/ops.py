@@ -319,7 +319,7 @@ registry._refresh_hooks.append(_LINEARS.clear)
 
 
 def _linear_fake(x, w, w_scale, bias, spec):
-    return x.new_empty((*x.shape[:-1], w.shape[1]), dtype=getattr(torch, spec.split(":")[3]))
+    return x.new_empty((*x.shape[:-1], w.shape[1]), dtype=_parse_spec(spec)[3])
 
 
 @_opaque(fake=_linear_fake)
@@ -332,9 +332,8 @@ def run_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: Op
     if held is None:
         held = _LINEARS[spec] = (*_parse_spec(spec), {})
     fp8, block, recipe, out_dtype, backend, runs = held
-    key = (x.dtype, x.shape, x.device, x.stride(), w.dtype, w.shape, w.device, w.stride(), w_scale.dtype,
-           w_scale.shape, w_scale.device, w_scale.stride(),
-           None if bias is None else (bias.dtype, bias.shape, bias.device, bias.stride()))
+    key = (planning.operand_key("x", x), planning.operand_key("w", w), planning.operand_key("w_scale", w_scale),
+           None if bias is None else planning.operand_key("bias", bias))
     run = runs.get(key)
     if run is None:
         wt = Fp8Tensor(w.view(fp8), w_scale, block)  # checked once, at the first call of this key

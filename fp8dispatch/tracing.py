@@ -66,12 +66,12 @@ def spec(t, rows_bucketed: bool):
     return _Spec(t, rows_bucketed)
 
 
-def _stand_in(spec):
-    if spec is None:
+def _stand_in(s):
+    if s is None:
         return None
-    if isinstance(spec, tuple):
-        return Fp8Tensor._trusted(spec[0].tensor(), spec[1].tensor(), spec[2])
-    return spec.tensor()
+    if isinstance(s, tuple):
+        return Fp8Tensor._trusted(s[0].tensor(), s[1].tensor(), s[2])
+    return s.tensor()
 
 
 @contextlib.contextmanager
@@ -94,13 +94,13 @@ def traced(routed, *args) -> Callable | None:
     """The backend's function to trace for a routed step called on `args`, or None when the step
     must stay opaque."""
     run = routed.run
-    traced = getattr(run, "traced", run)
-    if traced is run:
+    step = getattr(run, "traced", run)
+    if step is run:
         if routed.problem.op not in registry.get_backend(routed.backend).traceable:
             return None
-        if not _runs_on_fakes(routed, traced, args):
+        if not _runs_on_fakes(routed, step, args):
             return None
-    return traced
+    return step
 
 
 _RUNS_ON_FAKES: dict = {}  # (backend, problem) -> bool; a re-registered backend is tried afresh

@@ -92,7 +92,6 @@ def _select_model(args) -> None:
     print(f"{args.model}: {len(shapes)} linear shapes (N x K): {args.shapes.replace(',', ' ')}", file=sys.stderr)
 
 
-
 def _host(r: dict) -> str:
     """The host time, shown where it is what ranks the backend (longer than its GPU time)."""
     host = r.get("host_s")
